@@ -1,0 +1,36 @@
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install lint format mypy test run all clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev,flower]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+mypy: $(STAMP)
+	$(BIN)/mypy
+
+test: lint mypy
+	$(BIN)/pytest
+
+run: $(STAMP)
+	$(BIN)/invoice-worker dev --demo 20
+
+all: format test
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,115 @@
+"""Settings, read once from ``INVOICE_*`` variables (or a ``.env`` file) at the process edge."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from invoice_worker.errors import ConfigError
+
+DEFAULT_API_URL = "https://app.cryptoprocessing.com/api/v2"
+DEFAULT_BROKER_URL = "redis://localhost:6379/0"
+
+
+class Settings(BaseSettings):
+    """Every knob of the worker and the producer; the README's settings table mirrors it."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="INVOICE_", env_file=".env", extra="ignore", frozen=True
+    )
+
+    # provider
+    api_url: str = DEFAULT_API_URL
+    api_key: SecretStr = SecretStr("")
+    api_secret: SecretStr = SecretStr("")
+    connect_timeout: float = Field(3.05, gt=0)
+    read_timeout: float = Field(20.0, gt=0)
+    http_pool_size: int = Field(64, ge=1)
+
+    # broker and job state
+    broker_url: str = DEFAULT_BROKER_URL
+    redis_url: str | None = None
+    key_prefix: str = Field("invoice:", min_length=1)
+    queue: str = "invoices"
+    events_stream: str = "invoices:events"
+    events_maxlen: int = Field(100_000, ge=100)
+    record_ttl: int = Field(7 * 86400, ge=60)
+    lease_seconds: float | None = None
+
+    # retries
+    max_attempts: int = Field(8, ge=1)
+    retry_base: float = Field(1.0, gt=0)
+    retry_cap: float = Field(60.0, gt=0)
+    max_redeliveries: int = Field(5, ge=0)
+    orphan_policy: Literal["recreate", "fail"] = "recreate"
+
+    # operation
+    task_events: bool = True
+    log_format: Literal["text", "json"] = "text"
+    task_time_limit: float | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.lease_seconds is not None and self.lease_seconds <= self.http_deadline:
+            raise ValueError(
+                f"lease_seconds ({self.lease_seconds}) must exceed connect_timeout + "
+                f"read_timeout ({self.http_deadline}): a lease shorter than one call lets a "
+                "second worker call the provider while the first is still waiting"
+            )
+        if self.retry_cap < self.retry_base:
+            raise ValueError("retry_cap must be >= retry_base")
+        return self
+
+    @property
+    def http_deadline(self) -> float:
+        """Longest a single provider call can take (one connect plus one read)."""
+        return self.connect_timeout + self.read_timeout
+
+    @property
+    def lease(self) -> float:
+        """Seconds a worker holds a job: one call plus a margin for Redis and scheduling."""
+        return self.lease_seconds if self.lease_seconds is not None else self.http_deadline + 15
+
+    @property
+    def hard_time_limit(self) -> float:
+        """Celery's hard time limit: a job can never outlive its lease."""
+        if self.task_time_limit is not None:
+            return self.task_time_limit
+        return self.lease + 5
+
+    @property
+    def visibility_timeout(self) -> int:
+        """Seconds before the Redis broker redelivers an unacked message.
+
+        A retry is a new message whose ETA the worker holds unacked, then runs for up to the
+        hard time limit: redelivering sooner than that would run a healthy job twice.
+        """
+        return int(self.retry_cap + self.hard_time_limit + 60)
+
+    @property
+    def state_url(self) -> str:
+        """The Redis holding job records: ``redis_url``, else the broker when it is Redis."""
+        if self.redis_url:
+            return self.redis_url
+        if self.broker_url.startswith(("redis://", "rediss://", "unix://")):
+            return self.broker_url
+        return "redis://localhost:6379/0"
+
+    def require_credentials(self) -> None:
+        """Fail fast (at worker start) when the provider key or secret is missing.
+
+        Raises:
+            ConfigError: naming the empty variable.
+        """
+        missing = [
+            name
+            for name, value in (
+                ("INVOICE_API_KEY", self.api_key),
+                ("INVOICE_API_SECRET", self.api_secret),
+            )
+            if not value.get_secret_value().strip()
+        ]
+        if missing:
+            raise ConfigError(f"{' and '.join(missing)} must be set to a non-empty value")

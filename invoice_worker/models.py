@@ -1,0 +1,206 @@
+"""Pydantic models: the create request, the provider's invoice, and our job record."""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import re
+from collections.abc import Mapping
+from decimal import Decimal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    field_validator,
+)
+
+from invoice_worker.errors import InvalidRequestError
+
+# Deliberately simple: the provider re-validates, we only catch what is plainly not an address.
+EMAIL_RE = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+$")
+_EMAIL_INSIDE_RE = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9-]+\.[A-Za-z0-9-]+")
+TICKER_RE = re.compile(r"^[A-Z0-9]{2,10}$")
+_LABEL_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+AMOUNT_MAX_DECIMALS = 8
+AMOUNT_MAX_DIGITS = 30
+
+
+def _decimal(value: Any) -> Any:
+    # A float has already lost the amount (0.1 + 0.2 is 0.30000000000000004): refuse it.
+    if isinstance(value, float):
+        raise ValueError("must be a decimal string or an integer, not a float")
+    if isinstance(value, bool):
+        raise ValueError("must be a decimal number, not a boolean")
+    return value
+
+
+def _https_domain_url(value: str) -> str:
+    if len(value) > 2048:
+        raise ValueError("must be at most 2048 characters")
+    parts = urlsplit(value)
+    if parts.scheme != "https":
+        raise ValueError("must use the https scheme")
+    if parts.username is not None or parts.password is not None or "@" in parts.netloc:
+        raise ValueError("must not contain credentials")
+    host = (parts.hostname or "").rstrip(".")
+    if not host:
+        raise ValueError("must have a host")
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        pass
+    else:
+        raise ValueError("must use a domain name, not an IP address")
+    labels = host.split(".")
+    if host == "localhost" or host.endswith(".localhost") or len(labels) < 2:
+        raise ValueError("must use a public domain name (not localhost)")
+    if not all(_LABEL_RE.match(label) for label in labels) or labels[-1].isdigit():
+        raise ValueError("must use a valid domain name")
+    try:
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError:
+        raise ValueError("must have a valid port") from None
+    return value
+
+
+Amount = Annotated[Decimal, BeforeValidator(_decimal)]
+
+
+class InvoiceRequest(BaseModel):
+    """A create-invoice request, checked against every rule of the provider's page."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=False)
+
+    type: Literal["fill_or_kill", "good_until_expired"] | None = None
+    timer: StrictBool
+    title: str = Field(min_length=1, max_length=50)
+    description: str | None = Field(None, max_length=1000)
+    foreign_id: str = Field(min_length=1, max_length=255)
+    currency: str
+    sender_currency: str | None = None
+    amount: Amount = Field(gt=0, allow_inf_nan=False)
+    url_success: str
+    url_failed: str
+    email_user: str = Field(max_length=254, repr=False)
+
+    @field_validator("foreign_id")
+    @classmethod
+    def _no_personal_data(cls, value: str) -> str:
+        if _EMAIL_INSIDE_RE.search(value):
+            raise ValueError("must not contain personal data (an e-mail address)")
+        if value.strip() != value or any(ord(c) < 32 for c in value):
+            raise ValueError("must not contain control characters or surrounding spaces")
+        return value
+
+    @field_validator("currency", "sender_currency")
+    @classmethod
+    def _ticker(cls, value: str | None) -> str | None:
+        if value is not None and not TICKER_RE.match(value):
+            raise ValueError("must be an upper-case ticker of 2-10 letters or digits, e.g. BTC")
+        return value
+
+    @field_validator("amount")
+    @classmethod
+    def _amount_shape(cls, value: Decimal) -> Decimal:
+        exponent = value.as_tuple().exponent
+        if isinstance(exponent, int) and -exponent > AMOUNT_MAX_DECIMALS:
+            raise ValueError(f"must have at most {AMOUNT_MAX_DECIMALS} decimal places")
+        if len(value.as_tuple().digits) > AMOUNT_MAX_DIGITS:
+            raise ValueError(f"must have at most {AMOUNT_MAX_DIGITS} digits")
+        return value
+
+    @field_validator("url_success", "url_failed")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return _https_domain_url(value)
+
+    @field_validator("email_user")
+    @classmethod
+    def _email(cls, value: str) -> str:
+        if not EMAIL_RE.match(value):
+            raise ValueError("must be a valid e-mail address")
+        return value
+
+    def to_body(self) -> bytes:
+        """Return the compact JSON bytes sent (and signed); the amount as an exact JSON number."""
+        fields = []
+        for key, value in self.model_dump(mode="json", exclude_none=True).items():
+            raw = format(self.amount, "f") if key == "amount" else json.dumps(value)
+            fields.append(f"{json.dumps(key)}:{raw}")
+        return ("{" + ",".join(fields) + "}").encode()
+
+    def to_message(self) -> dict[str, Any]:
+        """Return the JSON-safe kwargs a task message carries (amount as a string)."""
+        data = self.model_dump(mode="json", exclude_none=True)
+        data["amount"] = format(self.amount, "f")
+        return data
+
+    def fingerprint(self) -> str:
+        """Return a stable hash of the request, to tell a retry from a conflicting reuse."""
+        canonical = json.dumps(self.to_message(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def with_foreign_id(self, foreign_id: str) -> InvoiceRequest:
+        """Return a copy sent under another provider foreign_id (the orphan recreate path)."""
+        return self.model_copy(update={"foreign_id": foreign_id})
+
+
+def parse_request(data: Mapping[str, Any] | InvoiceRequest) -> InvoiceRequest:
+    """Validate ``data`` into an InvoiceRequest.
+
+    Raises:
+        InvalidRequestError: naming every bad field and the rule it broke.
+    """
+    if isinstance(data, InvoiceRequest):
+        return data
+    if not isinstance(data, Mapping):
+        raise InvalidRequestError({"request": "must be a JSON object"})
+    try:
+        return InvoiceRequest.model_validate(dict(data))
+    except ValidationError as exc:
+        raise InvalidRequestError(validation_messages(exc)) from None
+
+
+def validation_messages(exc: ValidationError) -> dict[str, str]:
+    """Flatten a pydantic error into field -> rule, without echoing the rejected values."""
+    out: dict[str, str] = {}
+    for err in exc.errors(include_input=False, include_url=False):
+        field = ".".join(str(p) for p in err["loc"]) or "request"
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "is not a field of the create-invoice request"
+        out.setdefault(field, message)
+    return out
+
+
+def _str_id(value: Any) -> Any:
+    # Older API versions answered with an integer foreign_id.
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+class Invoice(BaseModel):
+    """The ``data`` of a 200 create (or cancel) answer; lenient about older shapes."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+
+    id: int
+    url: str = Field(min_length=1)
+    foreign_id: Annotated[str, BeforeValidator(_str_id)]
+    address: str | None = None
+    title: str | None = Field(None, validation_alias=AliasChoices("title", "name"))
+    status: str
+    currency: str
+    amount: Decimal
+    sender_currency: str | None = None
+    sender_amount: Decimal | None = None
+    fixed_at: int | None = None
+    release_at: int | None = None
+    seconds_left: int | None = None
