@@ -36,7 +36,8 @@ class Settings(BaseSettings):
     events_stream: str = "invoices:events"
     events_maxlen: int = Field(100_000, ge=100)
     record_ttl: int = Field(7 * 86400, ge=60)
-    lease_seconds: float | None = None
+    lease_seconds: float | None = Field(None, gt=0)
+    visibility_timeout: int | None = Field(None, ge=1)
 
     # retries
     max_attempts: int = Field(8, ge=1)
@@ -48,15 +49,14 @@ class Settings(BaseSettings):
     # operation
     task_events: bool = True
     log_format: Literal["text", "json"] = "text"
-    task_time_limit: float | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
-        if self.lease_seconds is not None and self.lease_seconds <= self.http_deadline:
+        if self.lease_seconds is not None and self.lease_seconds <= 2 * self.http_deadline:
             raise ValueError(
-                f"lease_seconds ({self.lease_seconds}) must exceed connect_timeout + "
-                f"read_timeout ({self.http_deadline}): a lease shorter than one call lets a "
-                "second worker call the provider while the first is still waiting"
+                f"lease_seconds ({self.lease_seconds}) must exceed two provider calls "
+                f"(2 x (connect_timeout + read_timeout) = {2 * self.http_deadline}): a shorter "
+                "lease lets a second worker call the provider while the first still waits"
             )
         if self.retry_cap < self.retry_base:
             raise ValueError("retry_cap must be >= retry_base")
@@ -69,24 +69,31 @@ class Settings(BaseSettings):
 
     @property
     def lease(self) -> float:
-        """Seconds a worker holds a job: one call plus a margin for Redis and scheduling."""
-        return self.lease_seconds if self.lease_seconds is not None else self.http_deadline + 15
+        """Seconds a worker holds a job between renewals: a create and a cancel, plus margin."""
+        if self.lease_seconds is not None:
+            return self.lease_seconds
+        return 2 * self.http_deadline + 10
+
+    @property
+    def soft_time_limit(self) -> float:
+        """The longest run: create, cancel and re-create (the orphan path), plus margin."""
+        return 3 * self.http_deadline + 10
 
     @property
     def hard_time_limit(self) -> float:
-        """Celery's hard time limit: a job can never outlive its lease."""
-        if self.task_time_limit is not None:
-            return self.task_time_limit
-        return self.lease + 5
+        """Celery kills the task this long after it started (soft limit + grace)."""
+        return self.soft_time_limit + 5
 
     @property
-    def visibility_timeout(self) -> int:
+    def broker_visibility_timeout(self) -> int:
         """Seconds before the Redis broker redelivers an unacked message.
 
-        A retry is a new message whose ETA the worker holds unacked, then runs for up to the
-        hard time limit: redelivering sooner than that would run a healthy job twice.
+        A retry is a message whose ETA the worker holds unacked, then runs for up to the hard
+        time limit: redelivering sooner would only make duplicates (which leases absorb).
         """
-        return int(self.retry_cap + self.hard_time_limit + 60)
+        if self.visibility_timeout is not None:
+            return self.visibility_timeout
+        return int(max(self.retry_cap, self.lease) + self.hard_time_limit + 60)
 
     @property
     def state_url(self) -> str:

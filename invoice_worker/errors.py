@@ -102,7 +102,7 @@ class ProviderError(InvoiceWorkerError):
         return {
             "error_code": self.provider_code or self.code,
             "error": self.message,
-            "status": self.status,
+            "http_status": self.status,
             "errors": self.errors,
         }
 

@@ -1,0 +1,297 @@
+"""One run of the invoice job, as a plain function of (message, store, client, settings).
+
+The provider's ``foreign_id`` is the idempotency key: it is fixed before the first attempt and
+sent unchanged on every retry and redelivery. The only time another id is sent is the orphan
+"recreate" path, under a derived id recorded as ``provider_foreign_id`` before it is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from invoice_worker import constants as c
+from invoice_worker.client import ProviderClient
+from invoice_worker.config import Settings
+from invoice_worker.errors import (
+    DuplicateForeignIdError,
+    InvalidRequestError,
+    InvoiceNotFoundError,
+    InvoiceStateError,
+    ProviderError,
+    TransientProviderError,
+)
+from invoice_worker.message import Message, decode, raw_fingerprint
+from invoice_worker.models import Invoice
+from invoice_worker.store import JobStore
+
+log = logging.getLogger(__name__)
+
+
+def backoff(attempt: int, base: float, cap: float) -> float:
+    """Exponential ceiling for retry ``attempt`` (1-based): base, 2*base, 4*base ... cap."""
+    return min(cap, base * 2.0 ** max(0, attempt - 1))
+
+
+def full_jitter(ceiling: float, rand: Callable[[], float] = random.random) -> float:
+    """AWS "full jitter": uniform in [0, ceiling], so retries of a burst spread out."""
+    return ceiling * rand()
+
+
+def derived_foreign_id(foreign_id: str, generation: int) -> str:
+    """The provider id of recreate ``generation`` (deterministic, at most 255 characters)."""
+    suffix = f"~r{generation}"
+    if len(foreign_id) + len(suffix) <= 255:
+        return foreign_id + suffix
+    digest = hashlib.sha256(foreign_id.encode()).hexdigest()[:16]
+    return f"{foreign_id[: 255 - len(suffix) - 17]}~{digest}{suffix}"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the task wrapper must do after a run."""
+
+    record: dict[str, Any] | None
+    retry_in: float | None = None
+    finished: bool = False  # this run made the final transition (send the callback)
+
+
+class InvoiceJob:
+    """Runs attempts of the invoice job; one instance per worker process."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        client: ProviderClient,
+        settings: Settings,
+        *,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.store = store
+        self.client = client
+        self.settings = settings
+        self.rand = rand
+
+    def run(self, kwargs: dict[str, Any], *, task_id: str, owner: str) -> Outcome:
+        """Run one delivery of a task message; never raises for a job-level failure."""
+        try:
+            message = decode(kwargs)
+        except InvalidRequestError as exc:
+            return self._reject(kwargs, exc, task_id=task_id, owner=owner)
+        foreign_id = message.request.foreign_id
+        claim = self.store.claim(
+            foreign_id,
+            owner,
+            lease=self.settings.lease,
+            fingerprint=message.fingerprint(),
+            max_crashes=self.settings.max_redeliveries,
+            fields={
+                "task_id": task_id,
+                "deadline": message.deadline,
+                "callback_task": message.callback_task,
+                "callback_queue": message.callback_queue,
+            },
+        )
+        if claim.status == "conflict":
+            log.warning(
+                "job %s task=%s outcome=ignored reason=conflicting_message", foreign_id, task_id
+            )
+            return Outcome(None)
+        if claim.status == "done":
+            return Outcome(claim.record)
+        if claim.status in ("busy", "early"):
+            log.info(
+                "job %s task=%s outcome=deferred reason=%s in=%.1fs",
+                foreign_id,
+                task_id,
+                claim.status,
+                claim.wait,
+            )
+            return Outcome(None, retry_in=claim.wait + 0.05)
+        attempt = _Attempt(self, message, claim.record, task_id, owner)
+        if claim.status == "poison":
+            return attempt.finish(
+                c.FAILED, error_code=c.WORKER_LOST, error="the job's worker died too often"
+            )
+        return attempt.run()
+
+    def _reject(
+        self, kwargs: Any, exc: InvalidRequestError, *, task_id: str, owner: str
+    ) -> Outcome:
+        request = kwargs.get("request") if isinstance(kwargs, dict) else None
+        fid = request.get("foreign_id") if isinstance(request, dict) else None
+        if not isinstance(fid, str) or not 0 < len(fid) <= 255:
+            fid = f"invalid-message:{task_id}"
+        claim = self.store.claim(
+            fid,
+            owner,
+            lease=self.settings.lease,
+            fingerprint=raw_fingerprint(kwargs),
+            max_crashes=self.settings.max_redeliveries,
+            fields={"task_id": task_id},
+        )
+        if claim.status != "claimed" and claim.status != "poison":
+            log.warning("job %s task=%s outcome=ignored reason=invalid_message", fid, task_id)
+            return Outcome(claim.record or None)
+        fields = {"error_code": c.INVALID_MESSAGE, "error": str(exc), "errors": exc.errors}
+        self.store.transition(fid, owner, c.FAILED, fields)
+        log.warning("job %s task=%s outcome=failed error_code=%s", fid, task_id, c.INVALID_MESSAGE)
+        return Outcome(self.store.get(fid), finished=True)
+
+
+class _Attempt:
+    """One claimed attempt: the only code that calls the provider."""
+
+    def __init__(
+        self, job: InvoiceJob, message: Message, record: dict[str, Any], task_id: str, owner: str
+    ) -> None:
+        self.job = job
+        self.message = message
+        self.record = record
+        self.task_id = task_id
+        self.owner = owner
+        self.foreign_id = message.request.foreign_id
+        self.attempts = int(record.get("attempts", 1))
+        self.latency_ms = 0.0
+
+    def run(self) -> Outcome:
+        deadline = self.message.deadline
+        if deadline is not None and time.time() >= deadline:
+            return self.finish(
+                c.EXPIRED,
+                error_code=c.DEADLINE_PASSED,
+                error="deadline passed before the invoice was created",
+            )
+        provider_id = self.record.get("provider_foreign_id") or self.foreign_id
+        return self._create(provider_id, ambiguous=bool(self.record.get("ambiguous")))
+
+    def _create(self, provider_id: str, *, ambiguous: bool) -> Outcome:
+        try:
+            invoice = self._call(
+                lambda: self.job.client.create_invoice(
+                    self.message.request.with_foreign_id(provider_id)
+                )
+            )
+        except DuplicateForeignIdError as exc:
+            if not ambiguous:
+                return self.finish(c.FAILED, **exc.to_dict())
+            return self._orphan(provider_id, exc)
+        except TransientProviderError as exc:
+            return self._retry(exc, ambiguous=ambiguous or exc.ambiguous, provider_id=provider_id)
+        except ProviderError as exc:
+            return self.finish(c.FAILED, **exc.to_dict())
+        return self.finish(c.CREATED, provider_foreign_id=provider_id, **_invoice_fields(invoice))
+
+    def _orphan(self, provider_id: str, exc: DuplicateForeignIdError) -> Outcome:
+        """The earlier ambiguous call created an invoice whose URL we never saw."""
+        if self.job.settings.orphan_policy == "fail":
+            return self.finish(
+                c.FAILED,
+                error_code=c.ORPHANED,
+                http_status=exc.status,
+                error="an earlier attempt created the invoice but its answer was lost; "
+                "the provider has no look-up, so the URL is unknown",
+            )
+        try:
+            self._call(lambda: self.job.client.cancel_invoice(provider_id))
+        except (InvoiceStateError, InvoiceNotFoundError):
+            pass  # already final (e.g. a cancel whose answer was lost): nothing live to kill
+        except TransientProviderError as exc2:
+            return self._retry(exc2, ambiguous=True, provider_id=provider_id)
+        except ProviderError as exc2:
+            return self.finish(c.FAILED, **exc2.to_dict())
+        generation = int(self.record.get("generation", 0)) + 1
+        new_id = derived_foreign_id(self.foreign_id, generation)
+        # Recorded before the call, so a crash mid-call retries this same id, never a new one.
+        fields = {"provider_foreign_id": new_id, "generation": generation, "ambiguous": 0}
+        if not self.job.store.transition(
+            self.foreign_id, self.owner, c.PROCESSING, fields, lease=self.job.settings.lease
+        ):
+            return self._lost()
+        log.info(
+            "job %s task=%s outcome=orphan_cancelled recreate_as=%s",
+            self.foreign_id,
+            self.task_id,
+            new_id,
+        )
+        self.record.update(fields)
+        return self._create(new_id, ambiguous=False)
+
+    def _retry(self, exc: TransientProviderError, *, ambiguous: bool, provider_id: str) -> Outcome:
+        settings = self.job.settings
+        error = exc.to_dict()
+        if self.attempts >= settings.max_attempts:
+            error["error"] = f"gave up after {self.attempts} attempts: {error['error']}"
+            return self.finish(c.FAILED, ambiguous=int(ambiguous), **error)
+        delay = full_jitter(
+            backoff(self.attempts, settings.retry_base, settings.retry_cap), self.job.rand
+        )
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after is not None:
+            delay = min(max(delay, retry_after), settings.retry_cap)
+        deadline = self.message.deadline
+        if deadline is not None and time.time() + delay >= deadline:
+            return self.finish(
+                c.EXPIRED,
+                error_code=c.DEADLINE_PASSED,
+                error=f"deadline passes before the next attempt ({error['error']})",
+            )
+        fields = {
+            "last_error": f"{error['error_code']}: {error['error']}",
+            "last_error_code": error["error_code"],
+            "ambiguous": int(ambiguous),
+            "provider_foreign_id": provider_id,
+        }
+        if not self.job.store.transition(
+            self.foreign_id, self.owner, c.RETRYING, fields, delay=delay
+        ):
+            return self._lost()
+        self._log("retrying", f"error_code={error['error_code']} in={delay:.2f}s")
+        return Outcome(None, retry_in=delay)
+
+    def finish(self, state: str, **fields: Any) -> Outcome:
+        fields = {"task_id": self.task_id, "attempts": self.attempts, **fields}
+        if not self.job.store.transition(self.foreign_id, self.owner, state, fields):
+            return self._lost()
+        self._log(state, f"error_code={fields['error_code']}" if "error_code" in fields else "")
+        return Outcome(self.job.store.get(self.foreign_id), finished=True)
+
+    def _lost(self) -> Outcome:
+        log.warning("job %s task=%s outcome=lease_lost", self.foreign_id, self.task_id)
+        return Outcome(None)
+
+    def _call(self, fn: Callable[[], Invoice]) -> Invoice:
+        start = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            self.latency_ms += (time.perf_counter() - start) * 1000
+
+    def _log(self, outcome: str, extra: str) -> None:
+        log.info(
+            "job %s task=%s attempt=%d outcome=%s latency_ms=%.1f %s",
+            self.foreign_id,
+            self.task_id,
+            self.attempts,
+            outcome,
+            self.latency_ms,
+            extra,
+        )
+
+
+def _invoice_fields(invoice: Invoice) -> dict[str, Any]:
+    return {
+        "invoice_id": invoice.id,
+        "url": invoice.url,
+        "address": invoice.address,
+        "status": invoice.status,
+        "amount": format(invoice.amount, "f"),
+        "currency": invoice.currency,
+        "fixed_at": invoice.fixed_at,
+        "release_at": invoice.release_at,
+    }

@@ -1,0 +1,95 @@
+"""Thin Celery task wrappers: decode, run the plain job function, map its outcome to Celery."""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from typing import Any
+
+import redis
+from celery import Celery, Task
+
+from invoice_worker import constants as c
+from invoice_worker.client import ProviderClient
+from invoice_worker.config import Settings
+from invoice_worker.job import InvoiceJob, backoff, full_jitter
+from invoice_worker.message import kwargs_repr
+from invoice_worker.store import JobStore
+
+log = logging.getLogger(__name__)
+
+
+class Runtime:
+    """Per-process collaborators, built lazily so prefork children never share sockets."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._pid: int | None = None
+        self._job: InvoiceJob | None = None
+
+    @property
+    def job(self) -> InvoiceJob:
+        if self._job is None or self._pid != os.getpid():
+            store = JobStore.from_settings(self.settings)
+            self._job = InvoiceJob(
+                store, ProviderClient.from_settings(self.settings), self.settings
+            )
+            self._pid = os.getpid()
+        return self._job
+
+
+def register(app: Celery, settings: Settings) -> Task:
+    """Register ``invoices.create`` on ``app``; returns the task."""
+    runtime = Runtime(settings)
+
+    @app.task(  # type: ignore[untyped-decorator]
+        name=c.TASK_NAME,
+        bind=True,
+        # Late ack is safe only because the job is idempotent (claim + lease + foreign_id).
+        acks_late=True,
+        max_retries=None,  # attempts are counted and capped in the job record instead
+        typing=False,  # a malformed message must reach our decoder, not fail in Celery
+    )
+    def create_invoice(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any] | None:
+        """Create one invoice exactly once; see invoice_worker.job for the state machine."""
+        if args:
+            kwargs = {**kwargs, "args": list(args)}
+        task_id = self.request.id or "unknown"
+        owner = f"{self.request.hostname}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+        try:
+            outcome = runtime.job.run(kwargs, task_id=task_id, owner=owner)
+        except redis.RedisError as exc:
+            # The job state is unreachable: hand the message back rather than lose it.
+            delay = full_jitter(backoff(self.request.retries + 1, 1.0, settings.retry_cap))
+            log.warning(
+                "task=%s outcome=store_unavailable error=%s in=%.1fs",
+                task_id,
+                type(exc).__name__,
+                delay,
+            )
+            raise self.retry(countdown=delay, kwargsrepr=kwargs_repr(kwargs)) from None
+        if outcome.retry_in is not None:
+            raise self.retry(countdown=outcome.retry_in, kwargsrepr=kwargs_repr(kwargs))
+        record = outcome.record
+        if record is not None and record.get("callback_task") and not record.get("callback_sent"):
+            _send_callback(app, runtime.job.store, record)
+        return _summary(record)
+
+    return create_invoice
+
+
+def _send_callback(app: Celery, store: JobStore, record: dict[str, Any]) -> None:
+    """Send the final record to the producer's task: at least once (marked after sending)."""
+    if record["state"] not in c.FINAL_STATES:
+        return
+    app.send_task(record["callback_task"], args=[record], queue=record.get("callback_queue"))
+    store.mark(record["foreign_id"], callback_sent=1)
+
+
+def _summary(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What Celery (and Flower) show as the task result: no personal data, no secrets."""
+    if record is None:
+        return None
+    keep = ("foreign_id", "state", "url", "invoice_id", "error_code", "attempts")
+    return {k: record[k] for k in keep if k in record}
