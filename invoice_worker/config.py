@@ -104,6 +104,20 @@ class Settings(BaseSettings):
             return self.broker_url
         return "redis://localhost:6379/0"
 
+    def to_env(self) -> dict[str, str]:
+        """Return ``INVOICE_*`` variables that rebuild these settings in a child process."""
+        env = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            elif isinstance(value, bool):
+                value = "true" if value else "false"
+            env[f"INVOICE_{name.upper()}"] = str(value)
+        return env
+
     def require_credentials(self) -> None:
         """Fail fast (at worker start) when the provider key or secret is missing.
 

@@ -24,6 +24,7 @@ can match on it::
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 
@@ -61,6 +62,12 @@ class ConflictError(InvoiceWorkerError):
 
 
 _BODY_LIMIT = 500
+_EMAIL = re.compile(r"[\w.!#$%&'*+/=?^`{|}~-]+@[\w-]+(\.[\w-]+)+")
+
+
+def redact(text: str) -> str:
+    """Mask e-mail addresses: provider text could echo ``email_user`` back at us."""
+    return _EMAIL.sub("***", text)
 
 
 class ProviderError(InvoiceWorkerError):
@@ -87,12 +94,13 @@ class ProviderError(InvoiceWorkerError):
         errors: dict[str, str] | None = None,
         body: str | None = None,
     ) -> None:
+        message = redact(message)
         super().__init__(message)
         self.message = message
         self.status = status
         self.provider_code = provider_code
-        self.errors = errors or {}
-        self.body = body[:_BODY_LIMIT] if body else body
+        self.errors = {k: redact(v) for k, v in (errors or {}).items()}
+        self.body = redact(body[:_BODY_LIMIT]) if body else body
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(status={self.status!r}, message={self.message!r})"

@@ -144,8 +144,12 @@ class InvoiceRequest(BaseModel):
         return data
 
     def fingerprint(self) -> str:
-        """Return a stable hash of the request, to tell a retry from a conflicting reuse."""
-        canonical = json.dumps(self.to_message(), sort_keys=True, separators=(",", ":"))
+        """Return a stable hash of the request, to tell a retry from a conflicting reuse.
+
+        Equal amounts written differently ("0.10", "0.1") are the same request.
+        """
+        data = {**self.to_message(), "amount": format(self.amount.normalize(), "f")}
+        canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     def with_foreign_id(self, foreign_id: str) -> InvoiceRequest:
