@@ -175,7 +175,12 @@ class JobStore:
         """
         reply = self._enqueue(
             keys=[self.key(foreign_id)],
-            args=[fingerprint, self.ttl, self.requeue_after_ms, *_flatten(fields)],
+            args=[
+                fingerprint,
+                self.ttl,
+                self.requeue_after_ms,
+                *_flatten(_with_id(foreign_id, fields)),
+            ],
         )
         if reply[0] == "exists":
             return "exists", _record(reply[1]), bool(reply[2])
@@ -201,9 +206,10 @@ class JobStore:
         fields: dict[str, Any],
     ) -> Claim:
         """Try to take the job for ``lease`` seconds (creating the record if none exists)."""
+        pairs = _flatten(_with_id(foreign_id, fields))
         status, raw, wait_ms = self._claim(
             keys=[self.key(foreign_id)],
-            args=[owner, int(lease * 1000), fingerprint, max_crashes, self.ttl, *_flatten(fields)],
+            args=[owner, int(lease * 1000), fingerprint, max_crashes, self.ttl, *pairs],
         )
         return Claim(status, _record(raw) if raw else {}, int(wait_ms) / 1000)
 
@@ -241,6 +247,13 @@ class JobStore:
         """Set bookkeeping fields that need no lease (e.g. ``callback_sent`` after a final)."""
         self.redis.hset(self.key(foreign_id), mapping=dict(_pairs(fields)))
 
+    def events(
+        self, after: str = "0", *, count: int | None = None, block_ms: int | None = None
+    ) -> list[tuple[str, dict[str, str]]]:
+        """Read final events after stream id ``after`` (``block_ms`` waits for new ones)."""
+        reply: Any = self.redis.xread({self.stream: after}, count=count, block=block_ms)
+        return [(entry_id, fields) for _, entries in reply or [] for entry_id, fields in entries]
+
     def wait(self, foreign_id: str, timeout: float) -> dict[str, Any] | None:
         """Block until the job is final or ``timeout`` passes; returns the record (or None)."""
         deadline = time.monotonic() + timeout
@@ -271,6 +284,10 @@ def _pairs(fields: dict[str, Any]) -> list[tuple[str, str]]:
             value = int(value)
         out.append((key, str(value)))
     return out
+
+
+def _with_id(foreign_id: str, fields: dict[str, Any]) -> dict[str, Any]:
+    return {"foreign_id": foreign_id, **fields}
 
 
 def _flatten(fields: dict[str, Any]) -> list[str]:

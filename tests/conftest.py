@@ -66,6 +66,13 @@ def make_settings(redis_url: str, api_url: str, **overrides: Any) -> Settings:
     return Settings(_env_file=None, **values)
 
 
+def settings_with(settings: Settings, **overrides: Any) -> Settings:
+    """A validated copy of ``settings`` (model_copy would skip validation)."""
+    values = {name: getattr(settings, name) for name in type(settings).model_fields}
+    values.update(overrides)
+    return Settings(_env_file=None, **values)
+
+
 @pytest.fixture
 def settings(redis_server: EmbeddedRedis, sandbox: Sandbox) -> Settings:
     return make_settings(redis_server.url, sandbox.url)

@@ -1,0 +1,276 @@
+"""The job state machine, called as a plain function against real Redis and the sandbox."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from invoice_worker import constants as c
+from invoice_worker.client import ProviderClient
+from invoice_worker.config import Settings
+from invoice_worker.job import InvoiceJob, Outcome, backoff, derived_foreign_id, full_jitter
+from invoice_worker.message import Message
+from invoice_worker.models import parse_request
+from invoice_worker.sandbox import Sandbox
+from invoice_worker.store import JobStore
+from tests.conftest import request_data, settings_with
+
+
+def make_job(settings: Settings, **overrides: Any) -> InvoiceJob:
+    settings = settings_with(settings, **overrides)
+    store = JobStore.from_settings(settings)
+    return InvoiceJob(store, ProviderClient.from_settings(settings), settings, rand=lambda: 0.0)
+
+
+@pytest.fixture
+def job(settings: Settings) -> InvoiceJob:
+    return make_job(settings)
+
+
+def message(**overrides: Any) -> dict[str, Any]:
+    deadline = overrides.pop("deadline", None)
+    return Message(parse_request(request_data(**overrides)), deadline).kwargs()
+
+
+def drive(job: InvoiceJob, kwargs: dict[str, Any], runs: int = 20) -> tuple[Outcome, int]:
+    """Run deliveries like Celery would (retry -> new delivery) until no retry is asked."""
+    for n in range(1, runs + 1):
+        outcome = job.run(kwargs, task_id="task-1", owner=f"owner-{n}")
+        if outcome.retry_in is None:
+            return outcome, n
+        time.sleep(min(outcome.retry_in, 0.5))
+    raise AssertionError("job never settled")
+
+
+def live(sandbox: Sandbox, fid: str) -> list[dict[str, Any]]:
+    return [
+        i for i in sandbox.invoices()
+        if (i["foreign_id"] == fid or i["foreign_id"].startswith(fid + "~r")) and not i["cancelled"]
+    ]  # fmt: skip
+
+
+def test_backoff_schedule_is_exact() -> None:
+    assert [backoff(n, 0.5, 4.0) for n in range(1, 7)] == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+    assert full_jitter(4.0, lambda: 0.25) == 1.0
+
+
+def test_derived_foreign_id_is_deterministic_and_bounded() -> None:
+    assert derived_foreign_id("order-1", 2) == "order-1~r2"
+    long = "x" * 255
+    derived = derived_foreign_id(long, 1)
+    assert len(derived) <= 255
+    assert derived == derived_foreign_id(long, 1)
+    assert derived != derived_foreign_id("y" + long[1:], 1)
+
+
+def test_created_on_first_attempt(job: InvoiceJob, sandbox: Sandbox) -> None:
+    kwargs = message()
+    outcome, runs = drive(job, kwargs)
+    record = outcome.record
+    assert record is not None
+    assert outcome.finished
+    assert (runs, record["state"], record["attempts"]) == (1, c.CREATED, 1)
+    fid = kwargs["request"]["foreign_id"]
+    [invoice] = live(sandbox, fid)
+    assert record["url"] == invoice["url"]
+    assert record["invoice_id"] == invoice["id"]
+    assert record["provider_foreign_id"] == fid
+    assert "email_user" not in record
+
+
+def test_redelivery_of_done_job_returns_record_without_call(
+    job: InvoiceJob, sandbox: Sandbox
+) -> None:
+    kwargs = message()
+    first, _ = drive(job, kwargs)
+    again = job.run(kwargs, task_id="task-2", owner="other")
+    assert again.record == first.record
+    assert not again.finished
+    assert sandbox.create_calls(kwargs["request"]["foreign_id"]) == 1
+
+
+@pytest.mark.parametrize("faults", [["500", "502", "503"], ["429", "429_bare"], ["timeout"]])
+def test_transient_errors_retried_to_success(
+    job: InvoiceJob, sandbox: Sandbox, faults: list[str]
+) -> None:
+    kwargs = message()
+    fid = kwargs["request"]["foreign_id"]
+    sandbox.script(faults, foreign_id=fid)
+    outcome, _ = drive(job, kwargs)
+    assert outcome.record is not None
+    assert outcome.record["state"] == c.CREATED
+    assert outcome.record["attempts"] == len(faults) + 1
+    assert sandbox.create_calls(fid) == len(faults) + 1
+    assert len(live(sandbox, fid)) == 1
+
+
+def test_retry_record_shows_progress(job: InvoiceJob, sandbox: Sandbox) -> None:
+    kwargs = message()
+    fid = kwargs["request"]["foreign_id"]
+    sandbox.script(["503"], foreign_id=fid)
+    outcome = job.run(kwargs, task_id="t", owner="o")
+    assert outcome.retry_in is not None
+    record = job.store.get(fid)
+    assert record is not None
+    assert record["state"] == c.RETRYING
+    assert record["attempts"] == 1
+    assert record["last_error_code"] == "server_error"
+    assert record["next_attempt_at"] >= record["updated_at"]
+
+
+def test_retry_after_is_honoured(job: InvoiceJob, sandbox: Sandbox) -> None:
+    kwargs = message()
+    sandbox.script(["429"], foreign_id=kwargs["request"]["foreign_id"])
+    outcome = job.run(kwargs, task_id="t", owner="o")
+    assert outcome.retry_in == pytest.approx(sandbox.faults.retry_after)
+
+
+def test_attempts_are_capped(settings: Settings, sandbox: Sandbox) -> None:
+    job = make_job(settings, max_attempts=3)
+    kwargs = message()
+    fid = kwargs["request"]["foreign_id"]
+    sandbox.script(["500"] * 5, foreign_id=fid)
+    outcome, runs = drive(job, kwargs)
+    assert outcome.record is not None
+    assert (runs, outcome.record["state"], outcome.record["error_code"]) == (
+        3,
+        c.FAILED,
+        "server_error",
+    )
+    assert "gave up after 3 attempts" in outcome.record["error"]
+
+
+def test_permanent_error_fails_at_once(job: InvoiceJob, sandbox: Sandbox) -> None:
+    kwargs = message(amount="0.00001")
+    outcome, runs = drive(job, kwargs)
+    record = outcome.record
+    assert record is not None
+    assert (runs, record["state"], record["error_code"]) == (1, c.FAILED, "validation_error")
+    assert record["errors"] == {
+        "amount": "The amount is too small. The minimum amount is 10.00 EUR."
+    }
+
+
+def test_auth_error_fails_with_provider_code(settings: Settings) -> None:
+    job = make_job(settings, api_secret="wrong")
+    outcome, _ = drive(job, message())
+    assert outcome.record is not None
+    assert (outcome.record["state"], outcome.record["error_code"]) == (
+        c.FAILED,
+        "bad_header_signature",
+    )
+
+
+def test_deadline_passed_expires_without_call(job: InvoiceJob, sandbox: Sandbox) -> None:
+    kwargs = message(deadline=time.time() - 1)
+    outcome, _ = drive(job, kwargs)
+    assert outcome.record is not None
+    assert (outcome.record["state"], outcome.record["error_code"]) == (c.EXPIRED, c.DEADLINE_PASSED)
+    assert sandbox.create_calls(kwargs["request"]["foreign_id"]) == 0
+
+
+def test_deadline_during_retries_expires(settings: Settings, sandbox: Sandbox) -> None:
+    job = make_job(settings, retry_base=2.0, retry_cap=2.0)
+    job.rand = lambda: 1.0
+    kwargs = message(deadline=time.time() + 1)
+    sandbox.script(["503"], foreign_id=kwargs["request"]["foreign_id"])
+    outcome, _ = drive(job, kwargs)
+    assert outcome.record is not None
+    assert outcome.record["state"] == c.EXPIRED
+
+
+def test_commit_then_fail_recreates(job: InvoiceJob, sandbox: Sandbox) -> None:
+    kwargs = message()
+    fid = kwargs["request"]["foreign_id"]
+    sandbox.script(["commit_then_502"], foreign_id=fid)
+    outcome, _ = drive(job, kwargs)
+    record = outcome.record
+    assert record is not None
+    assert record["state"] == c.CREATED
+    assert record["provider_foreign_id"] == f"{fid}~r1"
+    [invoice] = live(sandbox, fid)
+    assert invoice["foreign_id"] == f"{fid}~r1"
+    assert record["url"] == invoice["url"]
+    orphan = [i for i in sandbox.invoices() if i["foreign_id"] == fid]
+    assert orphan[0]["cancelled"]
+
+
+def test_commit_then_drop_with_fail_policy(settings: Settings, sandbox: Sandbox) -> None:
+    job = make_job(settings, orphan_policy="fail")
+    kwargs = message()
+    fid = kwargs["request"]["foreign_id"]
+    sandbox.script(["commit_then_drop"], foreign_id=fid)
+    outcome, _ = drive(job, kwargs)
+    assert outcome.record is not None
+    assert (outcome.record["state"], outcome.record["error_code"]) == (c.FAILED, c.ORPHANED)
+    assert len(live(sandbox, fid)) == 1  # left alone for a human: we do not know its URL
+
+
+def test_taken_without_earlier_ambiguity_is_permanent(
+    job: InvoiceJob, client: ProviderClient
+) -> None:
+    kwargs = message()
+    client.create_invoice(parse_request(kwargs["request"]))  # used outside this system
+    outcome, _ = drive(job, kwargs)
+    assert outcome.record is not None
+    assert (outcome.record["state"], outcome.record["error_code"]) == (
+        c.FAILED,
+        "duplicate_foreign_id",
+    )
+
+
+def test_orphan_cancel_failure_retries_then_recreates(job: InvoiceJob, sandbox: Sandbox) -> None:
+    kwargs = message()
+    fid = kwargs["request"]["foreign_id"]
+    # commit, then the retry sees "taken", the cancel answers 503, the next round recreates.
+    sandbox.script(["commit_then_drop", "ok", "503"], foreign_id=fid)
+    outcome, _ = drive(job, kwargs)
+    assert outcome.record is not None
+    assert outcome.record["state"] == c.CREATED
+    assert len(live(sandbox, fid)) == 1
+
+
+def test_busy_job_is_deferred_not_called(job: InvoiceJob, sandbox: Sandbox) -> None:
+    kwargs = message()
+    fid = kwargs["request"]["foreign_id"]
+    fingerprint = Message(parse_request(kwargs["request"])).fingerprint()
+    job.store.claim(fid, "someone", lease=3, fingerprint=fingerprint, max_crashes=5, fields={})
+    outcome = job.run(kwargs, task_id="dup", owner="me")
+    assert outcome.retry_in is not None
+    assert 2 < outcome.retry_in <= 3.1
+    assert sandbox.create_calls(fid) == 0
+
+
+def test_invalid_message_is_recorded_failed(job: InvoiceJob) -> None:
+    kwargs = {
+        "request": {**request_data(), "amount": "-5", "timer": "maybe"},
+        "deadline": "soon",
+        "x": 1,
+    }
+    outcome = job.run(kwargs, task_id="bad-1", owner="o")
+    record = outcome.record
+    assert record is not None
+    assert (record["state"], record["error_code"]) == (c.FAILED, c.INVALID_MESSAGE)
+    assert set(record["errors"]) == {"request.amount", "request.timer", "deadline", "x"}
+    assert record["foreign_id"] == kwargs["request"]["foreign_id"]
+    assert "buyer@example.com" not in str(record)
+
+
+def test_garbage_message_without_foreign_id_recorded_by_task_id(job: InvoiceJob) -> None:
+    outcome = job.run({"request": "garbage"}, task_id="bad-2", owner="o")
+    assert outcome.record is not None
+    assert outcome.record["task_id"] == "bad-2"
+    record = job.store.get("invalid-message:bad-2")
+    assert record is not None
+    assert record["error_code"] == c.INVALID_MESSAGE
+
+
+def test_conflicting_message_does_not_touch_the_job(job: InvoiceJob, sandbox: Sandbox) -> None:
+    kwargs = message()
+    drive(job, kwargs)
+    other = {**kwargs, "request": {**kwargs["request"], "amount": "9"}}
+    outcome = job.run(other, task_id="t", owner="o")
+    assert outcome.record is None
+    assert job.store.get(kwargs["request"]["foreign_id"])["state"] == c.CREATED  # type: ignore[index]

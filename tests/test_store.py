@@ -1,0 +1,184 @@
+"""The Lua transitions, against a real redis-server."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+import redis
+
+from invoice_worker import constants as c
+from invoice_worker.config import Settings
+from invoice_worker.store import Claim, JobStore
+from tests.conftest import new_id, settings_with
+
+
+@pytest.fixture
+def store(settings: Settings) -> JobStore:
+    return JobStore.from_settings(settings)
+
+
+def claim(store: JobStore, fid: str, owner: str = "w1", fp: str = "fp", **kw: Any) -> Claim:
+    args: dict[str, Any] = {"lease": 2.0, "max_crashes": 2, "fields": {"task_id": "t1"}}
+    args.update(kw)
+    return store.claim(fid, owner, fingerprint=fp, **args)
+
+
+def test_enqueue_new_then_exists_then_conflict(store: JobStore) -> None:
+    fid = new_id()
+    assert store.enqueue(fid, "fp", {"task_id": "t1"}) == ("new", None, False)
+    status, record, stale = store.enqueue(fid, "fp", {"task_id": "t2"})
+    assert (status, stale) == ("exists", False)
+    assert record is not None
+    assert record["state"] == c.QUEUED
+    assert record["task_id"] == "t1"
+    assert store.enqueue(fid, "other", {})[0] == "conflict"
+
+
+def test_enqueue_reports_stale_queued_job(settings: Settings) -> None:
+    store = JobStore.from_settings(settings)
+    store.requeue_after_ms = 50
+    fid = new_id()
+    store.enqueue(fid, "fp", {"task_id": "t1"})
+    time.sleep(0.1)
+    assert store.enqueue(fid, "fp", {})[2] is True
+    assert store.enqueue(fid, "fp", {})[2] is False  # the resend restarted the clock
+
+
+def test_record_has_ttl_and_prefix(store: JobStore, settings: Settings) -> None:
+    fid = new_id()
+    store.enqueue(fid, "fp", {})
+    key = f"{settings.key_prefix}job:{fid}"
+    assert 0 < int(store.redis.ttl(key)) <= settings.record_ttl
+
+
+def test_discard_only_undoes_own_queued_record(store: JobStore) -> None:
+    fid = new_id()
+    store.enqueue(fid, "fp", {"task_id": "t1"})
+    store.discard(fid, "t-other")
+    assert store.get(fid) is not None
+    store.discard(fid, "t1")
+    assert store.get(fid) is None
+
+
+def test_claim_creates_missing_record(store: JobStore) -> None:
+    fid = new_id()
+    result = claim(store, fid)
+    assert result.status == "claimed"
+    record = store.get(fid)
+    assert record is not None
+    assert (record["state"], record["attempts"], record["task_id"]) == (c.PROCESSING, 1, "t1")
+    assert "lease_owner" not in record
+    assert "fingerprint" not in record
+
+
+def test_lease_excludes_second_worker_until_expiry(store: JobStore) -> None:
+    fid = new_id()
+    assert claim(store, fid, "w1", lease=0.3).status == "claimed"
+    busy = claim(store, fid, "w2")
+    assert busy.status == "busy"
+    assert 0 < busy.wait <= 0.3
+    time.sleep(0.35)
+    # The holder vanished mid-attempt: the next claim marks the job ambiguous.
+    again = claim(store, fid, "w2")
+    assert again.status == "claimed"
+    assert again.record["ambiguous"] is True
+    assert again.record["crashes"] == 1
+    assert again.record["attempts"] == 2
+
+
+def test_poison_after_too_many_crashes(store: JobStore) -> None:
+    fid = new_id()
+    statuses = []
+    for i in range(4):
+        statuses.append(claim(store, fid, f"w{i}", lease=0.05, max_crashes=2).status)
+        time.sleep(0.07)
+    assert statuses == ["claimed", "claimed", "claimed", "poison"]
+
+
+def test_conflicting_fingerprint(store: JobStore) -> None:
+    fid = new_id()
+    claim(store, fid, fp="a")
+    assert claim(store, fid, "w2", fp="b").status == "conflict"
+
+
+def test_only_owner_transitions(store: JobStore) -> None:
+    fid = new_id()
+    claim(store, fid, "w1")
+    assert not store.transition(fid, "w2", c.CREATED, {"url": "u"})
+    assert store.get(fid)["state"] == c.PROCESSING  # type: ignore[index]
+    assert store.transition(fid, "w1", c.RETRYING, {"last_error": "x"}, delay=5)
+    record = store.get(fid)
+    assert record is not None
+    assert record["state"] == c.RETRYING
+    assert record["next_attempt_at"] == pytest.approx(time.time() + 5, abs=1)
+    # Released: the old owner can no longer write.
+    assert not store.transition(fid, "w1", c.CREATED)
+
+
+def test_early_duplicate_of_a_retry_is_deferred(store: JobStore) -> None:
+    fid = new_id()
+    claim(store, fid, "w1")
+    store.transition(fid, "w1", c.RETRYING, delay=3)
+    early = claim(store, fid, "w2")
+    assert early.status == "early"
+    assert 2 < early.wait <= 3
+
+
+def test_final_transition_writes_one_event_and_is_terminal(store: JobStore) -> None:
+    fid = new_id()
+    claim(store, fid, "w1")
+    fields = {"url": "https://i.example.com/x", "invoice_id": 7, "attempts": 1}
+    assert store.transition(fid, "w1", c.CREATED, fields)
+    assert not store.transition(fid, "w1", c.FAILED, {"error_code": "x"})
+    events = [f for _, f in store.events() if f["foreign_id"] == fid]
+    assert events == [
+        {"foreign_id": fid, "state": "created", "url": "https://i.example.com/x",
+         "invoice_id": "7", "attempts": "1"}
+    ]  # fmt: skip
+    assert claim(store, fid, "w3").status == "done"
+    record = store.get(fid)
+    assert record is not None
+    assert record["invoice_id"] == 7
+
+
+def test_renew_keeps_lease(store: JobStore) -> None:
+    fid = new_id()
+    claim(store, fid, "w1", lease=0.2)
+    assert store.transition(fid, "w1", c.PROCESSING, {"generation": 1}, lease=5)
+    time.sleep(0.25)
+    assert claim(store, fid, "w2").status == "busy"
+
+
+def test_events_stream_is_capped(settings: Settings, redis_client: redis.Redis) -> None:
+    store = JobStore.from_settings(settings_with(settings, events_maxlen=100))
+    for _ in range(300):
+        fid = new_id()
+        claim(store, fid)
+        store.transition(fid, "w1", c.FAILED, {"error_code": "x"})
+    assert redis_client.xlen(settings.events_stream) < 300
+
+
+def test_wait_returns_when_final_without_polling(store: JobStore) -> None:
+    fid = new_id()
+    claim(store, fid, "w1")
+    result: list[object] = []
+    waiter = threading.Thread(target=lambda: result.append(store.wait(fid, 10)))
+    waiter.start()
+    time.sleep(0.2)
+    started = time.monotonic()
+    store.transition(fid, "w1", c.CREATED, {"url": "u"})
+    waiter.join(5)
+    assert time.monotonic() - started < 1
+    assert result[0]["state"] == c.CREATED  # type: ignore[index]
+
+
+def test_wait_times_out_and_handles_unknown(store: JobStore) -> None:
+    fid = new_id()
+    claim(store, fid, "w1")
+    started = time.monotonic()
+    assert store.wait(fid, 0.3)["state"] == c.PROCESSING  # type: ignore[index]
+    assert 0.25 < time.monotonic() - started < 2
+    assert store.wait(new_id(), 0.1) is None
