@@ -255,14 +255,16 @@ class JobStore:
         return [(entry_id, fields) for _, entries in reply or [] for entry_id, fields in entries]
 
     def wait(self, foreign_id: str, timeout: float) -> dict[str, Any] | None:
-        """Block until the job is final or ``timeout`` passes; returns the record (or None)."""
+        """Block until the job is final or ``timeout`` passes; returns the record, or None if
+        no job with that id exists by then."""
         deadline = time.monotonic() + timeout
         pubsub = self.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
         try:
             # Subscribe before reading, so a final state set in between is not missed.
             pubsub.subscribe(self.channel(foreign_id))
             record = self.get(foreign_id)
-            while record is not None and record["state"] not in c.FINAL_STATES:
+            # An unknown job may still appear (a message sent without the producer).
+            while record is None or record["state"] not in c.FINAL_STATES:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
