@@ -2,4 +2,37 @@
 
 from __future__ import annotations
 
+from invoice_worker.config import Settings
+from invoice_worker.errors import (
+    ConfigError,
+    ConflictError,
+    InvalidRequestError,
+    InvoiceWorkerError,
+    PermanentProviderError,
+    ProviderError,
+    TransientProviderError,
+)
+from invoice_worker.models import Invoice, InvoiceRequest
+from invoice_worker.producer import Producer, enqueue_invoice, get_invoice, wait_for_invoice
+
 __version__ = "0.1.0"
+
+__all__ = [  # noqa: RUF022 - grouped by concern, as the style guide asks
+    # producer
+    "Producer",
+    "enqueue_invoice",
+    "get_invoice",
+    "wait_for_invoice",
+    # models and settings
+    "Invoice",
+    "InvoiceRequest",
+    "Settings",
+    # errors
+    "ConfigError",
+    "ConflictError",
+    "InvalidRequestError",
+    "InvoiceWorkerError",
+    "PermanentProviderError",
+    "ProviderError",
+    "TransientProviderError",
+]

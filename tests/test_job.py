@@ -244,7 +244,7 @@ def test_busy_job_is_deferred_not_called(job: InvoiceJob, sandbox: Sandbox) -> N
 
 
 def test_invalid_message_is_recorded_failed(job: InvoiceJob) -> None:
-    kwargs = {
+    kwargs: dict[str, Any] = {
         "request": {**request_data(), "amount": "-5", "timer": "maybe"},
         "deadline": "soon",
         "x": 1,

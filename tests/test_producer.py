@@ -1,0 +1,171 @@
+"""The producer API against a real Redis broker (no worker: messages stay on the queue)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import redis
+
+import invoice_worker
+from invoice_worker import constants as c
+from invoice_worker import producer as producer_module
+from invoice_worker.config import Settings
+from invoice_worker.embedded import free_port
+from invoice_worker.errors import ConflictError, InvalidRequestError
+from invoice_worker.producer import Producer
+from tests.conftest import request_data, settings_with
+
+
+@pytest.fixture
+def producer(settings: Settings) -> Iterator[Producer]:
+    p = Producer(settings)
+    yield p
+    p.close()
+
+
+def queued(redis_client: redis.Redis, settings: Settings) -> list[dict[str, Any]]:
+    return [json.loads(m) for m in redis_client.lrange(settings.queue, 0, -1)]
+
+
+def test_enqueue_records_and_sends_once(
+    producer: Producer, settings: Settings, redis_client: redis.Redis
+) -> None:
+    data = request_data()
+    first = producer.enqueue(data)
+    assert (first["state"], first["foreign_id"]) == (c.QUEUED, data["foreign_id"])
+    again = producer.enqueue(data)
+    assert again["task_id"] == first["task_id"]
+    assert again["state"] == c.QUEUED
+    assert len(queued(redis_client, settings)) == 1
+    record = producer.get(data["foreign_id"])
+    assert record is not None
+    assert record["state"] == c.QUEUED
+    assert "email_user" not in record
+    assert data["email_user"] not in json.dumps(record)
+
+
+def test_message_contract_and_masking(
+    producer: Producer, settings: Settings, redis_client: redis.Redis
+) -> None:
+    data = request_data(amount="0.1")
+    producer.enqueue(data, deadline=1_900_000_000.5, callback_task="shop.done", callback_queue="cb")
+    [message] = queued(redis_client, settings)
+    headers = message["headers"]
+    assert headers["task"] == c.TASK_NAME
+    assert data["email_user"] not in headers["kwargsrepr"]
+    assert "'email_user': '***'" in headers["kwargsrepr"]
+    assert headers["argsrepr"] == "()"
+    args, kwargs, _ = json.loads(base64.b64decode(message["body"]))
+    assert args == []
+    assert kwargs["request"]["amount"] == "0.1"
+    assert kwargs["request"]["email_user"] == data["email_user"]  # the provider needs it
+    assert (kwargs["deadline"], kwargs["callback_task"], kwargs["callback_queue"]) == (
+        1_900_000_000.5, "shop.done", "cb"
+    )  # fmt: skip
+
+
+def test_invalid_request_enqueues_nothing(
+    producer: Producer, settings: Settings, redis_client: redis.Redis
+) -> None:
+    data = request_data(currency="btc", url_success="http://x.example.com")
+    with pytest.raises(InvalidRequestError) as info:
+        producer.enqueue(data)
+    assert set(info.value.errors) == {"currency", "url_success"}
+    assert producer.get(data["foreign_id"]) is None
+    assert queued(redis_client, settings) == []
+
+
+def test_conflict(producer: Producer, settings: Settings, redis_client: redis.Redis) -> None:
+    data = request_data()
+    producer.enqueue(data)
+    with pytest.raises(ConflictError, match=data["foreign_id"]):
+        producer.enqueue({**data, "title": "Other order"})
+    # An equal amount written differently is the same request, and options are not part of it.
+    producer.enqueue({**data, "amount": data["amount"] + "0"}, deadline=2_000_000_000)
+    assert len(queued(redis_client, settings)) == 1
+
+
+def test_stale_queued_job_is_resent(
+    producer: Producer, settings: Settings, redis_client: redis.Redis
+) -> None:
+    data = request_data()
+    producer.enqueue(data)
+    producer.store.requeue_after_ms = 0
+    producer.enqueue(data)
+    messages = queued(redis_client, settings)
+    assert len(messages) == 2
+    assert {m["headers"]["id"] for m in messages} == {producer.get(data["foreign_id"])["task_id"]}  # type: ignore[index]
+
+
+def test_failed_send_leaves_no_record(settings: Settings) -> None:
+    broken = Producer(settings_with(settings, broker_url=f"redis://127.0.0.1:{free_port()}/0"))
+    broken.app.conf.broker_connection_timeout = 0.2
+    broken.app.conf.task_publish_retry_policy = {
+        "max_retries": 1,
+        "interval_start": 0,
+        "interval_step": 0.1,
+    }
+    data = request_data()
+    with pytest.raises(Exception, match=r"(?i)connect"):
+        broken.enqueue(data)
+    assert broken.get(data["foreign_id"]) is None
+    broken.close()
+
+
+def test_deadline_forms(producer: Producer) -> None:
+    when = datetime.now(UTC) + timedelta(minutes=5)
+    record = producer.enqueue(request_data(), deadline=when)
+    assert record["deadline"] == pytest.approx(when.timestamp())
+    with pytest.raises(ValueError, match="timezone-aware"):
+        producer.enqueue(request_data(), deadline=datetime.now())
+
+
+def test_many_threads(producer: Producer, settings: Settings, redis_client: redis.Redis) -> None:
+    requests = [request_data() for _ in range(40)]
+    errors: list[BaseException] = []
+
+    def enqueue(data: dict[str, Any]) -> None:
+        try:
+            producer.enqueue(data)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=enqueue, args=(d,)) for d in requests + requests]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(queued(redis_client, settings)) == 40
+
+
+def test_wait_times_out_on_queued_job(producer: Producer) -> None:
+    data = request_data()
+    producer.enqueue(data)
+    record = producer.wait(data["foreign_id"], 0.2)
+    assert record is not None
+    assert record["state"] == c.QUEUED
+
+
+def test_module_functions_read_env_once(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, redis_client: redis.Redis
+) -> None:
+    for name, value in settings.to_env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(producer_module, "_default", None)
+    data = request_data()
+    record = invoice_worker.enqueue_invoice(data)
+    assert record["state"] == c.QUEUED
+    assert invoice_worker.get_invoice(data["foreign_id"])["task_id"] == record["task_id"]  # type: ignore[index]
+    assert invoice_worker.wait_for_invoice(data["foreign_id"], 0.05)["state"] == c.QUEUED  # type: ignore[index]
+    first = producer_module.default_producer()
+    monkeypatch.setenv("INVOICE_QUEUE", "elsewhere")
+    assert producer_module.default_producer() is first
+    assert len(queued(redis_client, settings)) == 1
+    first.close()
