@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -104,6 +105,12 @@ class Settings(BaseSettings):
             return self.broker_url
         return "redis://localhost:6379/0"
 
+    def replace(self, **changes: object) -> Settings:
+        """Return a validated copy with ``changes`` applied (``model_copy`` skips validation)."""
+        values = {name: getattr(self, name) for name in type(self).model_fields}
+        values.update(changes)
+        return type(self)(_env_file=None, **values)
+
     def to_env(self) -> dict[str, str]:
         """Return ``INVOICE_*`` variables that rebuild these settings in a child process."""
         env = {}
@@ -134,3 +141,13 @@ class Settings(BaseSettings):
         ]
         if missing:
             raise ConfigError(f"{' and '.join(missing)} must be set to a non-empty value")
+
+
+def redact_url(url: str) -> str:
+    """Return ``url`` with any password replaced by ``***`` (safe to print or log)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))

@@ -19,6 +19,7 @@ from invoice_worker import constants as c
 from invoice_worker.client import ProviderClient
 from invoice_worker.config import Settings
 from invoice_worker.errors import (
+    AmbiguousResponseError,
     DuplicateForeignIdError,
     InvalidRequestError,
     InvoiceNotFoundError,
@@ -26,6 +27,7 @@ from invoice_worker.errors import (
     ProviderError,
     TransientProviderError,
 )
+from invoice_worker.logs import log_job
 from invoice_worker.message import Message, decode, raw_fingerprint
 from invoice_worker.models import Invoice
 from invoice_worker.store import JobStore
@@ -98,19 +100,18 @@ class InvoiceJob:
             },
         )
         if claim.status == "conflict":
-            log.warning(
-                "job %s task=%s outcome=ignored reason=conflicting_message", foreign_id, task_id
-            )
+            log_job(logging.WARNING, foreign_id, task_id, "ignored", reason="conflicting_message")
             return Outcome(None)
         if claim.status == "done":
             return Outcome(claim.record)
         if claim.status in ("busy", "early"):
-            log.info(
-                "job %s task=%s outcome=deferred reason=%s in=%.1fs",
+            log_job(
+                logging.INFO,
                 foreign_id,
                 task_id,
-                claim.status,
-                claim.wait,
+                "deferred",
+                reason=claim.status,
+                retry_in=claim.wait,
             )
             return Outcome(None, retry_in=claim.wait + 0.05)
         attempt = _Attempt(self, message, claim.record, task_id, owner)
@@ -136,11 +137,11 @@ class InvoiceJob:
             fields={"task_id": task_id},
         )
         if claim.status != "claimed" and claim.status != "poison":
-            log.warning("job %s task=%s outcome=ignored reason=invalid_message", fid, task_id)
+            log_job(logging.WARNING, fid, task_id, "ignored", reason="invalid_message")
             return Outcome(claim.record or None)
         fields = {"error_code": c.INVALID_MESSAGE, "error": str(exc), "errors": exc.errors}
         self.store.transition(fid, owner, c.FAILED, fields)
-        log.warning("job %s task=%s outcome=failed error_code=%s", fid, task_id, c.INVALID_MESSAGE)
+        log_job(logging.WARNING, fid, task_id, c.FAILED, error_code=c.INVALID_MESSAGE)
         return Outcome(self.store.get(fid), finished=True)
 
 
@@ -213,12 +214,7 @@ class _Attempt:
             self.foreign_id, self.owner, c.PROCESSING, fields, lease=self.job.settings.lease
         ):
             return self._lost()
-        log.info(
-            "job %s task=%s outcome=orphan_cancelled recreate_as=%s",
-            self.foreign_id,
-            self.task_id,
-            new_id,
-        )
+        self._log("orphan_cancelled", recreate_as=new_id)
         self.record.update(fields)
         return self._create(new_id, ambiguous=False)
 
@@ -251,37 +247,43 @@ class _Attempt:
             self.foreign_id, self.owner, c.RETRYING, fields, delay=delay
         ):
             return self._lost()
-        self._log("retrying", f"error_code={error['error_code']} in={delay:.2f}s")
+        self._log("retrying", error_code=error["error_code"], retry_in=round(delay, 2))
         return Outcome(None, retry_in=delay)
 
     def finish(self, state: str, **fields: Any) -> Outcome:
         fields = {"task_id": self.task_id, "attempts": self.attempts, **fields}
         if not self.job.store.transition(self.foreign_id, self.owner, state, fields):
             return self._lost()
-        self._log(state, f"error_code={fields['error_code']}" if "error_code" in fields else "")
+        self._log(state, error_code=fields.get("error_code"))
         return Outcome(self.job.store.get(self.foreign_id), finished=True)
 
     def _lost(self) -> Outcome:
-        log.warning("job %s task=%s outcome=lease_lost", self.foreign_id, self.task_id)
+        self._log("lease_lost", level=logging.WARNING)
         return Outcome(None)
 
     def _call(self, fn: Callable[[], Invoice]) -> Invoice:
         start = time.perf_counter()
         try:
             return fn()
+        except ProviderError:
+            raise
+        except Exception as exc:
+            # A bug or a soft time limit mid-call: the request may have gone out, so retry it
+            # as ambiguous (bounded by max_attempts) instead of crashing the message.
+            log.exception(
+                "job %s task=%s unexpected error in provider call", self.foreign_id, self.task_id
+            )
+            raise AmbiguousResponseError(
+                f"unexpected {type(exc).__name__} during the call"
+            ) from exc
         finally:
             self.latency_ms += (time.perf_counter() - start) * 1000
 
-    def _log(self, outcome: str, extra: str) -> None:
-        log.info(
-            "job %s task=%s attempt=%d outcome=%s latency_ms=%.1f %s",
-            self.foreign_id,
-            self.task_id,
-            self.attempts,
-            outcome,
-            self.latency_ms,
-            extra,
-        )
+    def _log(self, outcome: str, level: int = logging.INFO, **detail: Any) -> None:
+        log_job(
+            level, self.foreign_id, self.task_id, outcome,
+            attempt=self.attempts, latency_ms=round(self.latency_ms, 1), **detail,
+        )  # fmt: skip
 
 
 def _invoice_fields(invoice: Invoice) -> dict[str, Any]:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from invoice_worker import constants as c
 from invoice_worker.config import Settings
@@ -61,7 +63,12 @@ elseif redis.call('HGET', KEYS[1], 'fingerprint') ~= ARGV[3] then
 end
 if final[state] then return {'done', redis.call('HGETALL', KEYS[1]), 0} end
 local lease_until = tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '0')
-if lease_until > now then return {'busy', {}, lease_until - now} end
+if lease_until > now then
+  if redis.call('HGET', KEYS[1], 'lease_owner') == ARGV[1] then
+    return {'claimed', redis.call('HGETALL', KEYS[1]), 0}  -- a retried call that already ran
+  end
+  return {'busy', {}, lease_until - now}
+end
 local next_at = tonumber(redis.call('HGET', KEYS[1], 'next_attempt_ms') or '0')
 if state == 'retrying' and next_at > now + 1000 then return {'early', {}, next_at - now} end
 local status = 'claimed'
@@ -155,7 +162,16 @@ class JobStore:
     @classmethod
     def from_settings(cls, settings: Settings) -> JobStore:
         """Connect to ``settings.state_url`` (connections are pooled and thread-safe)."""
-        return cls(redis.Redis.from_url(settings.state_url, decode_responses=True), settings)
+        client = redis.Redis.from_url(
+            settings.state_url,
+            decode_responses=True,
+            # Ride out a short Redis restart; a script re-run after a lost reply is safe
+            # because every script is idempotent for the same owner.
+            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=5),
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+            health_check_interval=30,
+        )
+        return cls(client, settings)
 
     def key(self, foreign_id: str) -> str:
         """Return the record key of ``foreign_id``."""

@@ -19,6 +19,9 @@ from invoice_worker.store import JobStore
 
 log = logging.getLogger(__name__)
 
+#: Deliveries of one message that may end in an unexpected exception before it is dropped.
+UNEXPECTED_ERROR_RETRIES = 10
+
 
 class Runtime:
     """Per-process collaborators, built lazily so prefork children never share sockets."""
@@ -69,6 +72,13 @@ def register(app: Celery, settings: Settings) -> Task:
                 delay,
             )
             raise self.retry(countdown=delay, kwargsrepr=kwargs_repr(kwargs)) from None
+        except Exception:
+            # A bug outside the provider call. Retrying after the lease lets the next delivery
+            # resume the job; the record's crash counter fails it if this keeps happening.
+            log.exception("task=%s outcome=unexpected_error", task_id)
+            if self.request.retries >= UNEXPECTED_ERROR_RETRIES:
+                raise
+            raise self.retry(countdown=settings.lease, kwargsrepr=kwargs_repr(kwargs)) from None
         if outcome.retry_in is not None:
             raise self.retry(countdown=outcome.retry_in, kwargsrepr=kwargs_repr(kwargs))
         record = outcome.record

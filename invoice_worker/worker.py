@@ -10,7 +10,7 @@ from typing import Any
 from celery import Celery, bootsteps
 
 from invoice_worker import constants as c
-from invoice_worker import tasks
+from invoice_worker import logs, tasks
 from invoice_worker.config import Settings
 
 
@@ -59,6 +59,8 @@ def create_app(settings: Settings | None = None) -> Celery:
         task_track_started=True,
         worker_hijack_root_logger=True,
     )
+    if settings.log_format == "json":
+        logs.use_json_logs()
     app.steps["worker"].add(_credentials_step(settings))
     tasks.register(app, settings)
     return app

@@ -6,11 +6,6 @@ session started on a free port, under a key prefix and queue of its own.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
 from decimal import Decimal
@@ -23,6 +18,7 @@ import redis
 from invoice_worker.client import ProviderClient
 from invoice_worker.config import Settings
 from invoice_worker.embedded import EmbeddedRedis
+from invoice_worker.processes import ChildProcess, worker_process
 from invoice_worker.sandbox import Sandbox
 
 KEY = "test-key"
@@ -62,13 +58,6 @@ def make_settings(redis_url: str, api_url: str, **overrides: Any) -> Settings:
         "lease_seconds": 4.0,
         "visibility_timeout": 6,
     }
-    values.update(overrides)
-    return Settings(_env_file=None, **values)
-
-
-def settings_with(settings: Settings, **overrides: Any) -> Settings:
-    """A validated copy of ``settings`` (model_copy would skip validation)."""
-    values = {name: getattr(settings, name) for name in type(settings).model_fields}
     values.update(overrides)
     return Settings(_env_file=None, **values)
 
@@ -113,72 +102,15 @@ def request_data(**overrides: Any) -> dict[str, Any]:
     return data
 
 
-class WorkerProcess:
-    """A real ``celery -A invoice_worker.worker worker`` child process."""
-
-    def __init__(
-        self, settings: Settings, log_dir: Path, *, pool: str = "threads", concurrency: int = 4
-    ) -> None:
-        self.settings = settings
-        self.name = f"w{uuid.uuid4().hex[:6]}"
-        self.log_path = log_dir / f"{self.name}.log"
-        self.argv = [
-            sys.executable, "-m", "celery", "-A", "invoice_worker.worker", "worker",
-            "-P", pool, "-c", str(concurrency), "-Q", settings.queue, "-n", f"{self.name}@%h",
-            "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "INFO",
-        ]  # fmt: skip
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("INVOICE_")}
-        self.env.update(settings.to_env())
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self, wait: bool = True) -> WorkerProcess:
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-            cwd=self.log_path.parent, start_new_session=True,
-        )  # fmt: skip
-        log.close()
-        if wait:
-            self.wait_for("ready.")
-        return self
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def wait_for(self, text: str, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.log():
-            assert self.process is not None
-            if self.process.poll() is not None:
-                raise AssertionError(f"worker exited ({self.process.returncode}):\n{self.log()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"worker did not log {text!r}:\n{self.log()[-3000:]}")
-            time.sleep(0.05)
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        """Signal the whole process group (prefork children too)."""
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, sig)
-            self.process.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-
 @pytest.fixture
 def start_worker(tmp_path: Path) -> Iterator[Any]:
     """Factory: ``start_worker(settings, pool=..., concurrency=...)``; all stopped at the end."""
-    workers: list[WorkerProcess] = []
+    workers: list[ChildProcess] = []
 
-    def start(settings: Settings, **kwargs: Any) -> WorkerProcess:
-        worker = WorkerProcess(settings, tmp_path, **kwargs)
+    def start(settings: Settings, pool: str = "threads", concurrency: int = 4) -> ChildProcess:
+        worker = worker_process(settings, tmp_path, pool=pool, concurrency=concurrency)
         workers.append(worker)
-        return worker.start()
+        return worker.start(ready="ready.")
 
     yield start
     for worker in workers:

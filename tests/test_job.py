@@ -15,11 +15,11 @@ from invoice_worker.message import Message
 from invoice_worker.models import parse_request
 from invoice_worker.sandbox import Sandbox
 from invoice_worker.store import JobStore
-from tests.conftest import request_data, settings_with
+from tests.conftest import request_data
 
 
 def make_job(settings: Settings, **overrides: Any) -> InvoiceJob:
-    settings = settings_with(settings, **overrides)
+    settings = settings.replace(**overrides)
     store = JobStore.from_settings(settings)
     return InvoiceJob(store, ProviderClient.from_settings(settings), settings, rand=lambda: 0.0)
 
@@ -274,3 +274,27 @@ def test_conflicting_message_does_not_touch_the_job(job: InvoiceJob, sandbox: Sa
     outcome = job.run(other, task_id="t", owner="o")
     assert outcome.record is None
     assert job.store.get(kwargs["request"]["foreign_id"])["state"] == c.CREATED  # type: ignore[index]
+
+
+def test_unexpected_error_in_call_is_retried_as_ambiguous(
+    job: InvoiceJob, sandbox: Sandbox
+) -> None:
+    kwargs = message()
+    fid = kwargs["request"]["foreign_id"]
+    real = job.client.create_invoice
+    calls: list[str] = []
+
+    def flaky(request: Any) -> Any:
+        calls.append(request.foreign_id)
+        if len(calls) == 1:
+            real(request)  # the invoice is made, then our own code blows up
+            raise RuntimeError("bug after the request went out")
+        return real(request)
+
+    job.client.create_invoice = flaky  # type: ignore[method-assign]
+    outcome, runs = drive(job, kwargs)
+    assert outcome.record is not None
+    assert outcome.record["state"] == c.CREATED
+    assert runs == 2
+    assert calls == [fid, fid, f"{fid}~r1"]
+    assert len(live(sandbox, fid)) == 1

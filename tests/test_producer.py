@@ -19,7 +19,7 @@ from invoice_worker.config import Settings
 from invoice_worker.embedded import free_port
 from invoice_worker.errors import ConflictError, InvalidRequestError
 from invoice_worker.producer import Producer
-from tests.conftest import request_data, settings_with
+from tests.conftest import request_data
 
 
 @pytest.fixture
@@ -104,7 +104,7 @@ def test_stale_queued_job_is_resent(
 
 
 def test_failed_send_leaves_no_record(settings: Settings) -> None:
-    broken = Producer(settings_with(settings, broker_url=f"redis://127.0.0.1:{free_port()}/0"))
+    broken = Producer(settings.replace(broker_url=f"redis://127.0.0.1:{free_port()}/0"))
     broken.app.conf.broker_connection_timeout = 0.2
     broken.app.conf.task_publish_retry_policy = {
         "max_retries": 1,

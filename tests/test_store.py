@@ -12,7 +12,7 @@ import redis
 from invoice_worker import constants as c
 from invoice_worker.config import Settings
 from invoice_worker.store import Claim, JobStore
-from tests.conftest import new_id, settings_with
+from tests.conftest import new_id
 
 
 @pytest.fixture
@@ -153,7 +153,7 @@ def test_renew_keeps_lease(store: JobStore) -> None:
 
 
 def test_events_stream_is_capped(settings: Settings, redis_client: redis.Redis) -> None:
-    store = JobStore.from_settings(settings_with(settings, events_maxlen=100))
+    store = JobStore.from_settings(settings.replace(events_maxlen=100))
     for _ in range(300):
         fid = new_id()
         claim(store, fid)
@@ -184,3 +184,12 @@ def test_wait_times_out_and_handles_unknown(store: JobStore) -> None:
     started = time.monotonic()
     assert store.wait(new_id(), 0.2) is None
     assert time.monotonic() - started >= 0.2
+
+
+def test_claim_retried_by_same_owner_is_idempotent(store: JobStore) -> None:
+    # A claim whose reply was lost in a Redis blip is sent again by redis-py's retry.
+    fid = new_id()
+    first = claim(store, fid, "w1")
+    again = claim(store, fid, "w1")
+    assert again.status == "claimed"
+    assert again.record["attempts"] == first.record["attempts"] == 1

@@ -20,9 +20,10 @@ from invoice_worker import constants as c
 from invoice_worker.config import Settings
 from invoice_worker.embedded import EmbeddedRedis
 from invoice_worker.errors import ConflictError
+from invoice_worker.processes import worker_process
 from invoice_worker.producer import Producer
 from invoice_worker.sandbox import Faults, Sandbox
-from tests.conftest import KEY, SECRET, WorkerProcess, make_settings, request_data, settings_with
+from tests.conftest import KEY, SECRET, make_settings, request_data
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +34,8 @@ def stack(
 ) -> Iterator[tuple[Settings, Producer]]:
     """One threads worker shared by the module's tests (each test uses its own foreign_ids)."""
     settings = make_settings(redis_server.url, sandbox.url)
-    worker = WorkerProcess(settings, tmp_path_factory.mktemp("worker"), concurrency=8).start()
+    worker = worker_process(settings, tmp_path_factory.mktemp("worker"), concurrency=8)
+    worker.start(ready="ready.")
     producer = Producer(settings)
     yield settings, producer
     producer.close()
@@ -252,7 +254,7 @@ def test_worker_sigkilled_mid_call_creates_exactly_once(
 
 
 def test_worker_refuses_to_start_without_credentials(settings: Settings, tmp_path: Path) -> None:
-    worker = WorkerProcess(settings_with(settings, api_secret=""), tmp_path)
+    worker = worker_process(settings.replace(api_secret=""), tmp_path)
     proc = subprocess.run(
         worker.argv, env=worker.env, capture_output=True, text=True, timeout=60, cwd=tmp_path
     )

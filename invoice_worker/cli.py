@@ -1,0 +1,253 @@
+"""The ``invoice-worker`` command: enqueue, status, watch, check, sandbox and dev.
+
+Exit codes (also in the README):
+    0 success; 1 the job ended failed/expired (``--wait``) or ``check`` found a fault;
+    2 usage; 3 invalid request; 4 conflict; 5 not found; 6 Redis, broker or provider
+    unreachable; 7 ``--wait`` timed out; 8 bad settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
+
+import redis
+from kombu.exceptions import OperationalError
+from pydantic import ValidationError
+
+from invoice_worker import __version__
+from invoice_worker import constants as c
+from invoice_worker.config import Settings, redact_url
+from invoice_worker.errors import ConfigError, ConflictError, InvalidRequestError
+from invoice_worker.sandbox import add_sandbox_arguments, run_sandbox
+
+EXIT_NOT_CREATED, EXIT_USAGE, EXIT_INVALID, EXIT_CONFLICT = 1, 2, 3, 4
+EXIT_NOT_FOUND, EXIT_UNREACHABLE, EXIT_TIMEOUT, EXIT_CONFIG = 5, 6, 7, 8
+
+_REQUEST_FLAGS = (
+    "type", "title", "description", "foreign_id", "currency", "sender_currency", "amount",
+    "url_success", "url_failed", "email_user",
+)  # fmt: skip
+
+
+def cmd_enqueue(args: argparse.Namespace, settings: Settings) -> int:
+    from invoice_worker.producer import Producer
+
+    data = _request_from(args)
+    producer = Producer(settings)
+    try:
+        deadline = time.time() + args.deadline if args.deadline else None
+        record = producer.enqueue(
+            data, deadline=deadline, callback_task=args.callback_task,
+            callback_queue=args.callback_queue,
+        )  # fmt: skip
+        if args.wait is not None:
+            record = producer.wait(record["foreign_id"], args.wait) or record
+    finally:
+        producer.close()
+    _print_record(record, as_json=args.json, brief=True)
+    if args.wait is not None and record["state"] not in c.FINAL_STATES:
+        print(f"timed out after {args.wait}s waiting for a final state", file=sys.stderr)
+        return EXIT_TIMEOUT
+    return EXIT_NOT_CREATED if record["state"] in (c.FAILED, c.EXPIRED) else 0
+
+
+def _request_from(args: argparse.Namespace) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    if args.file:
+        stream: TextIO = sys.stdin if args.file == "-" else open(args.file)  # noqa: SIM115
+        with stream:
+            try:
+                loaded = json.load(stream)
+            except ValueError as exc:
+                raise InvalidRequestError({"request": f"is not valid JSON ({exc})"}) from None
+        if not isinstance(loaded, dict):
+            raise InvalidRequestError({"request": "must be a JSON object"})
+        data.update(loaded)
+    data.update({k: getattr(args, k) for k in _REQUEST_FLAGS if getattr(args, k) is not None})
+    if args.timer is not None:
+        data["timer"] = args.timer
+    return data
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from invoice_worker.store import JobStore
+
+    record = JobStore.from_settings(settings).get(args.foreign_id)
+    if record is None:
+        print(f"no job with foreign_id {args.foreign_id!r}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    _print_record(record, as_json=args.json)
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
+    from invoice_worker.store import JobStore
+
+    store = JobStore.from_settings(settings)
+    after, seen = args.since, 0
+    try:
+        while args.count is None or seen < args.count:
+            for entry_id, event in store.events(after, count=100, block_ms=1000):
+                after, seen = entry_id, seen + 1
+                if args.json:
+                    print(json.dumps({"id": entry_id, **event}), flush=True)
+                else:
+                    detail = event.get("url") or f"{event.get('error_code')}: {event.get('error')}"
+                    print(
+                        f"{entry_id}  {event['foreign_id']}  {event['state']:<8} {detail}",
+                        flush=True,
+                    )
+                if args.count is not None and seen >= args.count:
+                    break
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
+    from invoice_worker.client import ProviderClient
+    from invoice_worker.worker import create_app
+
+    results: list[tuple[bool, str, str]] = []
+
+    def probe(name: str, target: str, fn: Callable[[], object]) -> None:
+        try:
+            ok, detail = bool(fn()), ""
+        except Exception as exc:  # every failure is reported, none is fatal to the check
+            ok, detail = False, f"{type(exc).__name__}: {exc}"
+        results.append((ok, name, f"{target} {detail}".rstrip()))
+
+    def credentials() -> bool:
+        settings.require_credentials()
+        return True
+
+    probe("credentials", "INVOICE_API_KEY / INVOICE_API_SECRET", credentials)
+    probe(
+        "redis",
+        redact_url(settings.state_url),
+        lambda: redis.Redis.from_url(settings.state_url, socket_timeout=3).ping(),
+    )
+    app = create_app(settings)
+    probe(
+        "broker",
+        redact_url(settings.broker_url),
+        lambda: app.connection_for_write().ensure_connection(max_retries=1, timeout=3),
+    )
+    probe("provider", settings.api_url, lambda: ProviderClient.from_settings(settings).ping())
+    for ok, name, detail in results:
+        print(f"{'ok  ' if ok else 'FAIL'}  {name:<12} {detail}")
+    if all(ok for ok, _, _ in results):
+        return 0
+    return EXIT_CONFIG if not results[0][0] else EXIT_UNREACHABLE
+
+
+def _print_record(record: dict[str, Any], *, as_json: bool, brief: bool = False) -> None:
+    if as_json:
+        print(json.dumps(record, indent=2, sort_keys=True, default=str))
+        return
+    if brief:
+        extra = record.get("url") or (
+            f"{record.get('error_code')}: {record.get('error')}" if record.get("error_code") else ""
+        )
+        print(f"{record['foreign_id']}  {record['state']}  {extra}".rstrip())
+        return
+    width = max(len(k) for k in record)
+    for key in sorted(record):
+        value = record[key]
+        if key in ("created_at", "updated_at", "next_attempt_at", "deadline") and isinstance(
+            value, float
+        ):
+            value = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(value))
+        print(f"{key:<{width}}  {value}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every sub-command."""
+    parser = argparse.ArgumentParser(
+        prog="invoice-worker",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    enqueue = commands.add_parser("enqueue", help="enqueue one invoice job")
+    enqueue.add_argument(
+        "--file", "-f", help="JSON request file, or - for stdin (flags override it)"
+    )
+    for name in _REQUEST_FLAGS:
+        enqueue.add_argument(f"--{name.replace('_', '-')}")
+    enqueue.add_argument("--timer", action=argparse.BooleanOptionalAction, default=None)
+    enqueue.add_argument(
+        "--deadline", type=float, metavar="SECONDS", help="expire the job after this long"
+    )
+    enqueue.add_argument("--callback-task")
+    enqueue.add_argument("--callback-queue")
+    enqueue.add_argument("--wait", type=float, metavar="SECONDS", help="wait for the final state")
+    enqueue.add_argument("--json", action="store_true", help="print the record as JSON")
+    enqueue.set_defaults(run=cmd_enqueue)
+
+    status = commands.add_parser("status", help="show a job record")
+    status.add_argument("foreign_id")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(run=cmd_status)
+
+    watch = commands.add_parser("watch", help="follow the final events stream")
+    watch.add_argument("--since", default="$", help="stream id to start after (0 = from the start)")
+    watch.add_argument("--count", type=int, help="stop after this many events")
+    watch.add_argument("--json", action="store_true")
+    watch.set_defaults(run=cmd_watch)
+
+    check = commands.add_parser(
+        "check", help="validate settings and reach Redis, broker and provider"
+    )
+    check.set_defaults(run=cmd_check)
+
+    sandbox = commands.add_parser("sandbox", help="serve the local sandbox provider API")
+    add_sandbox_arguments(sandbox)
+    sandbox.set_defaults(run=lambda args, _settings: run_sandbox(args), no_settings=True)
+
+    from invoice_worker.dev import add_dev_arguments, run_dev
+
+    dev = commands.add_parser(
+        "dev", help="run the whole stack locally (Redis, sandbox, worker, Flower)"
+    )
+    add_dev_arguments(dev)
+    dev.set_defaults(run=run_dev)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        if getattr(args, "no_settings", False):
+            settings = Settings.model_construct()
+        else:
+            print(f"error: invalid settings:\n{exc}", file=sys.stderr)
+            return EXIT_CONFIG
+    try:
+        return int(args.run(args, settings))
+    except InvalidRequestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    except ConflictError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFLICT
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (redis.RedisError, OperationalError, OSError) as exc:
+        print(f"error: unreachable: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""``invoice-worker dev``: the whole stack on one machine, with nothing installed beforehand.
+
+Redis: ``INVOICE_BROKER_URL`` / ``INVOICE_REDIS_URL`` when set, else an embedded one.
+Provider: ``INVOICE_API_URL`` when set, else the sandbox with generated keys.
+Then a worker, Flower when installed, and with ``--demo N`` a scripted run of N invoices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import secrets
+import signal
+import sys
+import tempfile
+import threading
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from invoice_worker import constants as c
+from invoice_worker.config import Settings, redact_url
+from invoice_worker.embedded import EmbeddedRedis, free_port
+from invoice_worker.errors import ConflictError, InvalidRequestError
+from invoice_worker.processes import ChildProcess, flower_process, worker_process
+from invoice_worker.producer import Producer
+from invoice_worker.sandbox import Sandbox
+
+# Faults the demo injects (by job number) when it runs its own sandbox.
+DEMO_FAULTS = {3: ["503"], 5: ["429"], 8: ["502", "500"], 11: ["commit_then_502"]}
+
+
+def add_dev_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``invoice-worker dev``."""
+    parser.add_argument(
+        "--demo", type=int, metavar="N", help="enqueue N sample invoices, show them, exit"
+    )
+    parser.add_argument(
+        "--pool", default="threads", choices=["threads", "prefork", "solo", "gevent"]
+    )
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--flower-port", type=int, default=5555)
+    parser.add_argument("--no-flower", dest="flower", action="store_false")
+    parser.add_argument("--timeout", type=float, default=120, help="--demo gives up after this")
+    parser.add_argument(
+        "--fakeredis", action="store_true", help="embed fakeredis even if redis-server exists"
+    )
+
+
+def run_dev(args: argparse.Namespace, settings: Settings) -> int:
+    """Start the stack; with ``--demo`` run it and exit, else serve until Ctrl-C."""
+    with ExitStack() as stack:
+        log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="invoice-dev-")))
+        settings, sandbox = _start_services(settings, stack, use_binary=not args.fakeredis)
+        worker = worker_process(settings, log_dir, pool=args.pool, concurrency=args.concurrency)
+        stack.callback(worker.stop)
+        worker.start(ready="ready.")
+        print(f"worker     {args.pool} x {args.concurrency} on queue {settings.queue!r}")
+        print(f"           log: {worker.log_path}")
+        if args.flower and importlib.util.find_spec("flower") is not None:
+            flower = flower_process(settings, log_dir, port=args.flower_port)
+            stack.callback(flower.stop)
+            flower.start()
+            print(f"flower     http://127.0.0.1:{args.flower_port}/")
+        elif args.flower:
+            print("flower     not installed (pip install 'invoice-worker[flower]')")
+        producer = Producer(settings)
+        stack.callback(producer.close)
+        if args.demo:
+            return Demo(producer, sandbox, worker).run(args.demo, timeout=args.timeout)
+        print("\nready: enqueue with  invoice-worker enqueue --file request.json --wait 30")
+        print(
+            "        (in another shell, with the INVOICE_* variables printed above); Ctrl-C stops"
+        )
+        _wait_for_signal()
+        print("\nstopping...")
+    return 0
+
+
+def _start_services(
+    settings: Settings, stack: ExitStack, *, use_binary: bool
+) -> tuple[Settings, Sandbox | None]:
+    given = settings.model_fields_set
+    if "broker_url" in given or "redis_url" in given:
+        print(f"redis      {redact_url(settings.state_url)} (from INVOICE_*)")
+    else:
+        redis_server = stack.enter_context(EmbeddedRedis(use_binary=use_binary))
+        settings = settings.replace(broker_url=redis_server.url, redis_url=redis_server.url)
+        print(f"redis      {redis_server.url} (embedded {redis_server.kind})")
+    sandbox = None
+    if "api_url" in given:
+        print(f"provider   {settings.api_url} (from INVOICE_API_URL)")
+    else:
+        key, secret = f"dev-{secrets.token_hex(6)}", secrets.token_urlsafe(24)
+        sandbox = stack.enter_context(Sandbox(key, secret, port=free_port()))
+        settings = settings.replace(api_url=sandbox.url, api_key=key, api_secret=secret)
+        print(f"provider   {sandbox.url} (sandbox; admin at {sandbox.admin_url})")
+    print(f"\nexport INVOICE_BROKER_URL={settings.broker_url} INVOICE_API_URL={settings.api_url}")
+    return settings, sandbox
+
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    stop.wait()
+
+
+def demo_request(run: str, n: int) -> dict[str, Any]:
+    """The n-th sample invoice of a demo run."""
+    return {
+        "timer": n % 2 == 0,
+        "title": f"Demo order {n}",
+        "foreign_id": f"demo-{run}-{n:03d}",
+        "currency": "BTC",
+        "amount": f"0.00{100 + n}",
+        "url_success": "https://shop.example.com/paid",
+        "url_failed": "https://shop.example.com/failed",
+        "email_user": f"buyer{n}@example.com",
+    }
+
+
+class Demo:
+    """Enqueue N invoices (with duplicates, one invalid, some faults) and show them settle."""
+
+    def __init__(self, producer: Producer, sandbox: Sandbox | None, worker: ChildProcess) -> None:
+        self.producer = producer
+        self.sandbox = sandbox
+        self.worker = worker
+        self.run_id = secrets.token_hex(3)
+        self.tty = sys.stdout.isatty()
+
+    def run(self, count: int, *, timeout: float) -> int:
+        ids, duplicates = self._enqueue(count)
+        records = self._follow(ids, timeout)
+        self._report(records, duplicates)
+        return 0 if all(r["state"] in c.FINAL_STATES for r in records.values()) else 1
+
+    def _enqueue(self, count: int) -> tuple[list[str], int]:
+        print(f"\ndemo: enqueueing {count} invoices (every 4th twice; faults injected into some)")
+        ids, duplicates = [], 0
+        for n in range(1, count + 1):
+            data = demo_request(self.run_id, n)
+            if self.sandbox is not None and n in DEMO_FAULTS:
+                self.sandbox.script(DEMO_FAULTS[n], foreign_id=data["foreign_id"])
+            first = self.producer.enqueue(data)
+            ids.append(first["foreign_id"])
+            if n % 4 == 0:
+                again = self.producer.enqueue(data)
+                duplicates += again["task_id"] == first["task_id"]
+        bad = {
+            **demo_request(self.run_id, 0),
+            "foreign_id": "order-jane@example.com",
+            "amount": "-1",
+        }
+        try:
+            self.producer.enqueue(bad)
+        except InvalidRequestError as exc:
+            print(f"demo: rejected one invalid request, as it should be:\n      {exc}")
+        try:
+            self.producer.enqueue({**demo_request(self.run_id, 1), "amount": "9.99"})
+        except ConflictError as exc:
+            print(f"demo: rejected a conflicting reuse of a foreign_id: {exc}")
+        return ids, duplicates
+
+    def _follow(self, ids: list[str], timeout: float) -> dict[str, dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        last = ""
+        while True:
+            records = {fid: self.producer.get(fid) or {"state": "?"} for fid in ids}
+            counts = {
+                s: 0 for s in (c.QUEUED, c.PROCESSING, c.RETRYING, c.CREATED, c.FAILED, c.EXPIRED)
+            }
+            for record in records.values():
+                counts[record["state"]] = counts.get(record["state"], 0) + 1
+            done = sum(counts[s] for s in c.FINAL_STATES)
+            bar = "#" * (30 * done // len(ids)) + "." * (30 - 30 * done // len(ids))
+            line = f"[{bar}] {done}/{len(ids)}  " + "  ".join(
+                f"{k} {v}" for k, v in counts.items() if v
+            )
+            if line != last:
+                print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", flush=True)
+                last = line
+            if done == len(ids) or time.monotonic() > deadline or not self.worker.alive:
+                if self.tty:
+                    print()
+                return records
+            time.sleep(0.1)
+
+    def _report(self, records: dict[str, dict[str, Any]], duplicates: int) -> None:
+        print(f"\n{'foreign_id':<22} {'state':<8} {'tries':>5}  url / error")
+        for fid, r in records.items():
+            detail = r.get("url") or f"{r.get('error_code')}: {r.get('error')}"
+            print(f"{fid:<22} {r['state']:<8} {r.get('attempts', 0):>5}  {detail}")
+        states = [r["state"] for r in records.values()]
+        summary = ", ".join(
+            f"{states.count(s)} {s}" for s in (c.CREATED, c.FAILED, c.EXPIRED) if states.count(s)
+        )
+        print(
+            f"\nsummary: {len(records)} jobs: {summary}; {duplicates} duplicate enqueues absorbed"
+        )
+        retries = sum(r.get("attempts", 1) - 1 for r in records.values())
+        recreated = sum(1 for r in records.values() if r.get("generation"))
+        line = f"         {retries} retries, {recreated} orphaned invoices cancelled and recreated"
+        if self.sandbox is not None:
+            calls = sum(self.sandbox.create_calls(f) for f in records)
+            live = sum(
+                1
+                for i in self.sandbox.invoices()
+                if i["foreign_id"].startswith(f"demo-{self.run_id}") and not i["cancelled"]
+            )
+            line += (
+                f"; provider: {calls} create calls, {live} live invoices for {len(records)} orders"
+            )
+        print(line)

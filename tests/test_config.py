@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from invoice_worker.config import DEFAULT_API_URL, Settings, redact_url
+from invoice_worker.errors import ConfigError
+
+
+def test_defaults() -> None:
+    s = Settings(_env_file=None)
+    assert s.api_url == DEFAULT_API_URL
+    assert s.broker_url == "redis://localhost:6379/0"
+    assert s.state_url == s.broker_url
+    assert s.orphan_policy == "recreate"
+
+
+def test_state_url_follows_redis_broker_only() -> None:
+    assert Settings(_env_file=None, broker_url="rediss://r:6380/2").state_url == "rediss://r:6380/2"
+    amqp = Settings(_env_file=None, broker_url="amqp://guest@localhost//")
+    assert amqp.state_url == "redis://localhost:6379/0"
+    explicit = Settings(_env_file=None, broker_url="amqp://x//", redis_url="redis://state:6379/3")
+    assert explicit.state_url == "redis://state:6379/3"
+
+
+def test_env_prefix_and_env_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("INVOICE_API_KEY", "k-from-env")
+    (tmp_path / ".env").write_text("INVOICE_API_SECRET=s-from-file\nINVOICE_READ_TIMEOUT=7\n")
+    s = Settings(_env_file=tmp_path / ".env")
+    assert s.api_key.get_secret_value() == "k-from-env"
+    assert s.api_secret.get_secret_value() == "s-from-file"
+    assert s.read_timeout == 7
+
+
+def test_secret_never_in_repr() -> None:
+    s = Settings(_env_file=None, api_key="the-key", api_secret="the-secret")
+    assert "the-secret" not in repr(s)
+    assert "the-secret" not in str(s)
+    assert "the-secret" not in str(s.model_dump())
+
+
+@pytest.mark.parametrize(
+    ("key", "secret", "missing"),
+    [
+        ("", "s", "INVOICE_API_KEY"),
+        ("k", "  ", "INVOICE_API_SECRET"),
+        ("", "", "INVOICE_API_KEY and"),
+    ],
+)
+def test_require_credentials(key: str, secret: str, missing: str) -> None:
+    with pytest.raises(ConfigError, match=missing):
+        Settings(_env_file=None, api_key=key, api_secret=secret).require_credentials()
+    Settings(_env_file=None, api_key="k", api_secret="s").require_credentials()
+
+
+def test_timing_is_ordered() -> None:
+    s = Settings(_env_file=None, connect_timeout=2, read_timeout=10)
+    assert s.http_deadline == 12
+    # Every limit leaves room for the one before it.
+    assert s.lease > 2 * s.http_deadline
+    assert s.soft_time_limit >= 3 * s.http_deadline
+    assert s.hard_time_limit > s.soft_time_limit
+    assert s.broker_visibility_timeout > max(s.retry_cap, s.lease) + s.hard_time_limit
+
+
+def test_lease_shorter_than_two_calls_is_refused() -> None:
+    with pytest.raises(ValidationError, match="lease_seconds"):
+        Settings(_env_file=None, connect_timeout=1, read_timeout=4, lease_seconds=9)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("read_timeout", 0), ("max_attempts", 0), ("orphan_policy", "retry"), ("events_maxlen", 5),
+     ("log_format", "xml"), ("key_prefix", "")],
+)  # fmt: skip
+def test_bad_values_name_the_field(field: str, value: object) -> None:
+    with pytest.raises(ValidationError, match=field):
+        Settings(_env_file=None).replace(**{field: value})
+
+
+def test_to_env_round_trips(monkeypatch: pytest.MonkeyPatch) -> None:
+    s = Settings(_env_file=None, api_key="k", api_secret="s", lease_seconds=99, task_events=False)
+    env = s.to_env()
+    assert env["INVOICE_API_SECRET"] == "s"
+    assert env["INVOICE_TASK_EVENTS"] == "false"
+    assert "INVOICE_REDIS_URL" not in env
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert Settings(_env_file=None) == s
+
+
+def test_replace_validates() -> None:
+    s = Settings(_env_file=None)
+    assert s.replace(read_timeout=5).read_timeout == 5
+    with pytest.raises(ValidationError, match="read_timeout"):
+        s.replace(read_timeout=-1)
+
+
+def test_redact_url() -> None:
+    assert redact_url("redis://:pw@h:6379/0") == "redis://:***@h:6379/0"
+    assert redact_url("amqp://guest:guest@h//") == "amqp://guest:***@h//"
+    assert redact_url("redis://h:6379/0") == "redis://h:6379/0"
