@@ -138,7 +138,8 @@ def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
         redact_url(settings.broker_url),
         lambda: app.connection_for_write().ensure_connection(max_retries=1, timeout=3),
     )
-    probe("provider", settings.api_url, lambda: ProviderClient.from_settings(settings).ping())
+    if args.provider:
+        probe("provider", settings.api_url, lambda: ProviderClient.from_settings(settings).ping())
     for ok, name, detail in results:
         print(f"{'ok  ' if ok else 'FAIL'}  {name:<12} {detail}")
     if all(ok for ok, _, _ in results):
@@ -206,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser(
         "check", help="validate settings and reach Redis, broker and provider"
     )
+    check.add_argument(
+        "--no-provider", dest="provider", action="store_false",
+        help="skip the provider (for container health checks: its outage is not ours)",
+    )  # fmt: skip
     check.set_defaults(run=cmd_check)
 
     sandbox = commands.add_parser("sandbox", help="serve the local sandbox provider API")

@@ -1,0 +1,211 @@
+"""The ``invoice-worker`` command, in-process (and ``dev`` / ``sandbox`` as real subprocesses)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from invoice_worker import cli
+from invoice_worker import constants as c
+from invoice_worker.config import Settings
+from invoice_worker.embedded import EmbeddedRedis, free_port
+from tests.conftest import SECRET, request_data
+
+
+@pytest.fixture
+def env(settings: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Settings:
+    """Point the CLI (which reads INVOICE_* itself) at this test's settings."""
+    monkeypatch.chdir(tmp_path)  # no stray .env
+    for name in [k for k in os.environ if k.startswith("INVOICE_")]:
+        monkeypatch.delenv(name)
+    for name, value in settings.to_env().items():
+        monkeypatch.setenv(name, value)
+    return settings
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def flags(data: dict[str, Any]) -> list[str]:
+    argv = [f"--{k.replace('_', '-')}={v}" for k, v in data.items() if k != "timer"]
+    return [*argv, "--timer" if data["timer"] else "--no-timer"]
+
+
+def test_enqueue_with_flags_and_wait(
+    env: Settings, start_worker: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    start_worker(env)
+    data = request_data()
+    code, out, _ = run(capsys, "enqueue", *flags(data), "--wait", "20")
+    assert code == 0
+    assert out.startswith(f"{data['foreign_id']}  created  https://")
+    code, out, _ = run(capsys, "status", data["foreign_id"], "--json")
+    assert code == 0
+    assert json.loads(out)["state"] == c.CREATED
+    code, out, _ = run(capsys, "status", data["foreign_id"])
+    assert "url" in out
+    assert "created_at" in out
+    code, out, _ = run(capsys, "watch", "--since", "0", "--count", "1", "--json")
+    assert code == 0
+    assert json.loads(out)["foreign_id"] == data["foreign_id"]
+
+
+def test_enqueue_from_stdin(
+    env: Settings, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = request_data()
+    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps(data)))
+    code, out, _ = run(capsys, "enqueue", "--file", "-", "--title", "From flag")
+    assert (code, out.split()) == (0, [data["foreign_id"], "queued"])
+
+
+def test_enqueue_wait_times_out(env: Settings, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "enqueue", *flags(request_data()), "--wait", "0.2")
+    assert code == cli.EXIT_TIMEOUT
+    assert "timed out" in err
+
+
+def test_enqueue_failed_job_exit_code(
+    env: Settings, start_worker: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    start_worker(env)
+    code, out, _ = run(capsys, "enqueue", *flags(request_data(amount="0.00001")), "--wait", "20")
+    assert code == cli.EXIT_NOT_CREATED
+    assert "validation_error" in out
+
+
+def test_invalid_request(env: Settings, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, _, err = run(capsys, "enqueue", *flags(request_data(currency="btc")))
+    assert code == cli.EXIT_INVALID
+    assert "currency: must be an upper-case ticker" in err
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    code, _, err = run(capsys, "enqueue", "--file", str(bad))
+    assert code == cli.EXIT_INVALID
+    assert "not valid JSON" in err
+
+
+def test_conflict(env: Settings, capsys: pytest.CaptureFixture[str]) -> None:
+    data = request_data()
+    assert run(capsys, "enqueue", *flags(data))[0] == 0
+    code, _, err = run(capsys, "enqueue", *flags({**data, "amount": "2"}))
+    assert code == cli.EXIT_CONFLICT
+    assert "different request" in err
+
+
+def test_status_not_found(env: Settings, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "status", "no-such-order")
+    assert code == cli.EXIT_NOT_FOUND
+    assert "no-such-order" in err
+
+
+def test_unreachable_redis(
+    env: Settings, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("INVOICE_REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
+    code, _, err = run(capsys, "status", "x")
+    assert code == cli.EXIT_UNREACHABLE
+    assert "unreachable" in err
+
+
+def test_bad_settings(
+    env: Settings, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("INVOICE_READ_TIMEOUT", "-1")
+    code, _, err = run(capsys, "status", "x")
+    assert code == cli.EXIT_CONFIG
+    assert "read_timeout" in err
+
+
+def test_check_with_password_redis_never_prints_it(
+    env: Settings, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with EmbeddedRedis(password="hunter2") as protected:
+        monkeypatch.setenv("INVOICE_BROKER_URL", protected.url)
+        monkeypatch.setenv("INVOICE_REDIS_URL", protected.url)
+        code, out, _ = run(capsys, "check")
+        assert code == 0, out
+        assert "redis://:***@127.0.0.1" in out
+        monkeypatch.setenv("INVOICE_REDIS_URL", protected.url.replace("hunter2", "wrong"))
+        code, out, _ = run(capsys, "check")
+    assert code == cli.EXIT_UNREACHABLE
+    assert "FAIL  redis" in out
+    assert "hunter2" not in out
+    assert SECRET not in out
+
+
+def test_check(
+    env: Settings, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    code, out, _ = run(capsys, "check")
+    assert code == 0, out
+    assert SECRET not in out
+    monkeypatch.setenv("INVOICE_API_URL", f"http://127.0.0.1:{free_port()}/api/v2")
+    code, out, _ = run(capsys, "check")
+    assert code == cli.EXIT_UNREACHABLE
+    assert "FAIL  provider" in out
+    code, out, _ = run(capsys, "check", "--no-provider")
+    assert code == 0
+    monkeypatch.setenv("INVOICE_API_SECRET", "")
+    code, out, _ = run(capsys, "check", "--no-provider")
+    assert code == cli.EXIT_CONFIG
+    assert "INVOICE_API_SECRET must be set" in out
+
+
+def test_sandbox_command_serves(tmp_path: Path) -> None:
+    port = free_port()
+    cmd = [sys.executable, "-m", "invoice_worker.cli", "sandbox", "--port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/api/v2/ping", timeout=1).text == "OK":
+                    break
+            except requests.ConnectionError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=10)[0].decode()
+    assert proc.returncode == 0
+    assert f"127.0.0.1:{port}" in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("redis_kind", ["redis-server", "fakeredis"])
+def test_dev_demo(redis_kind: str, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INVOICE_")}
+    cmd = [
+        sys.executable,
+        "-m",
+        "invoice_worker.cli",
+        "dev",
+        "--demo",
+        "12",
+        "--no-flower",
+        "--timeout",
+        "90",
+    ]
+    if redis_kind == "fakeredis":
+        cmd.append("--fakeredis")
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert f"(embedded {redis_kind})" in out
+    assert "summary: 12 jobs: 12 created; 3 duplicate enqueues absorbed" in out
+    assert "rejected one invalid request" in out
+    assert "12 live invoices for 12 orders" in out
+    assert "buyer1@example.com" not in out

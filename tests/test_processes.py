@@ -1,0 +1,92 @@
+"""Flower and worker processes as an operator runs them."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from invoice_worker import constants as c
+from invoice_worker.embedded import EmbeddedRedis, free_port
+from invoice_worker.processes import flower_process, worker_process
+from invoice_worker.producer import Producer
+from invoice_worker.sandbox import Faults, Sandbox
+from tests.conftest import KEY, SECRET, make_settings, request_data
+
+pytestmark = pytest.mark.slow
+
+
+def test_flower_shows_task_without_personal_data(
+    redis_server: EmbeddedRedis, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    settings = make_settings(redis_server.url, sandbox.url)
+    port = free_port()
+    flower = flower_process(settings, tmp_path, port=port, basic_auth="ops:s3cret")
+    worker = worker_process(settings, tmp_path, concurrency=2)
+    producer = Producer(settings)
+    try:
+        flower.start(ready="Visit me at")
+        worker.start(ready="ready.")
+        api = f"http://127.0.0.1:{port}/api"
+        # Given Flower is following the worker's events
+        deadline = time.monotonic() + 30
+        while worker.name not in str(_get(f"{api}/workers?refresh=1")):
+            assert time.monotonic() < deadline, flower.log()[-2000:]
+            time.sleep(0.3)
+        assert requests.get(f"{api}/tasks", timeout=5).status_code == 401
+        # When a job runs
+        data = request_data(email_user="private.person@example.com")
+        record = producer.enqueue(data)
+        assert producer.wait(data["foreign_id"], 20)["state"] == c.CREATED  # type: ignore[index]
+        # Then Flower reports it by name, SUCCESS, and never shows the e-mail address
+        info: dict[str, Any] = {}
+        while info.get("state") != "SUCCESS":
+            assert time.monotonic() < deadline + 30, info
+            info = _get(f"{api}/task/info/{record['task_id']}")
+            time.sleep(0.2)
+        assert info["name"] == c.TASK_NAME
+        assert "'email_user': '***'" in info["kwargs"]
+        everything = str(_get(f"{api}/tasks")) + str(info)
+        assert "private.person@example.com" not in everything
+        assert SECRET not in everything
+        metrics = requests.get(
+            f"http://127.0.0.1:{port}/metrics", auth=("ops", "s3cret"), timeout=5
+        )
+        assert "flower_events_total" in metrics.text
+    finally:
+        producer.close()
+        worker.stop()
+        flower.stop()
+
+
+def _get(url: str) -> Any:
+    response = requests.get(url, auth=("ops", "s3cret"), timeout=5)
+    return response.json() if response.ok else {}
+
+
+def test_sigterm_lets_running_job_finish(redis_server: EmbeddedRedis, tmp_path: Path) -> None:
+    with Sandbox(KEY, SECRET, faults=Faults(latency_ms=1500)) as slow:
+        settings = make_settings(redis_server.url, slow.url, read_timeout=3.0, lease_seconds=8.0)
+        worker = worker_process(settings, tmp_path, concurrency=2).start(ready="ready.")
+        producer = Producer(settings)
+        data = request_data()
+        producer.enqueue(data)
+        deadline = time.monotonic() + 10
+        while (producer.get(data["foreign_id"]) or {}).get("state") != c.PROCESSING:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        # When the platform asks the worker to stop mid-call (Kubernetes, Heroku: SIGTERM)
+        assert worker.process is not None
+        worker.process.send_signal(signal.SIGTERM)
+        worker.process.wait(timeout=30)
+        # Then the running job finished before the worker exited
+        record = producer.get(data["foreign_id"])
+        producer.close()
+        assert record is not None
+        assert record["state"] == c.CREATED
+        assert worker.process.returncode == 0
+        assert "Warm shutdown" in worker.log()
