@@ -1,0 +1,667 @@
+"""The sandbox provider over real HTTP on loopback, signing requests by hand (not via client.py)."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import hmac
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from invoice_worker.sandbox import Faults, Sandbox, add_sandbox_arguments
+
+KEY = "sandbox-test-key"
+SECRET = "AbCdEfG123456"  # the secret of the provider's official signature vector
+VECTOR_BODY = b'{"currency":"BTC","foreign_id":"123456"}'
+VECTOR_SIGNATURE = (
+    "03c25fcf7cd35e7d995e402cd5d51edd72d48e1471e865907967809a0c189ba55b90815f20e2bb10f82c7a9e"
+    "9d865546fda58989c2ae9e8e2ff7bc29195fa1ec"
+)
+NO_KEY = {"error": "No key header", "code": "required_header_key"}
+NO_SIGNATURE = {"error": "No signature header", "code": "required_header_signature"}
+BAD_KEY = {"error": "Bad key header", "code": "bad_header_key"}
+BAD_SIGNATURE = {"error": "Bad signature header", "code": "bad_header_signature"}
+BAD_FORMAT = {"error": "Bad content format", "code": "bad_content_format"}
+TOO_MANY = {"error": "Too Many Attempts.", "code": "too_many_requests"}
+MISSING = object()
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def sandbox() -> Iterator[Sandbox]:
+    """A fresh sandbox per test (this module's tests count calls and reset state)."""
+    with Sandbox(KEY, SECRET) as server:
+        yield server
+
+
+@pytest.fixture
+def http() -> Iterator[requests.Session]:
+    with requests.Session() as session:
+        yield session
+
+
+def sign(body: bytes, secret: str = SECRET) -> str:
+    return hmac.new(secret.encode(), body, hashlib.sha512).hexdigest()
+
+
+def invoice(**changes: Any) -> dict[str, Any]:
+    """A valid create body; a change to MISSING drops the field."""
+    body = {
+        "timer": True,
+        "title": "Order 42",
+        "foreign_id": "order-42",
+        "currency": "BTC",
+        "amount": "0.0123",
+        "url_success": "https://shop.example.com/paid",
+        "url_failed": "https://shop.example.com/failed",
+        "email_user": "buyer@example.com",
+        **changes,
+    }
+    return {k: v for k, v in body.items() if v is not MISSING}
+
+
+def post(
+    http: requests.Session,
+    url: str,
+    payload: Any = None,
+    *,
+    raw: bytes | None = None,
+    headers: dict[str, Any] | None = None,
+    timeout: float = 5,
+) -> requests.Response:
+    """POST signed bytes; a header set to None in `headers` is left out."""
+    body = raw if raw is not None else json.dumps(payload).encode()
+    signed = {"Content-Type": "application/json", "X-Processing-Key": KEY}
+    signed["X-Processing-Signature"] = sign(body)
+    return http.post(url, data=body, headers={**signed, **(headers or {})}, timeout=timeout)
+
+
+def create(
+    http: requests.Session, sandbox: Sandbox, timeout: float = 5, **changes: Any
+) -> requests.Response:
+    return post(http, f"{sandbox.url}/invoices/create", invoice(**changes), timeout=timeout)
+
+
+def cancel(http: requests.Session, sandbox: Sandbox, foreign_id: str) -> requests.Response:
+    return post(http, f"{sandbox.url}/invoices/{foreign_id}/cancel/", {})
+
+
+# Auth and content
+
+
+def test_accepts_the_official_signature_vector(sandbox: Sandbox, http: requests.Session) -> None:
+    assert sign(VECTOR_BODY) == VECTOR_SIGNATURE
+    response = post(
+        http,
+        f"{sandbox.url}/invoices/create",
+        raw=VECTOR_BODY,
+        headers={"X-Processing-Signature": VECTOR_SIGNATURE},
+    )
+    # Authenticated, so it reaches validation: only the fields the vector lacks fail.
+    assert response.status_code == 400
+    assert set(response.json()["errors"]) == {
+        "timer",
+        "title",
+        "amount",
+        "url_success",
+        "url_failed",
+        "email_user",
+    }
+
+
+VALID_SIGNATURE = sign(json.dumps(invoice()).encode())
+
+
+@pytest.mark.parametrize(
+    ("headers", "status", "expected"),
+    [
+        ({"X-Processing-Key": None}, 403, NO_KEY),
+        ({"X-Processing-Key": None, "X-Processing-Signature": None}, 403, NO_KEY),
+        ({"X-Processing-Key": "", "X-Processing-Signature": "00"}, 403, NO_KEY),
+        ({"X-Processing-Signature": None}, 403, NO_SIGNATURE),
+        ({"X-Processing-Key": "other"}, 403, BAD_KEY),
+        ({"X-Processing-Key": "other", "X-Processing-Signature": "00"}, 403, BAD_KEY),
+        ({"X-Processing-Signature": "00"}, 403, BAD_SIGNATURE),
+        ({"X-Processing-Signature": sign(b"{}")}, 403, BAD_SIGNATURE),
+        ({"X-Processing-Signature": VALID_SIGNATURE.upper()}, 403, BAD_SIGNATURE),
+        ({"X-Processing-Signature": sign(json.dumps(invoice()).encode(), "x")}, 403, BAD_SIGNATURE),
+        ({"Content-Type": "text/plain"}, 400, BAD_FORMAT),
+        ({"Content-Type": None}, 400, BAD_FORMAT),
+    ],
+)
+def test_auth_and_content_type_errors(
+    sandbox: Sandbox,
+    http: requests.Session,
+    headers: dict[str, Any],
+    status: int,
+    expected: dict[str, str],
+) -> None:
+    response = post(http, f"{sandbox.url}/invoices/create", invoice(), headers=headers)
+    assert response.status_code == status
+    assert response.json() == expected
+    assert sandbox.invoices() == []
+
+
+@pytest.mark.parametrize(
+    "raw", [b"{", b"[]", b'"x"', b"", b'{"amount": NaN}', b"\xff\xfe\x00"], ids=repr
+)
+def test_bad_content_format(sandbox: Sandbox, http: requests.Session, raw: bytes) -> None:
+    response = post(http, f"{sandbox.url}/invoices/create", raw=raw)
+    assert response.status_code == 400
+    assert response.json() == BAD_FORMAT
+    assert sandbox.stats()["create_calls"] == 1  # authenticated, so counted
+
+
+def test_content_type_parameters_are_allowed(sandbox: Sandbox, http: requests.Session) -> None:
+    headers = {"Content-Type": "application/json; charset=utf-8"}
+    response = post(http, f"{sandbox.url}/invoices/create", invoice(), headers=headers)
+    assert response.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/api/v2/invoices/create"),
+        ("POST", "/api/v2/invoices"),
+        ("POST", "/api/v2/invoices/x/cancel/extra"),
+        ("GET", "/"),
+        ("DELETE", "/api/v2/ping"),
+    ],
+)
+def test_unknown_urls_answer_like_a_missing_key(
+    sandbox: Sandbox, http: requests.Session, method: str, path: str
+) -> None:
+    response = http.request(method, f"http://127.0.0.1:{sandbox.port}{path}", timeout=5)
+    assert response.status_code == 403
+    assert response.json() == NO_KEY
+
+
+def test_ping_needs_no_auth(sandbox: Sandbox, http: requests.Session) -> None:
+    response = http.get(f"{sandbox.url}/ping", timeout=5)
+    assert response.status_code == 200
+    assert response.text == "OK"
+    assert response.headers["Content-Type"].startswith("text/plain")
+
+
+# Create
+
+
+def test_create_with_timer_matches_the_documented_shape(
+    sandbox: Sandbox, http: requests.Session
+) -> None:
+    before = int(time.time())
+    response = create(http, sandbox)
+    assert response.status_code == 200
+    data = response.json()["data"]
+    assert list(data) == [
+        "id",
+        "url",
+        "foreign_id",
+        "address",
+        "title",
+        "status",
+        "currency",
+        "amount",
+        "sender_currency",
+        "sender_amount",
+        "fixed_at",
+        "release_at",
+        "seconds_left",
+    ]
+    assert data["id"] >= 100000
+    assert re.fullmatch(
+        r"https://invoices\.sandbox\.cryptoprocessing\.com/invoice/\w{6}", data["url"]
+    )
+    assert re.fullmatch(r"[1-9A-HJ-NP-Za-km-z]{34}", data["address"])
+    assert (data["foreign_id"], data["title"], data["status"]) == (
+        "order-42",
+        "Order 42",
+        "pending",
+    )
+    assert (data["currency"], data["amount"]) == ("BTC", "0.01230000")
+    assert (data["sender_currency"], data["sender_amount"]) == ("BTC", "0.01230000")
+    assert before <= data["fixed_at"] <= time.time()
+    assert data["release_at"] == data["fixed_at"] + 900
+    assert 898 <= data["seconds_left"] <= 900
+
+
+def test_create_without_timer(sandbox: Sandbox, http: requests.Session) -> None:
+    first = create(http, sandbox, foreign_id="a").json()["data"]
+    second = create(http, sandbox, foreign_id="b", timer=False).json()["data"]
+    assert second["id"] == first["id"] + 1
+    assert second["status"] == "created"
+    assert second["release_at"] is None
+    assert second["seconds_left"] is None
+
+
+@pytest.mark.parametrize(
+    ("literal", "expected"),
+    [
+        ("0.1", "0.10000000"),
+        ('"0.1"', "0.10000000"),
+        ("12345678.12345678", "12345678.12345678"),  # a float would round this
+        ("1", "1.00000000"),
+        ("1e-8", "0.00000001"),
+        ('"2.5E+3"', "2500.00000000"),
+    ],
+)
+def test_amounts_stay_exact(
+    sandbox: Sandbox, http: requests.Session, literal: str, expected: str
+) -> None:
+    raw = json.dumps(invoice(amount="@")).replace('"@"', literal).encode()
+    response = post(http, f"{sandbox.url}/invoices/create", raw=raw)
+    assert response.json()["data"]["amount"] == expected
+
+
+def test_sender_currency_is_converted(sandbox: Sandbox, http: requests.Session) -> None:
+    data = create(http, sandbox, amount="0.01", sender_currency="USDT").json()["data"]
+    assert data["sender_currency"] == "USDT"
+    assert re.fullmatch(r"\d+\.\d{8}", data["sender_amount"])
+    assert Decimal(data["sender_amount"]) > Decimal(data["amount"])
+
+
+def test_older_clients_may_send_an_integer_foreign_id(
+    sandbox: Sandbox, http: requests.Session
+) -> None:
+    assert create(http, sandbox, foreign_id=123).json()["data"]["foreign_id"] == "123"
+    assert create(http, sandbox, foreign_id="123").json() == {
+        "errors": {"foreign_id": "The foreign id has already been taken."}
+    }
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("type", "instant", "The selected type is invalid."),
+        ("timer", MISSING, "The timer field is required."),
+        ("timer", "yes", "The timer field must be true or false."),
+        ("timer", 2, "The timer field must be true or false."),
+        ("title", MISSING, "The title field is required."),
+        ("title", "  ", "The title field is required."),
+        ("title", 5, "The title must be a string."),
+        ("title", "x" * 51, "The title may not be greater than 50 characters."),
+        ("description", "x" * 1001, "The description may not be greater than 1000 characters."),
+        ("foreign_id", MISSING, "The foreign id field is required."),
+        ("foreign_id", "x" * 256, "The foreign id may not be greater than 255 characters."),
+        ("foreign_id", "order-jane.doe@example.com", "The foreign id format is invalid."),
+        ("currency", MISSING, "The currency field is required."),
+        ("currency", "btc", "The selected currency is invalid."),
+        ("currency", "B", "The selected currency is invalid."),
+        ("sender_currency", "US DOLLAR", "The selected sender currency is invalid."),
+        ("amount", MISSING, "The amount field is required."),
+        ("amount", "ten", "The amount must be a number."),
+        ("amount", True, "The amount must be a number."),
+        ("amount", 0, "The amount must be greater than 0."),
+        ("amount", "-1.5", "The amount must be greater than 0."),
+        ("amount", "1e13", "The amount may not be greater than 1000000000000."),
+        ("url_success", MISSING, "The url success field is required."),
+        ("url_success", "http://shop.example.com/paid", "The url success format is invalid."),
+        ("url_success", "https://127.0.0.1/paid", "The url success format is invalid."),
+        ("url_success", "https://[::1]/paid", "The url success format is invalid."),
+        ("url_success", "https://localhost/paid", "The url success format is invalid."),
+        ("url_failed", "https://me:pw@shop.example.com/x", "The url failed format is invalid."),
+        ("url_failed", "shop.example.com/failed", "The url failed format is invalid."),
+        ("url_failed", 42, "The url failed format is invalid."),
+        ("email_user", MISSING, "The email user field is required."),
+        ("email_user", "buyer-at-example.com", "The email user must be a valid email address."),
+    ],
+)
+def test_validation_messages(
+    sandbox: Sandbox, http: requests.Session, name: str, value: Any, message: str
+) -> None:
+    response = create(http, sandbox, **{name: value})
+    assert response.status_code == 400
+    assert response.json() == {"errors": {name: message}}
+    assert sandbox.invoices() == []
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("type", "good_until_expired"),
+        ("timer", 1),
+        ("timer", "0"),
+        ("description", ""),
+        ("url_success", "https://Shop.Example.COM:8443/paid?order=42#top"),
+        ("email_user", "first.last+tag@mail.example.co.uk"),
+    ],
+)
+def test_valid_variants_are_accepted(
+    sandbox: Sandbox, http: requests.Session, name: str, value: Any
+) -> None:
+    assert create(http, sandbox, **{name: value}).status_code == 200
+
+
+def test_every_failing_field_is_reported_at_once(sandbox: Sandbox, http: requests.Session) -> None:
+    response = post(http, f"{sandbox.url}/invoices/create", {"type": "x"})
+    assert response.status_code == 400
+    assert set(response.json()["errors"]) == {
+        "type",
+        "timer",
+        "title",
+        "foreign_id",
+        "currency",
+        "amount",
+        "url_success",
+        "url_failed",
+        "email_user",
+    }
+
+
+def test_minimum_amount_is_in_eur(http: requests.Session) -> None:
+    too_small = {"amount": "The amount is too small. The minimum amount is 10.00 EUR."}
+    with Sandbox(KEY, SECRET, min_amount=Decimal(10)) as sandbox:
+        response = create(http, sandbox, currency="EUR", amount="9.99")
+        assert response.json() == {"errors": too_small}
+        assert create(http, sandbox, currency="BTC", amount="0.0001").json() == {
+            "errors": too_small
+        }
+        assert create(http, sandbox, currency="EUR", amount="10").status_code == 200
+
+
+def test_duplicate_foreign_id_whatever_the_status(sandbox: Sandbox, http: requests.Session) -> None:
+    taken = {"errors": {"foreign_id": "The foreign id has already been taken."}}
+    assert create(http, sandbox).status_code == 200
+    response = create(http, sandbox, amount="1")
+    assert (response.status_code, response.json()) == (400, taken)
+    assert cancel(http, sandbox, "order-42").status_code == 200
+    assert create(http, sandbox).json() == taken
+    assert len(sandbox.invoices()) == 1
+    assert sandbox.create_calls("order-42") == 3
+
+
+# Cancel
+
+
+def test_cancel(sandbox: Sandbox, http: requests.Session) -> None:
+    # Given an open invoice
+    created = create(http, sandbox).json()["data"]
+    # When it is cancelled (trailing slash optional)
+    response = post(http, f"{sandbox.url}/invoices/order-42/cancel", {})
+    # Then it has failed, and cannot be cancelled again
+    assert response.status_code == 200
+    data = response.json()["data"]
+    assert (data["id"], data["status"], data["seconds_left"]) == (created["id"], "failed", None)
+    assert sandbox.invoices()[0]["cancelled"] is True
+    again = cancel(http, sandbox, "order-42")
+    assert again.status_code == 400
+    assert again.json() == {
+        "errors": {
+            "error": "Invoice cannot be failed in its current state.",
+            "code": "invalid_invoice_state",
+        }
+    }
+
+
+def test_cancel_unknown_invoice(sandbox: Sandbox, http: requests.Session) -> None:
+    response = cancel(http, sandbox, "nope")
+    assert response.status_code == 404
+    assert response.json() == {"error": "Invoice not found", "code": "invoice_not_found"}
+
+
+def test_cancel_needs_auth(sandbox: Sandbox, http: requests.Session) -> None:
+    create(http, sandbox)
+    url = f"{sandbox.url}/invoices/order-42/cancel/"
+    response = post(http, url, {}, headers={"X-Processing-Signature": sign(b"{ }")})
+    assert response.json()["code"] == "bad_header_signature"
+    assert sandbox.invoices()[0]["status"] == "pending"
+
+
+# Faults
+
+
+@pytest.mark.parametrize(
+    ("outcome", "status", "ctype", "text"),
+    [
+        ("500", 500, "text/plain", "Internal Server Error"),
+        ("502", 502, "text/html", "<html><body><h1>502 Bad Gateway</h1></body></html>"),
+        ("503", 503, "text/html", "<html><body><h1>503 Service Unavailable</h1></body></html>"),
+        ("429", 429, "application/json", json.dumps(TOO_MANY, separators=(",", ":"))),
+        ("429_bare", 429, "text/plain", "error code: 1015"),
+    ],
+)
+def test_scripted_failures_create_nothing(
+    sandbox: Sandbox, http: requests.Session, outcome: str, status: int, ctype: str, text: str
+) -> None:
+    sandbox.script([outcome], foreign_id="order-42")
+    response = create(http, sandbox)
+    assert (response.status_code, response.headers["Content-Type"], response.text) == (
+        status,
+        ctype,
+        text,
+    )
+    assert response.headers.get("Retry-After") == ("1" if outcome == "429" else None)
+    assert sandbox.invoices() == []
+    # The script is used up: the retry goes through.
+    assert create(http, sandbox).status_code == 200
+    assert sandbox.create_calls("order-42") == 2
+
+
+def test_retry_after_is_configurable(sandbox: Sandbox, http: requests.Session) -> None:
+    sandbox.set_faults(Faults(rate_limit=1.0, retry_after=7))
+    assert create(http, sandbox).headers["Retry-After"] == "7"
+
+
+def test_commit_then_drop_creates_but_never_answers(
+    sandbox: Sandbox, http: requests.Session
+) -> None:
+    sandbox.script(["commit_then_drop"], foreign_id="order-42")
+    with pytest.raises(requests.ConnectionError):
+        create(http, sandbox)
+    assert [i["foreign_id"] for i in sandbox.invoices()] == ["order-42"]
+    assert create(http, sandbox).json()["errors"]["foreign_id"].endswith("already been taken.")
+    assert sandbox.create_calls("order-42") == 2
+    assert sandbox.stats()["responses"] == {"dropped": 1, "400": 1}
+
+
+def test_commit_then_502_creates_but_answers_502(sandbox: Sandbox, http: requests.Session) -> None:
+    sandbox.script(["commit_then_502"], foreign_id="order-42")
+    assert create(http, sandbox).status_code == 502
+    assert [i["foreign_id"] for i in sandbox.invoices()] == ["order-42"]
+
+
+def test_timeout_stalls_then_processes(sandbox: Sandbox, http: requests.Session) -> None:
+    sandbox.set_faults(Faults(stall_seconds=0.4))
+    sandbox.script(["timeout"], foreign_id="order-42")
+    started = time.monotonic()
+    with pytest.raises(requests.ReadTimeout):
+        create(http, sandbox, timeout=0.1)
+    assert time.monotonic() - started < 0.4
+    assert sandbox.invoices() == []
+    deadline = time.monotonic() + 3
+    while not sandbox.invoices() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    # The stalled request was processed after all, although its client gave up.
+    assert [i["foreign_id"] for i in sandbox.invoices()] == ["order-42"]
+
+
+def test_stop_ends_stalled_requests_at_once(http: requests.Session) -> None:
+    with Sandbox(KEY, SECRET, faults=Faults(timeout=1.0)) as sandbox:
+        with pytest.raises(requests.ReadTimeout):
+            create(http, sandbox, timeout=0.1)
+        started = time.monotonic()
+        sandbox.stop()
+        assert time.monotonic() - started < 1
+        time.sleep(0.05)
+        assert sandbox.invoices() == []  # dropped, not processed
+        with pytest.raises(requests.ConnectionError):
+            http.get(f"{sandbox.url}/ping", timeout=1)
+
+
+def test_global_script_applies_to_any_foreign_id_after_its_own(
+    sandbox: Sandbox, http: requests.Session
+) -> None:
+    sandbox.script(["502", "ok"])
+    sandbox.script(["503"], foreign_id="b")
+    assert create(http, sandbox, foreign_id="b").status_code == 503
+    assert create(http, sandbox, foreign_id="a").status_code == 502
+    assert create(http, sandbox, foreign_id="b").status_code == 200
+    assert create(http, sandbox, foreign_id="c").status_code == 200
+
+
+def test_script_rejects_unknown_outcomes(sandbox: Sandbox) -> None:
+    with pytest.raises(ValueError, match="teapot"):
+        sandbox.script(["ok", "teapot"])
+
+
+def test_random_faults_at_rate_one(sandbox: Sandbox, http: requests.Session) -> None:
+    sandbox.set_faults(Faults(error_502=1.0, seed=1))
+    assert {create(http, sandbox, foreign_id=f"id-{n}").status_code for n in range(5)} == {502}
+    sandbox.set_faults(Faults(error_503=1.0))
+    assert cancel(http, sandbox, "anything").status_code == 503  # cancel calls get faults too
+
+
+def test_a_seed_replays_the_same_faults(sandbox: Sandbox, http: requests.Session) -> None:
+    def run() -> list[int]:
+        sandbox.reset()
+        sandbox.set_faults(Faults(error_500=0.3, rate_limit=0.3, seed=7))
+        return [create(http, sandbox, foreign_id=f"id-{n}").status_code for n in range(30)]
+
+    first = run()
+    assert first == run()
+    assert set(first) == {200, 429, 500}
+
+
+def test_latency(sandbox: Sandbox, http: requests.Session) -> None:
+    sandbox.set_faults(Faults(latency_ms=100, jitter_ms=20))
+    started = time.monotonic()
+    assert create(http, sandbox).status_code == 200
+    assert 0.1 <= time.monotonic() - started < 1
+
+
+def test_faults_validate_their_rates() -> None:
+    with pytest.raises(ValueError, match="error_500"):
+        Faults(error_500=1.5)
+    with pytest.raises(ValueError, match="latency_ms"):
+        Faults(latency_ms=-1)
+
+
+def test_faults_from_env() -> None:
+    environ = {
+        "INVOICE_SANDBOX_ERROR_502": "0.1",
+        "INVOICE_SANDBOX_LATENCY_MS": "200",
+        "INVOICE_SANDBOX_RETRY_AFTER": "3",
+        "INVOICE_SANDBOX_SEED": "42",
+        "INVOICE_SANDBOX_TIMEOUT": "",
+        "INVOICE_API_KEY": "ignored",
+    }
+    faults = Faults.from_env(environ)
+    assert faults == Faults(error_502=0.1, latency_ms=200, retry_after=3, seed=42)
+    assert faults.to_dict()["error_502"] == 0.1
+    with pytest.raises(ValueError, match="error_502"):
+        Faults.from_env({"INVOICE_SANDBOX_ERROR_502": "often"})
+    with pytest.raises(ValueError, match="error_503"):
+        Faults.from_env({"INVOICE_SANDBOX_ERROR_503": "2"})
+
+
+# Admin API, stats and reset
+
+
+def test_admin_api(sandbox: Sandbox, http: requests.Session) -> None:
+    admin = sandbox.admin_url
+    # Faults: partial updates merge, bad ones are refused.
+    assert http.put(f"{admin}/faults", json={"error_502": 0.5}, timeout=5).status_code == 200
+    assert http.put(f"{admin}/faults", json={"retry_after": 5}, timeout=5).status_code == 200
+    faults = http.get(f"{admin}/faults", timeout=5).json()
+    assert faults == Faults(error_502=0.5, retry_after=5).to_dict()
+    for bad in ({"error_502": 2}, {"no_such_fault": 1}, ["x"]):
+        assert http.put(f"{admin}/faults", json=bad, timeout=5).status_code == 400
+    assert http.put(f"{admin}/faults", json={"error_502": 0}, timeout=5).status_code == 200
+    # Script, then the invoices and per-foreign_id call counts.
+    script = {"foreign_id": "order-42", "outcomes": ["502", "ok"]}
+    assert http.post(f"{admin}/script", json=script, timeout=5).status_code == 200
+    bad_script = {"foreign_id": None, "outcomes": ["teapot"]}
+    assert http.post(f"{admin}/script", json=bad_script, timeout=5).status_code == 400
+    assert create(http, sandbox).status_code == 502
+    assert create(http, sandbox).status_code == 200
+    listing = http.get(f"{admin}/invoices", timeout=5).json()
+    assert listing["create_calls"] == {"order-42": 2}
+    assert [(i["foreign_id"], i["cancelled"]) for i in listing["invoices"]] == [("order-42", False)]
+    # Reset forgets everything.
+    assert http.post(f"{admin}/reset", timeout=5).status_code == 200
+    assert http.get(f"{admin}/invoices", timeout=5).json() == {"invoices": [], "create_calls": {}}
+    assert http.get(f"{admin}/nothing", timeout=5).status_code == 404
+
+
+def test_admin_can_be_disabled(http: requests.Session) -> None:
+    with Sandbox(KEY, SECRET, admin=False) as sandbox:
+        response = http.get(f"{sandbox.admin_url}/invoices", timeout=5)
+    assert response.status_code == 403
+    assert response.json() == NO_KEY
+
+
+def test_stats(sandbox: Sandbox, http: requests.Session) -> None:
+    sandbox.script(["502"])
+    before = int(time.time())
+    for n in range(3):
+        create(http, sandbox, foreign_id=f"id-{n}")
+    create(http, sandbox, foreign_id="id-0")
+    post(http, f"{sandbox.url}/invoices/create", invoice(), headers={"X-Processing-Key": "x"})
+    http.get(f"{sandbox.url}/ping", timeout=5)
+    stats = sandbox.stats()
+    assert stats["create_calls"] == 4  # the unauthenticated call does not count
+    assert stats["responses"] == {"502": 1, "200": 4, "403": 1}  # 200s include the ping
+    assert sum(stats["per_second"].values()) == 4
+    assert all(before <= int(second) <= time.time() for second in stats["per_second"])
+    assert http.get(f"{sandbox.admin_url}/stats", timeout=5).json() == sandbox.stats()
+
+
+def test_reset(sandbox: Sandbox, http: requests.Session) -> None:
+    create(http, sandbox)
+    sandbox.set_faults(Faults(error_500=0.5))
+    sandbox.script(["502"])
+    sandbox.reset()
+    assert sandbox.invoices() == []
+    assert sandbox.create_calls("order-42") == 0
+    assert sandbox.faults == Faults()
+    assert sandbox.stats() == {"create_calls": 0, "responses": {}, "per_second": {}}
+    assert create(http, sandbox).status_code == 200  # neither the script nor the invoice remain
+
+
+# Command line
+
+
+def test_arguments() -> None:
+    parser = argparse.ArgumentParser()
+    add_sandbox_arguments(parser)
+    args = parser.parse_args(["--port", "0", "--error-502", "0.5", "--seed", "3", "--no-admin"])
+    assert (args.port, args.fault_error_502, args.fault_seed, args.admin) == (0, 0.5, 3, False)
+    assert args.fault_latency_ms is None  # so INVOICE_SANDBOX_LATENCY_MS can apply
+    assert parser.parse_args(["--min-amount", "10.5"]).min_amount == Decimal("10.5")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--min-amount", "ten"])
+
+
+@pytest.mark.parametrize("secret_from_env", [False, True])
+def test_command_line(http: requests.Session, secret_from_env: bool) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INVOICE_")}
+    env |= {"INVOICE_SANDBOX_ERROR_503": "1", "INVOICE_API_KEY": "cli-key"}
+    if secret_from_env:
+        env["INVOICE_API_SECRET"] = "cli-secret"
+    command = [sys.executable, "-m", "invoice_worker.sandbox", "--port", "0", "--error-503", "0"]
+    with subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().split()[-1]
+        assert proc.stdout.readline() == "key: cli-key\n"
+        secret = "cli-secret" if secret_from_env else proc.stdout.readline().split()[-1]
+        body = json.dumps(invoice()).encode()
+        headers = {"X-Processing-Key": "cli-key", "X-Processing-Signature": sign(body, secret)}
+        headers["Content-Type"] = "application/json"
+        # The flag (0) beats the environment (1) for error_503.
+        response = http.post(f"{url}/invoices/create", data=body, headers=headers, timeout=5)
+        assert response.status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=5) == 0
+        assert proc.stdout.read() == ""  # nothing more, in particular no secret from the env
