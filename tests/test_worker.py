@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -261,3 +262,41 @@ def test_worker_refuses_to_start_without_credentials(settings: Settings, tmp_pat
     assert proc.returncode != 0
     assert "INVOICE_API_SECRET must be set" in proc.stdout + proc.stderr
     assert sys.executable
+
+
+def _rabbitmq_reachable() -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", 5672)) == 0
+
+
+@pytest.mark.skipif(not _rabbitmq_reachable(), reason="no RabbitMQ on 127.0.0.1:5672")
+def test_core_scenario_on_rabbitmq(
+    redis_server: EmbeddedRedis, sandbox: Sandbox, start_worker: Any
+) -> None:
+    # Job state stays in Redis; only the broker changes.
+    settings = make_settings(
+        redis_server.url, sandbox.url, broker_url="amqp://guest:guest@127.0.0.1:5672//"
+    )
+    start_worker(settings)
+    producer = Producer(settings)
+    try:
+        jobs = [request_data() for _ in range(6)]
+        sandbox.script(["503"], foreign_id=jobs[1]["foreign_id"])
+        sandbox.script(["commit_then_502"], foreign_id=jobs[2]["foreign_id"])
+        for data in jobs + jobs[:3]:
+            producer.enqueue(data)
+        for data in jobs:
+            record = final(producer, data["foreign_id"])
+            assert record["state"] == c.CREATED
+            [invoice] = live(sandbox, data["foreign_id"])
+            assert record["url"] == invoice["url"]
+        assert sandbox.create_calls(jobs[0]["foreign_id"]) == 1
+        events = Counter(f["foreign_id"] for _, f in producer.store.events())
+        assert all(events[d["foreign_id"]] == 1 for d in jobs)
+    finally:
+        with producer.app.connection_for_write() as conn:
+            channel = conn.default_channel
+            channel.queue_delete(settings.queue)
+            channel.exchange_delete(settings.queue)
+        producer.close()
