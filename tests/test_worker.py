@@ -300,3 +300,23 @@ def test_core_scenario_on_rabbitmq(
             channel.queue_delete(settings.queue)
             channel.exchange_delete(settings.queue)
         producer.close()
+
+
+def test_json_logs_one_line_per_transition_without_secrets(
+    redis_server: EmbeddedRedis, sandbox: Sandbox, start_worker: Any
+) -> None:
+    settings = make_settings(redis_server.url, sandbox.url, log_format="json")
+    worker = start_worker(settings)
+    producer = Producer(settings)
+    data = request_data(email_user="log.leak@example.com")
+    sandbox.script(["502"], foreign_id=data["foreign_id"])
+    producer.enqueue(data)
+    assert final(producer, data["foreign_id"])["state"] == c.CREATED
+    producer.close()
+    worker.stop()
+    lines = [json.loads(line) for line in worker.log().splitlines() if line.startswith("{")]
+    job_lines = [line for line in lines if line.get("foreign_id") == data["foreign_id"]]
+    assert [line["outcome"] for line in job_lines] == ["retrying", "created"]
+    assert all({"task_id", "attempt", "latency_ms"} <= set(line) for line in job_lines)
+    assert "log.leak@example.com" not in worker.log()
+    assert SECRET not in worker.log()
