@@ -140,9 +140,9 @@ class InvoiceJob:
             log_job(logging.WARNING, fid, task_id, "ignored", reason="invalid_message")
             return Outcome(claim.record or None)
         fields = {"error_code": c.INVALID_MESSAGE, "error": str(exc), "errors": exc.errors}
-        self.store.transition(fid, owner, c.FAILED, fields)
+        record = self.store.finish(fid, owner, c.FAILED, fields)
         log_job(logging.WARNING, fid, task_id, c.FAILED, error_code=c.INVALID_MESSAGE)
-        return Outcome(self.store.get(fid), finished=True)
+        return Outcome(record, finished=record is not None)
 
 
 class _Attempt:
@@ -252,10 +252,11 @@ class _Attempt:
 
     def finish(self, state: str, **fields: Any) -> Outcome:
         fields = {"task_id": self.task_id, "attempts": self.attempts, **fields}
-        if not self.job.store.transition(self.foreign_id, self.owner, state, fields):
+        record = self.job.store.finish(self.foreign_id, self.owner, state, fields)
+        if record is None:
             return self._lost()
         self._log(state, error_code=fields.get("error_code"))
-        return Outcome(self.job.store.get(self.foreign_id), finished=True)
+        return Outcome(record, finished=True)
 
     def _lost(self) -> Outcome:
         self._log("lease_lost", level=logging.WARNING)

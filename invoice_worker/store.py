@@ -88,7 +88,8 @@ return {status, redis.call('HGETALL', KEYS[1]), 0}
 
 # KEYS: record, events stream. ARGV: owner, state, mode (renew|release|final), lease_ms,
 # delay_ms, ttl_s, maxlen, channel, n_fields, field/value pairs, then event field/value pairs.
-# Returns 1, or 0 when the caller no longer owns the job (nothing is written then).
+# Returns 1 (the final record for a final state), or 0 when the caller no longer owns the job
+# (nothing is written then).
 _TRANSITION = (
     _NOW
     + _FINAL
@@ -116,6 +117,7 @@ if mode == 'final' then
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*', unpack(event))
   redis.call('EXPIRE', KEYS[1], ARGV[6])
   redis.call('PUBLISH', ARGV[8], ARGV[2])
+  return redis.call('HGETALL', KEYS[1])
 end
 return 1
 """
@@ -239,25 +241,45 @@ class JobStore:
         lease: float | None = None,
         delay: float | None = None,
     ) -> bool:
-        """Move an owned job to ``state``; returns False if the lease was lost (nothing written).
+        """Move an owned job to a non-final ``state``; False if the lease was lost.
 
-        ``lease`` renews the lease (the job stays held); otherwise the lease is released.
-        A final state also appends the event and announces it, in the same atomic step.
+        ``lease`` renews the lease (the job stays held); otherwise it is released, and
+        ``delay`` sets ``next_attempt_at``.
         """
+        assert state not in c.FINAL_STATES, "use finish()"
+        mode = "renew" if lease is not None else "release"
+        return bool(self._run(foreign_id, owner, state, mode, fields, lease=lease, delay=delay))
+
+    def finish(
+        self, foreign_id: str, owner: str, state: str, fields: dict[str, Any] | None = None
+    ) -> dict[str, Any] | None:
+        """Make an owned job final, append its event and announce it, in one atomic step.
+
+        Returns:
+            The final record, or None if the lease was lost (nothing is written then).
+        """
+        assert state in c.FINAL_STATES, state
+        reply = self._run(foreign_id, owner, state, "final", fields)
+        return _record(reply) if reply else None
+
+    def _run(
+        self,
+        foreign_id: str,
+        owner: str,
+        state: str,
+        mode: str,
+        fields: dict[str, Any] | None,
+        *,
+        lease: float | None = None,
+        delay: float | None = None,
+    ) -> Any:
         fields = {k: v for k, v in (fields or {}).items() if v is not None}
-        final = state in c.FINAL_STATES
-        mode = "final" if final else ("renew" if lease is not None else "release")
-        event = _event(foreign_id, state, fields) if final else []
+        event = _event(foreign_id, state, fields) if mode == "final" else []
         pairs = _flatten(fields)
-        args: list[str | int] = [
-            owner,
-            state,
-            mode,
-            int((lease or 0) * 1000),
-            -1 if delay is None else int(delay * 1000),
-        ]
-        args += [self.ttl, self.maxlen, self.channel(foreign_id), len(pairs) // 2, *pairs, *event]
-        return bool(self._transition(keys=[self.key(foreign_id), self.stream], args=args))
+        args: list[str | int] = [owner, state, mode, int((lease or 0) * 1000)]
+        args += [-1 if delay is None else int(delay * 1000), self.ttl, self.maxlen]
+        args += [self.channel(foreign_id), len(pairs) // 2, *pairs, *event]
+        return self._transition(keys=[self.key(foreign_id), self.stream], args=args)
 
     def mark(self, foreign_id: str, **fields: Any) -> None:
         """Set bookkeeping fields that need no lease (e.g. ``callback_sent`` after a final)."""

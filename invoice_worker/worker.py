@@ -56,7 +56,6 @@ def create_app(settings: Settings | None = None) -> Celery:
         # Events for Flower: received/started/succeeded, and "sent" from producers.
         worker_send_task_events=settings.task_events,
         task_send_sent_event=settings.task_events,
-        task_track_started=True,
         worker_hijack_root_logger=True,
     )
     if settings.log_format == "json":

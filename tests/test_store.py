@@ -107,7 +107,7 @@ def test_conflicting_fingerprint(store: JobStore) -> None:
 def test_only_owner_transitions(store: JobStore) -> None:
     fid = new_id()
     claim(store, fid, "w1")
-    assert not store.transition(fid, "w2", c.CREATED, {"url": "u"})
+    assert not store.finish(fid, "w2", c.CREATED, {"url": "u"})
     assert store.get(fid)["state"] == c.PROCESSING  # type: ignore[index]
     assert store.transition(fid, "w1", c.RETRYING, {"last_error": "x"}, delay=5)
     record = store.get(fid)
@@ -115,7 +115,7 @@ def test_only_owner_transitions(store: JobStore) -> None:
     assert record["state"] == c.RETRYING
     assert record["next_attempt_at"] == pytest.approx(time.time() + 5, abs=1)
     # Released: the old owner can no longer write.
-    assert not store.transition(fid, "w1", c.CREATED)
+    assert not store.finish(fid, "w1", c.CREATED)
 
 
 def test_early_duplicate_of_a_retry_is_deferred(store: JobStore) -> None:
@@ -131,8 +131,10 @@ def test_final_transition_writes_one_event_and_is_terminal(store: JobStore) -> N
     fid = new_id()
     claim(store, fid, "w1")
     fields = {"url": "https://i.example.com/x", "invoice_id": 7, "attempts": 1}
-    assert store.transition(fid, "w1", c.CREATED, fields)
-    assert not store.transition(fid, "w1", c.FAILED, {"error_code": "x"})
+    record = store.finish(fid, "w1", c.CREATED, fields)
+    assert record is not None
+    assert (record["state"], record["invoice_id"], record["url"]) == (c.CREATED, 7, fields["url"])
+    assert store.finish(fid, "w1", c.FAILED, {"error_code": "x"}) is None
     events = [f for _, f in store.events() if f["foreign_id"] == fid]
     assert events == [
         {"foreign_id": fid, "state": "created", "url": "https://i.example.com/x",
@@ -157,7 +159,7 @@ def test_events_stream_is_capped(settings: Settings, redis_client: redis.Redis) 
     for _ in range(300):
         fid = new_id()
         claim(store, fid)
-        store.transition(fid, "w1", c.FAILED, {"error_code": "x"})
+        store.finish(fid, "w1", c.FAILED, {"error_code": "x"})
     assert redis_client.xlen(settings.events_stream) < 300
 
 
@@ -169,7 +171,7 @@ def test_wait_returns_when_final_without_polling(store: JobStore) -> None:
     waiter.start()
     time.sleep(0.2)
     started = time.monotonic()
-    store.transition(fid, "w1", c.CREATED, {"url": "u"})
+    store.finish(fid, "w1", c.CREATED, {"url": "u"})
     waiter.join(5)
     assert time.monotonic() - started < 1
     assert result[0]["state"] == c.CREATED  # type: ignore[index]
