@@ -13,7 +13,13 @@ from invoice_worker.errors import (
     TransientProviderError,
 )
 from invoice_worker.models import Invoice, InvoiceRequest
-from invoice_worker.producer import Producer, enqueue_invoice, get_invoice, wait_for_invoice
+from invoice_worker.producer import (
+    Producer,
+    enqueue_invoice,
+    enqueue_many,
+    get_invoice,
+    wait_for_invoice,
+)
 
 __version__ = "0.1.0"
 
@@ -21,6 +27,7 @@ __all__ = [  # noqa: RUF022 - grouped by concern, as the style guide asks
     # producer
     "Producer",
     "enqueue_invoice",
+    "enqueue_many",
     "get_invoice",
     "wait_for_invoice",
     # models and settings

@@ -9,11 +9,16 @@ kwargs:
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from celery import Celery
+
+from invoice_worker.constants import TASK_NAME
 from invoice_worker.errors import InvalidRequestError
 from invoice_worker.models import InvoiceRequest, parse_request
 
@@ -98,3 +103,44 @@ def kwargs_repr(kwargs: dict[str, Any]) -> str:
     """What Celery shows for the kwargs (``kwargsrepr``): masked, and short."""
     text = repr(masked(kwargs))
     return text if len(text) <= 1024 else text[:1021] + "..."
+
+
+def redis_envelope(app: Celery, message: Message, task_id: str, queue: str) -> str:
+    """The message exactly as kombu's Redis transport stores it for ``send_task``.
+
+    Celery builds the protocol-2 headers and body; we add kombu's envelope ourselves so the
+    enqueue script can push it in the same atomic step as the record (a test compares it with
+    kombu's own output). Celery publishes to the default exchange, i.e. straight onto the list
+    named after the queue, so no binding lookup is involved.
+    """
+    kwargs = message.kwargs()
+    repr_kwargs = kwargs_repr(kwargs)
+    headers, properties, body, _ = app.amqp.as_task_v2(
+        task_id,
+        TASK_NAME,
+        args=(),
+        kwargs=kwargs,
+        argsrepr="()",
+        kwargsrepr=repr_kwargs,
+        ignore_result=None,  # as send_task does: the task's own setting decides
+    )
+    properties.update(
+        reply_to=app.thread_oid,
+        argsrepr="()",
+        kwargsrepr=repr_kwargs,
+        delivery_mode=2,
+        delivery_info={"exchange": "", "routing_key": queue},
+        priority=0,
+        body_encoding="base64",
+        delivery_tag=str(uuid.uuid4()),
+    )
+    payload = base64.b64encode(json.dumps(body).encode()).decode()
+    return json.dumps(
+        {
+            "body": payload,
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": headers,
+            "properties": properties,
+        }
+    )

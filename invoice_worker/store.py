@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,8 +23,10 @@ from invoice_worker.config import Settings
 _NOW = "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000)\n"
 _FINAL = "local final = {created=true, failed=true, expired=true}\n"
 
-# KEYS: record. ARGV: fingerprint, ttl_s, requeue_after_ms, field/value pairs for a new record.
-# Returns {'new'} | {'conflict'} | {'exists', record, stale}.
+# KEYS: record, broker queue. ARGV: fingerprint, ttl_s, requeue_after_ms, message ('' when the
+# caller sends it through Celery), field/value pairs for a new record.
+# Returns {'new'} | {'conflict'} | {'exists', record, stale}. A new record and its message are
+# written together: no crash can leave one without the other.
 _ENQUEUE = (
     _NOW
     + """
@@ -39,8 +42,9 @@ if fp then
   return {'exists', redis.call('HGETALL', KEYS[1]), stale}
 end
 redis.call('HSET', KEYS[1], 'fingerprint', ARGV[1], 'state', 'queued', 'attempts', 0,
-  'created_at', now / 1000, 'updated_at', now / 1000, 'enqueued_ms', now, unpack(ARGV, 4))
+  'created_at', now / 1000, 'updated_at', now / 1000, 'enqueued_ms', now, unpack(ARGV, 5))
 redis.call('EXPIRE', KEYS[1], ARGV[2])
+if ARGV[4] ~= '' then redis.call('LPUSH', KEYS[2], ARGV[4]) end
 return {'new'}
 """
 )
@@ -138,6 +142,30 @@ _FLOATS = ("created_at", "updated_at", "next_attempt_at", "deadline")
 
 
 @dataclass(frozen=True)
+class NewJob:
+    """A job to record as queued (and, with ``message``, to push onto ``queue`` atomically)."""
+
+    foreign_id: str
+    fingerprint: str
+    fields: dict[str, Any]
+    message: str = ""
+    queue: str = ""
+
+
+@dataclass(frozen=True)
+class Enqueued:
+    """The outcome of one enqueue: new | exists | conflict.
+
+    ``resend`` is True when an existing job is still queued long after it was sent: its
+    message may have been lost (a producer that died, a Redis that lost writes).
+    """
+
+    status: str
+    record: dict[str, Any] | None
+    resend: bool = False
+
+
+@dataclass(frozen=True)
 class Claim:
     """What a worker learned when it tried to take a job."""
 
@@ -183,26 +211,25 @@ class JobStore:
         """Return the pub/sub channel announcing the final state of ``foreign_id``."""
         return f"{self.prefix}{c.DONE_CHANNEL}{foreign_id}"
 
-    def enqueue(
-        self, foreign_id: str, fingerprint: str, fields: dict[str, Any]
-    ) -> tuple[str, dict[str, Any] | None, bool]:
-        """Record a queued job unless one exists: returns (new|exists|conflict, record, stale).
+    def enqueue(self, jobs: Sequence[NewJob]) -> list[Enqueued]:
+        """Record each job as queued unless its foreign_id exists: one pipelined round trip.
 
-        ``stale`` is True when an existing job is still queued long after it was sent, so the
-        caller resends its message (the first send may have died with its producer).
+        A job with a ``message`` has it pushed onto ``queue`` in the same atomic step.
         """
-        reply = self._enqueue(
-            keys=[self.key(foreign_id)],
-            args=[
-                fingerprint,
-                self.ttl,
-                self.requeue_after_ms,
-                *_flatten(_with_id(foreign_id, fields)),
-            ],
-        )
-        if reply[0] == "exists":
-            return "exists", _record(reply[1]), bool(reply[2])
-        return reply[0], None, False
+        pipe = self.redis.pipeline(transaction=False)
+        for job in jobs:
+            pairs = _flatten(_with_id(job.foreign_id, job.fields))
+            self._enqueue(
+                keys=[self.key(job.foreign_id), job.queue],
+                args=[job.fingerprint, self.ttl, self.requeue_after_ms, job.message, *pairs],
+                client=pipe,
+            )
+        return [
+            Enqueued(
+                r[0], _record(r[1]) if r[0] == "exists" else None, r[0] == "exists" and bool(r[2])
+            )
+            for r in pipe.execute()
+        ]
 
     def discard(self, foreign_id: str, task_id: str) -> None:
         """Delete a still-queued record created by ``task_id`` (its message was never sent)."""

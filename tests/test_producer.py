@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -97,6 +98,7 @@ def test_stale_queued_job_is_resent(
     data = request_data()
     producer.enqueue(data)
     producer.store.requeue_after_ms = 0
+    time.sleep(0.01)
     producer.enqueue(data)
     messages = queued(redis_client, settings)
     assert len(messages) == 2
@@ -169,3 +171,63 @@ def test_module_functions_read_env_once(
     assert producer_module.default_producer() is first
     assert len(queued(redis_client, settings)) == 1
     first.close()
+
+
+def test_atomic_envelope_matches_kombu(settings: Settings, redis_client: redis.Redis) -> None:
+    # Given the same job published by Celery (separate state DB: the non-atomic path) ...
+    celery_way = Producer(settings.replace(redis_url=settings.broker_url.replace("/0", "/1")))
+    assert not celery_way.atomic
+    data = request_data()
+    celery_way.enqueue(data)
+    celery_way.close()
+    # ... and by our enqueue script
+    ours = Producer(settings)
+    assert ours.atomic
+    ours.enqueue({**data, "foreign_id": data["foreign_id"] + "-b"})
+    ours.close()
+    theirs_msg, ours_msg = queued(redis_client, settings)[::-1]
+    # Then the messages are the same but for ids and the foreign_id
+    assert set(ours_msg) == set(theirs_msg)
+    assert set(ours_msg["properties"]) == set(theirs_msg["properties"])
+    varying = {"id", "root_id", "kwargsrepr"}
+    assert {k: v for k, v in ours_msg["headers"].items() if k not in varying} == {
+        k: v for k, v in theirs_msg["headers"].items() if k not in varying
+    }
+    for key in ("delivery_info", "priority", "delivery_mode", "body_encoding"):
+        assert ours_msg["properties"][key] == theirs_msg["properties"][key], key
+    body = json.loads(base64.b64decode(ours_msg["body"]))
+    theirs_body = json.loads(base64.b64decode(theirs_msg["body"]))
+    body[1]["request"]["foreign_id"] = data["foreign_id"]
+    assert body == theirs_body
+
+
+def test_enqueue_many(producer: Producer, settings: Settings, redis_client: redis.Redis) -> None:
+    batch = [request_data() for _ in range(50)]
+    results = producer.enqueue_many([*batch, batch[0], {**batch[1], "amount": "7"}])
+    assert [r["state"] for r in results[:51]] == [c.QUEUED] * 51  # type: ignore[index]
+    assert results[50]["task_id"] == results[0]["task_id"]  # type: ignore[index]
+    assert isinstance(results[51], ConflictError)
+    assert len(queued(redis_client, settings)) == 50
+
+
+def test_enqueue_many_rejects_whole_batch_on_invalid(
+    producer: Producer, settings: Settings, redis_client: redis.Redis
+) -> None:
+    batch = [request_data(), request_data(currency="btc"), request_data(), request_data(timer=None)]
+    with pytest.raises(InvalidRequestError) as info:
+        producer.enqueue_many(batch)
+    assert set(info.value.errors) == {"[1].currency", "[3].timer"}
+    assert queued(redis_client, settings) == []
+    assert producer.get(batch[0]["foreign_id"]) is None
+
+
+def test_enqueue_many_through_celery_when_state_is_elsewhere(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    split = Producer(settings.replace(redis_url=settings.broker_url.replace("/0", "/2")))
+    batch = [request_data() for _ in range(20)]
+    split.enqueue_many(batch)
+    split.enqueue_many(batch)  # all exist now: nothing sent
+    assert len(queued(redis_client, settings)) == 20
+    assert split.get(batch[0]["foreign_id"])["state"] == c.QUEUED  # type: ignore[index]
+    split.close()

@@ -11,7 +11,7 @@ import redis
 
 from invoice_worker import constants as c
 from invoice_worker.config import Settings
-from invoice_worker.store import Claim, JobStore
+from invoice_worker.store import Claim, Enqueued, JobStore, NewJob
 from tests.conftest import new_id
 
 
@@ -26,37 +26,50 @@ def claim(store: JobStore, fid: str, owner: str = "w1", fp: str = "fp", **kw: An
     return store.claim(fid, owner, fingerprint=fp, **args)
 
 
+def one(store: JobStore, fid: str, fp: str = "fp", **fields: Any) -> Enqueued:
+    [result] = store.enqueue([NewJob(fid, fp, fields)])
+    return result
+
+
 def test_enqueue_new_then_exists_then_conflict(store: JobStore) -> None:
     fid = new_id()
-    assert store.enqueue(fid, "fp", {"task_id": "t1"}) == ("new", None, False)
-    status, record, stale = store.enqueue(fid, "fp", {"task_id": "t2"})
-    assert (status, stale) == ("exists", False)
-    assert record is not None
-    assert record["state"] == c.QUEUED
-    assert record["task_id"] == "t1"
-    assert store.enqueue(fid, "other", {})[0] == "conflict"
+    assert one(store, fid, task_id="t1") == Enqueued("new", None, False)
+    again = one(store, fid, task_id="t2")
+    assert (again.status, again.resend) == ("exists", False)
+    assert again.record is not None
+    assert (again.record["state"], again.record["task_id"]) == (c.QUEUED, "t1")
+    assert one(store, fid, "other").status == "conflict"
+
+
+def test_enqueue_pushes_message_atomically(store: JobStore, redis_client: redis.Redis) -> None:
+    fid, queue = new_id(), f"q-{new_id()}"
+    jobs = [NewJob(fid, "fp", {"task_id": "t1"}, "message-1", queue)]
+    jobs.append(NewJob(fid, "fp", {"task_id": "t2"}, "message-2", queue))  # same id in a batch
+    jobs.append(NewJob(fid, "fp2", {}, "message-3", queue))
+    assert [r.status for r in store.enqueue(jobs)] == ["new", "exists", "conflict"]
+    assert redis_client.lrange(queue, 0, -1) == ["message-1"]
 
 
 def test_enqueue_reports_stale_queued_job(settings: Settings) -> None:
     store = JobStore.from_settings(settings)
     store.requeue_after_ms = 50
     fid = new_id()
-    store.enqueue(fid, "fp", {"task_id": "t1"})
+    one(store, fid, task_id="t1")
     time.sleep(0.1)
-    assert store.enqueue(fid, "fp", {})[2] is True
-    assert store.enqueue(fid, "fp", {})[2] is False  # the resend restarted the clock
+    assert one(store, fid).resend is True
+    assert one(store, fid).resend is False  # the resend restarted the clock
 
 
 def test_record_has_ttl_and_prefix(store: JobStore, settings: Settings) -> None:
     fid = new_id()
-    store.enqueue(fid, "fp", {})
+    one(store, fid)
     key = f"{settings.key_prefix}job:{fid}"
-    assert 0 < int(store.redis.ttl(key)) <= settings.record_ttl
+    assert 0 < int(store.redis.ttl(key)) <= settings.record_ttl  # type: ignore[arg-type]
 
 
 def test_discard_only_undoes_own_queued_record(store: JobStore) -> None:
     fid = new_id()
-    store.enqueue(fid, "fp", {"task_id": "t1"})
+    one(store, fid, task_id="t1")
     store.discard(fid, "t-other")
     assert store.get(fid) is not None
     store.discard(fid, "t1")
