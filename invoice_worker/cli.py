@@ -9,10 +9,16 @@ Exit codes (also in the README):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import secrets
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import fields
+from decimal import Decimal
 from typing import Any, TextIO
 
 import redis
@@ -23,7 +29,9 @@ from invoice_worker import __version__
 from invoice_worker import constants as c
 from invoice_worker.config import Settings, redact_url
 from invoice_worker.errors import ConfigError, ConflictError, InvalidRequestError
-from invoice_worker.sandbox import add_sandbox_arguments, run_sandbox
+from invoice_worker.faults import ENV_PREFIX, Faults
+from invoice_worker.provider_rules import parse_number
+from invoice_worker.sandbox import Sandbox
 
 EXIT_NOT_CREATED, EXIT_USAGE, EXIT_INVALID, EXIT_CONFLICT = 1, 2, 3, 4
 EXIT_NOT_FOUND, EXIT_UNREACHABLE, EXIT_TIMEOUT, EXIT_CONFIG = 5, 6, 7, 8
@@ -165,6 +173,57 @@ def _print_record(record: dict[str, Any], *, as_json: bool, brief: bool = False)
         ):
             value = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(value))
         print(f"{key:<{width}}  {value}")
+
+
+def _amount_arg(text: str) -> Decimal:
+    if (amount := parse_number(text)) is None or amount < 0:
+        raise argparse.ArgumentTypeError(f"not an amount: {text!r}")
+    return amount
+
+
+def add_sandbox_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the sandbox's options; fault flags left unset fall back to INVOICE_SANDBOX_* values."""
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (%(default)s)")
+    parser.add_argument("--port", type=int, default=8080, help="0 picks a free port (%(default)s)")
+    parser.add_argument("--key", help="API key (default: $INVOICE_API_KEY, else generated)")
+    parser.add_argument("--secret", help="API secret (default: $INVOICE_API_SECRET, else made up)")
+    parser.add_argument(
+        "--min-amount", type=_amount_arg, default=Decimal(0), metavar="EUR", help="smallest invoice"
+    )
+    parser.add_argument("--no-admin", dest="admin", action="store_false", help="hide /_sandbox")
+    for f in fields(Faults):
+        kind = int if f.name in ("retry_after", "seed") else float
+        text = f"default: ${ENV_PREFIX}{f.name.upper()}, else {f.default}"
+        flag = f"--{f.name.replace('_', '-')}"
+        parser.add_argument(flag, dest=f"fault_{f.name}", type=kind, metavar="N", help=text)
+
+
+def run_sandbox(args: argparse.Namespace) -> int:
+    """Serve a sandbox set up by `add_sandbox_arguments` options until SIGINT or SIGTERM.
+
+    Returns:
+        0 after a clean shutdown; 2 for bad fault settings or an address that cannot be bound.
+    """
+    flags = {f.name: getattr(args, f"fault_{f.name}") for f in fields(Faults)}
+    key = args.key or os.environ.get("INVOICE_API_KEY") or f"sandbox-{secrets.token_hex(8)}"
+    given_secret = args.secret or os.environ.get("INVOICE_API_SECRET")
+    secret = given_secret or secrets.token_urlsafe(32)
+    options = {"host": args.host, "port": args.port, "admin": args.admin}
+    try:
+        faults = Faults.from_env(os.environ)
+        faults = Faults.from_dict({k: v for k, v in flags.items() if v is not None}, base=faults)
+        sandbox = Sandbox(key, secret, faults=faults, min_amount=args.min_amount, **options)
+    except (ValueError, OSError) as e:
+        print(f"sandbox: {e}", file=sys.stderr)
+        return 2
+    print(f"sandbox provider API at {sandbox.url}\nkey: {key}", flush=True)
+    if not given_secret:  # made up here, so showing it once is the only way to configure a worker
+        print(f"secret: {secret}", flush=True)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM as KeyboardInterrupt
+    with contextlib.suppress(KeyboardInterrupt):
+        sandbox.serve_forever()
+    sandbox.stop()
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,7 +20,9 @@ from typing import Any
 import pytest
 import requests
 
-from invoice_worker.sandbox import Faults, Sandbox, add_sandbox_arguments
+from invoice_worker.cli import add_sandbox_arguments
+from invoice_worker.faults import Faults
+from invoice_worker.sandbox import Sandbox
 
 KEY = "sandbox-test-key"
 SECRET = "AbCdEfG123456"  # the secret of the provider's official signature vector
@@ -539,31 +541,6 @@ def test_latency(sandbox: Sandbox, http: requests.Session) -> None:
     started = time.monotonic()
     assert create(http, sandbox).status_code == 200
     assert 0.1 <= time.monotonic() - started < 1
-
-
-def test_faults_validate_their_rates() -> None:
-    with pytest.raises(ValueError, match="error_500"):
-        Faults(error_500=1.5)
-    with pytest.raises(ValueError, match="latency_ms"):
-        Faults(latency_ms=-1)
-
-
-def test_faults_from_env() -> None:
-    environ = {
-        "INVOICE_SANDBOX_ERROR_502": "0.1",
-        "INVOICE_SANDBOX_LATENCY_MS": "200",
-        "INVOICE_SANDBOX_RETRY_AFTER": "3",
-        "INVOICE_SANDBOX_SEED": "42",
-        "INVOICE_SANDBOX_TIMEOUT": "",
-        "INVOICE_API_KEY": "ignored",
-    }
-    faults = Faults.from_env(environ)
-    assert faults == Faults(error_502=0.1, latency_ms=200, retry_after=3, seed=42)
-    assert faults.to_dict()["error_502"] == 0.1
-    with pytest.raises(ValueError, match="error_502"):
-        Faults.from_env({"INVOICE_SANDBOX_ERROR_502": "often"})
-    with pytest.raises(ValueError, match="error_503"):
-        Faults.from_env({"INVOICE_SANDBOX_ERROR_503": "2"})
 
 
 # Admin API, stats and reset

@@ -64,7 +64,7 @@ def test_record_has_ttl_and_prefix(store: JobStore, settings: Settings) -> None:
     fid = new_id()
     one(store, fid)
     key = f"{settings.key_prefix}job:{fid}"
-    assert 0 < int(store.redis.ttl(key)) <= settings.record_ttl  # type: ignore[arg-type]
+    assert 0 < int(store.redis.ttl(key)) <= settings.record_ttl
 
 
 def test_discard_only_undoes_own_queued_record(store: JobStore) -> None:
