@@ -1,0 +1,109 @@
+"""The sandbox's fault settings: the outcomes a create or cancel call can get, and how often.
+
+The outcomes, as the sandbox plays them:
+
+    ok                 process normally
+    500, 502, 503      fail before processing, with a plain-text or HTML body like a proxy's
+    429, 429_bare      rate limited: JSON and Retry-After, or a CDN's `error code: 1015` without
+    timeout            stall `stall_seconds`, then process normally: the invoice may exist although
+                       the client gave up (a stopping sandbox drops the request instead)
+    commit_then_drop   create the invoice, then close the connection without a response
+    commit_then_502    create the invoice, then answer 502
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+ENV_PREFIX = "INVOICE_SANDBOX_"
+# The outcome of each Faults rate field, in the order a random draw walks them.
+_RATED = {
+    "error_500": "500",
+    "error_502": "502",
+    "error_503": "503",
+    "rate_limit": "429",
+    "rate_limit_bare": "429_bare",
+    "timeout": "timeout",
+    "commit_then_drop": "commit_then_drop",
+    "commit_then_502": "commit_then_502",
+}
+OUTCOMES = frozenset({"ok", *_RATED.values()})
+# (status, content type, body) of the outcomes that answer instead of processing the call.
+REPLIES = {
+    "500": (500, "text/plain", b"Internal Server Error"),
+    "502": (502, "text/html", b"<html><body><h1>502 Bad Gateway</h1></body></html>"),
+    "503": (503, "text/html", b"<html><body><h1>503 Service Unavailable</h1></body></html>"),
+    "429": (429, "application/json", b'{"error":"Too Many Attempts.","code":"too_many_requests"}'),
+    "429_bare": (429, "text/plain", b"error code: 1015"),
+}
+
+
+@dataclass
+class Faults:
+    """Fault rates (each 0..1) and timings for create and cancel calls.
+
+    A call draws one number in [0, 1) and takes the first outcome, in field order, whose
+    cumulative rate exceeds it: rates are shares of the traffic while they sum to at most 1.
+    """
+
+    latency_ms: float = 0.0
+    jitter_ms: float = 0.0
+    error_500: float = 0.0
+    error_502: float = 0.0
+    error_503: float = 0.0
+    rate_limit: float = 0.0
+    rate_limit_bare: float = 0.0
+    timeout: float = 0.0
+    commit_then_drop: float = 0.0
+    commit_then_502: float = 0.0
+    retry_after: int = 1
+    stall_seconds: float = 30.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in (*_RATED, "latency_ms", "jitter_ms", "retry_after", "stall_seconds"):
+            if not 0 <= getattr(self, name) <= (1 if name in _RATED else 1e6):
+                raise ValueError(f"{name} out of range: {getattr(self, name)!r}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], base: Faults | None = None) -> Faults:
+        """Return `base` (default: no faults) with the fields in `data` replaced.
+
+        Raises:
+            ValueError: for an unknown field, or a value of the wrong type or out of range.
+        """
+        values: dict[str, Any] = {}
+        for name, value in data.items():
+            if name not in {f.name for f in fields(cls)}:
+                raise ValueError(f"unknown fault field {name!r}")
+            kind = int if name in ("retry_after", "seed") else float
+            try:
+                values[name] = None if name == "seed" and value is None else kind(value)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{name}={value!r}: {e}") from e
+        return replace(base or cls(), **values)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Faults:
+        """Read INVOICE_SANDBOX_<FIELD> variables, e.g. INVOICE_SANDBOX_ERROR_502=0.1.
+
+        Raises:
+            ValueError: as `from_dict`.
+        """
+        names = (f.name for f in fields(cls))
+        return cls.from_dict({n: v for n in names if (v := environ.get(ENV_PREFIX + n.upper()))})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the fields as a JSON-ready dict."""
+        return asdict(self)
+
+    def outcome(self, draw: float) -> str:
+        """Return the outcome of a call that drew `draw` in [0, 1): "ok" past every rate."""
+        edge = 0.0
+        for rate, outcome in _RATED.items():
+            edge += getattr(self, rate)
+            if draw < edge:
+                return outcome
+        return "ok"

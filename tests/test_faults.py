@@ -1,0 +1,54 @@
+"""Fault settings: validation, environment, and which outcome a random draw picks."""
+
+from __future__ import annotations
+
+import pytest
+
+from invoice_worker.faults import OUTCOMES, REPLIES, Faults
+
+RATES = (
+    "error_500", "error_502", "error_503", "rate_limit", "rate_limit_bare", "timeout",
+    "commit_then_drop", "commit_then_502",
+)  # fmt: skip
+
+
+def test_faults_validate_their_rates() -> None:
+    with pytest.raises(ValueError, match="error_500"):
+        Faults(error_500=1.5)
+    with pytest.raises(ValueError, match="latency_ms"):
+        Faults(latency_ms=-1)
+
+
+def test_faults_from_env() -> None:
+    environ = {
+        "INVOICE_SANDBOX_ERROR_502": "0.1",
+        "INVOICE_SANDBOX_LATENCY_MS": "200",
+        "INVOICE_SANDBOX_RETRY_AFTER": "3",
+        "INVOICE_SANDBOX_SEED": "42",
+        "INVOICE_SANDBOX_TIMEOUT": "",
+        "INVOICE_API_KEY": "ignored",
+    }
+    faults = Faults.from_env(environ)
+    assert faults == Faults(error_502=0.1, latency_ms=200, retry_after=3, seed=42)
+    assert faults.to_dict()["error_502"] == 0.1
+    with pytest.raises(ValueError, match="error_502"):
+        Faults.from_env({"INVOICE_SANDBOX_ERROR_502": "often"})
+    with pytest.raises(ValueError, match="error_503"):
+        Faults.from_env({"INVOICE_SANDBOX_ERROR_503": "2"})
+
+
+@pytest.mark.parametrize(
+    ("draw", "expected"),
+    [(0.0, "500"), (0.2499, "500"), (0.25, "429"), (0.7499, "429"), (0.75, "ok"), (0.9999, "ok")],
+)
+def test_a_draw_takes_the_first_outcome_whose_cumulative_rate_exceeds_it(
+    draw: float, expected: str
+) -> None:
+    assert Faults(error_500=0.25, rate_limit=0.5).outcome(draw) == expected
+
+
+def test_every_rate_has_its_own_outcome() -> None:
+    assert Faults().outcome(0.0) == "ok"
+    outcomes = [Faults.from_dict({rate: 1}).outcome(0.9999) for rate in RATES]
+    assert sorted(outcomes) == sorted(OUTCOMES - {"ok"})
+    assert set(REPLIES) <= OUTCOMES
