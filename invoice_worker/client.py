@@ -42,6 +42,14 @@ def sign(body: bytes, secret: str) -> str:
     return hmac.new(secret.encode(), body, hashlib.sha512).hexdigest()
 
 
+def verify_signature(body: bytes, signature: str, secret: str) -> bool:
+    """Check a provider callback's ``X-Processing-Signature`` over its raw body bytes.
+
+    Constant-time, and on the bytes as received: re-encoding parsed JSON changes them.
+    """
+    return hmac.compare_digest(sign(body, secret), signature.strip().lower())
+
+
 class ProviderClient:
     """A pooled, signed client of the merchant API; one per worker process (thread-safe)."""
 

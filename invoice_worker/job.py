@@ -162,14 +162,14 @@ class _Attempt:
 
     def run(self) -> Outcome:
         deadline = self.message.deadline
-        if deadline is not None and time.time() >= deadline:
-            return self.finish(
-                c.EXPIRED,
-                error_code=c.DEADLINE_PASSED,
-                error="deadline passed before the invoice was created",
-            )
         provider_id = self.record.get("provider_foreign_id") or self.foreign_id
-        return self._create(provider_id, ambiguous=bool(self.record.get("ambiguous")))
+        ambiguous = bool(self.record.get("ambiguous"))
+        if deadline is not None and time.time() >= deadline:
+            return self._give_up(
+                c.EXPIRED, provider_id, ambiguous, error_code=c.DEADLINE_PASSED,
+                error="deadline passed before the invoice was created",
+            )  # fmt: skip
+        return self._create(provider_id, ambiguous=ambiguous)
 
     def _create(self, provider_id: str, *, ambiguous: bool) -> Outcome:
         try:
@@ -223,7 +223,7 @@ class _Attempt:
         error = exc.to_dict()
         if self.attempts >= settings.max_attempts:
             error["error"] = f"gave up after {self.attempts} attempts: {error['error']}"
-            return self.finish(c.FAILED, ambiguous=int(ambiguous), **error)
+            return self._give_up(c.FAILED, provider_id, ambiguous, **error)
         delay = full_jitter(
             backoff(self.attempts, settings.retry_base, settings.retry_cap), self.job.rand
         )
@@ -232,11 +232,10 @@ class _Attempt:
             delay = min(max(delay, retry_after), settings.retry_cap)
         deadline = self.message.deadline
         if deadline is not None and time.time() + delay >= deadline:
-            return self.finish(
-                c.EXPIRED,
-                error_code=c.DEADLINE_PASSED,
+            return self._give_up(
+                c.EXPIRED, provider_id, ambiguous, error_code=c.DEADLINE_PASSED,
                 error=f"deadline passes before the next attempt ({error['error']})",
-            )
+            )  # fmt: skip
         fields = {
             "last_error": f"{error['error_code']}: {error['error']}",
             "last_error_code": error["error_code"],
@@ -249,6 +248,24 @@ class _Attempt:
             return self._lost()
         self._log("retrying", error_code=error["error_code"], retry_in=round(delay, 2))
         return Outcome(None, retry_in=delay)
+
+    def _give_up(self, state: str, provider_id: str, ambiguous: bool, **fields: Any) -> Outcome:
+        """End without an invoice; first cancel the one an ambiguous attempt may have made,
+        so no customer can pay an invoice this job never reported (``orphan`` says how)."""
+        if ambiguous:
+            fields["orphan"] = self._cancel_quietly(provider_id)
+        return self.finish(state, **fields)
+
+    def _cancel_quietly(self, provider_id: str) -> str:
+        try:
+            self._call(lambda: self.job.client.cancel_invoice(provider_id))
+        except InvoiceNotFoundError:
+            return "none"
+        except InvoiceStateError:
+            return "final"
+        except ProviderError:
+            return "may_remain"
+        return "cancelled"
 
     def finish(self, state: str, **fields: Any) -> Outcome:
         fields = {"task_id": self.task_id, "attempts": self.attempts, **fields}

@@ -1,15 +1,23 @@
 from __future__ import annotations
 
+import hmac
 import time
 from decimal import Decimal
 from email.utils import formatdate
+from typing import Any
 
 import pytest
 import requests
 import responses
 
 from invoice_worker import errors as e
-from invoice_worker.client import ProviderClient, error_for_response, parse_retry_after, sign
+from invoice_worker.client import (
+    ProviderClient,
+    error_for_response,
+    parse_retry_after,
+    sign,
+    verify_signature,
+)
 from invoice_worker.embedded import free_port
 from invoice_worker.models import parse_request
 from invoice_worker.sandbox import Sandbox
@@ -269,3 +277,29 @@ def test_retry_after_header_http_date() -> None:
 def test_provider_error_repr_has_no_body() -> None:
     error = error_for_response(400, '{"errors":{"email_user":"bad a@b.example"}}', {})
     assert "a@b.example" not in repr(error)
+
+
+def test_verify_signature_on_raw_bytes() -> None:
+    body = b'{"currency":"BTC","foreign_id":"123456"}'
+    assert verify_signature(body, VECTOR, "AbCdEfG123456")
+    assert verify_signature(body, VECTOR.upper() + "\n", "AbCdEfG123456")
+    assert not verify_signature(body.replace(b":", b": "), VECTOR, "AbCdEfG123456")
+    assert not verify_signature(body, VECTOR[:-1] + "0", "AbCdEfG123456")
+    assert not verify_signature(body, "", "AbCdEfG123456")
+
+
+def test_signature_checks_are_constant_time(
+    monkeypatch: pytest.MonkeyPatch, client: ProviderClient
+) -> None:
+    # Both our callback check and the sandbox go through hmac.compare_digest.
+    calls: list[tuple[str, str]] = []
+    real = hmac.compare_digest
+
+    def spy(a: Any, b: Any) -> bool:
+        calls.append((type(a).__name__, type(b).__name__))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", spy)
+    verify_signature(b"{}", "00", "s")
+    client.create_invoice(parse_request(request_data()))
+    assert len(calls) == 3  # ours, then the sandbox: key and signature

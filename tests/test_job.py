@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
 import pytest
+import responses
 
 from invoice_worker import constants as c
 from invoice_worker.client import ProviderClient
@@ -298,3 +300,65 @@ def test_unexpected_error_in_call_is_retried_as_ambiguous(
     assert runs == 2
     assert calls == [fid, fid, f"{fid}~r1"]
     assert len(live(sandbox, fid)) == 1
+
+
+def test_giving_up_after_ambiguity_cancels_the_possible_orphan(
+    settings: Settings, sandbox: Sandbox
+) -> None:
+    job = make_job(settings, max_attempts=3)
+    kwargs = message()
+    fid = kwargs["request"]["foreign_id"]
+    sandbox.script(["commit_then_502", "500", "500"], foreign_id=fid)
+    outcome, _ = drive(job, kwargs)
+    assert outcome.record is not None
+    assert (outcome.record["state"], outcome.record["orphan"]) == (c.FAILED, "cancelled")
+    assert live(sandbox, fid) == []
+
+
+def test_deadline_after_ambiguity_cancels_the_late_invoice(
+    settings: Settings, sandbox: Sandbox
+) -> None:
+    job = make_job(settings, retry_base=2.0, retry_cap=2.0)
+    job.rand = lambda: 1.0
+    kwargs = message(deadline=time.time() + 1)
+    fid = kwargs["request"]["foreign_id"]
+    sandbox.script(["commit_then_drop"], foreign_id=fid)
+    outcome, _ = drive(job, kwargs)
+    assert outcome.record is not None
+    assert (outcome.record["state"], outcome.record["orphan"]) == (c.EXPIRED, "cancelled")
+    assert live(sandbox, fid) == []
+
+
+def test_giving_up_without_ambiguity_leaves_nothing_to_cancel(
+    settings: Settings, sandbox: Sandbox
+) -> None:
+    job = make_job(settings, max_attempts=2)
+    kwargs = message()
+    sandbox.script(["429_bare", "429_bare"], foreign_id=kwargs["request"]["foreign_id"])
+    outcome, _ = drive(job, kwargs)
+    assert outcome.record is not None
+    assert outcome.record["state"] == c.FAILED
+    assert "orphan" not in outcome.record
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "<html>maintenance</html>",
+        '{"data": null}',
+        '{"data": {"id": 5, "status": "pending"}}',
+        '{"data": {"id',
+    ],
+)
+def test_contract_breaking_answers_are_never_success(settings: Settings, body: str) -> None:
+    job = make_job(settings, api_url="https://provider.example.com/api/v2", max_attempts=2)
+    with responses.RequestsMock() as mock:
+        mock.post("https://provider.example.com/api/v2/invoices/create", body=body, status=200)
+        mock.post(re.compile(r".*/cancel/"), status=404, json={"error": "Invoice not found"})
+        outcome, _ = drive(job, message())
+    assert outcome.record is not None
+    assert (outcome.record["state"], outcome.record["error_code"]) == (
+        c.FAILED,
+        "ambiguous_response",
+    )
+    assert "url" not in outcome.record
