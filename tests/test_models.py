@@ -5,6 +5,8 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from invoice_worker.errors import InvalidRequestError
 from invoice_worker.models import Invoice, InvoiceRequest, parse_request
@@ -173,3 +175,44 @@ def test_request_is_frozen() -> None:
     with pytest.raises(ValueError, match="frozen"):
         request.title = "changed"  # type: ignore[misc]
     assert isinstance(request, InvoiceRequest)
+
+
+# Property-based: any input either validates or raises the documented error, never another.
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text()
+    | st.decimals(allow_nan=True),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3)
+    ),
+    max_leaves=5,
+)
+FIELDS = list(InvoiceRequest.model_fields)
+
+
+@given(st.dictionaries(st.sampled_from([*FIELDS, "junk"]), JSON_VALUES))
+@settings(max_examples=300, deadline=None)
+def test_arbitrary_input_validates_or_raises_invalid_request(data: dict[str, Any]) -> None:
+    try:
+        request = parse_request(data)
+    except InvalidRequestError as exc:
+        assert exc.errors
+        assert all(isinstance(k, str) and isinstance(v, str) and v for k, v in exc.errors.items())
+    else:
+        json.loads(request.to_body())
+
+
+@given(st.sampled_from(FIELDS), JSON_VALUES | st.text(min_size=200, max_size=5000))
+@settings(max_examples=300, deadline=None)
+def test_one_mutated_field_is_named_or_accepted(field: str, value: Any) -> None:
+    data = {**request_data(), field: value}
+    try:
+        request = parse_request(data)
+    except InvalidRequestError as exc:
+        assert set(exc.errors) == {field}
+    else:
+        body = json.loads(request.to_body(), parse_float=Decimal)
+        assert Decimal(str(body["amount"])) == request.amount

@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 import redis
+from hypothesis import HealthCheck, given
+from hypothesis import strategies as st
 
 import invoice_worker
 from invoice_worker import constants as c
@@ -231,3 +233,27 @@ def test_enqueue_many_through_celery_when_state_is_elsewhere(
     assert len(queued(redis_client, settings)) == 20
     assert split.get(batch[0]["foreign_id"])["state"] == c.QUEUED  # type: ignore[index]
     split.close()
+
+
+@given(
+    field=st.sampled_from(
+        ["title", "amount", "currency", "timer", "foreign_id", "email_user", "type"]
+    ),
+    value=st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=300),
+)
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+def test_enqueue_any_input_is_queued_or_rejected_cleanly(
+    producer: Producer, field: str, value: Any
+) -> None:
+    data = {**request_data(), field: value}
+    try:
+        record = producer.enqueue(data)
+    except InvalidRequestError as exc:
+        assert field in exc.errors
+        assert producer.get(str(data["foreign_id"])) is None or field != "foreign_id"
+    except ConflictError:
+        assert field == "foreign_id"  # a generated id that an earlier example already used
+    else:
+        assert record["state"] == c.QUEUED
