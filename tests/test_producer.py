@@ -241,7 +241,7 @@ def test_enqueue_many_through_celery_when_state_is_elsewhere(
     ),
     value=st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=300),
 )
-@settings(
+@hypothesis.settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 def test_enqueue_any_input_is_queued_or_rejected_cleanly(
