@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import redis
+import hypothesis
 from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
 
