@@ -10,9 +10,9 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import hypothesis
 import pytest
 import redis
-import hypothesis
 from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
 
