@@ -70,10 +70,16 @@ def decode(kwargs: dict[str, Any]) -> Message:
         if value is not None and (not isinstance(value, str) or not value or len(value) > 255):
             errors[name] = "must be a non-empty string of at most 255 characters, or null"
     request: InvoiceRequest | None = None
-    try:
-        request = parse_request(kwargs.get("request"))  # type: ignore[arg-type]
-    except InvalidRequestError as exc:
-        errors.update({f"request.{k}": v for k, v in exc.errors.items()})
+    raw = kwargs.get("request")
+    if raw is None:
+        errors["request"] = "is required: an object with the create-invoice fields"
+    elif not isinstance(raw, dict):
+        errors["request"] = "must be an object with the create-invoice fields"
+    else:
+        try:
+            request = parse_request(raw)
+        except InvalidRequestError as exc:
+            errors.update({f"request.{k}": v for k, v in exc.errors.items()})
     if errors or request is None:
         raise InvalidRequestError(errors)
     return Message(

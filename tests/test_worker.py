@@ -188,22 +188,44 @@ def test_message_sent_without_the_producer_works(
     assert sandbox.create_calls(data["foreign_id"]) == 1
 
 
-def test_malformed_message_recorded_and_worker_survives(stack: tuple[Settings, Producer]) -> None:
+def test_malformed_messages_recorded_never_retried_worker_survives(
+    stack: tuple[Settings, Producer], sandbox: Sandbox
+) -> None:
     settings, producer = stack
-    data = request_data(amount=[1, 2], type="instant", title="x" * 5000)
-    result = producer.app.send_task(
-        c.TASK_NAME, kwargs={"request": data, "deadline": "x"}, queue=settings.queue
-    )
-    record = final(producer, data["foreign_id"])
-    assert (record["state"], record["error_code"]) == (c.FAILED, c.INVALID_MESSAGE)
-    assert {"request.amount", "request.type", "request.title", "deadline"} <= set(record["errors"])
-    producer.app.send_task(c.TASK_NAME, args=["garbage"], queue=settings.queue, task_id="garbage-1")
-    assert final(producer, "invalid-message:garbage-1")["error_code"] == c.INVALID_MESSAGE
-    # The worker is still serving.
+    good = request_data
+    # Given a buggy producer sending every kind of broken message with send_task
+    cases: dict[str, tuple[tuple[Any, ...], dict[str, Any], set[str]]] = {
+        "types": ((), {"request": good(amount=[1, 2], timer="yes"), "deadline": "x"},
+                  {"request.amount", "request.timer", "deadline"}),
+        "unknown_type": ((), {"request": good(type="instant")}, {"request.type"}),
+        "huge": ((), {"request": good(title="x" * 1_000_000)}, {"request.title"}),
+        "missing": ((), {"request": {k: v for k, v in good().items() if k != "currency"}},
+                    {"request.currency"}),
+        "callback": ((), {"request": good(), "callback_task": 5}, {"callback_task"}),
+        "unknown_arg": ((), {"request": good(), "priority": "high"}, {"priority"}),
+        "no_request": ((), {}, {"request"}),
+        "garbage": ((), {"request": "garbage"}, {"request"}),
+        "positional": (("a", 1), {}, {"args", "request"}),
+    }  # fmt: skip
+    sent = {}
+    for name, (args, kwargs, _) in cases.items():
+        sent[name] = producer.app.send_task(
+            c.TASK_NAME, args=args, kwargs=kwargs, queue=settings.queue
+        ).id
+    for name, (_, kwargs, fields) in cases.items():
+        request = kwargs.get("request")
+        fid = request.get("foreign_id") if isinstance(request, dict) else None
+        # Then each ends failed with a clear code, naming the bad fields
+        record = final(producer, fid or f"invalid-message:{sent[name]}")
+        assert (record["state"], record["error_code"]) == (c.FAILED, c.INVALID_MESSAGE), name
+        assert fields <= set(record["errors"]), (name, record["errors"])
+        assert record["attempts"] == 1, name
+        if fid:
+            assert sandbox.create_calls(fid) == 0
+    # And the worker is still serving
     ok = request_data()
     producer.enqueue(ok)
     assert final(producer, ok["foreign_id"])["state"] == c.CREATED
-    assert result.id
 
 
 def test_fail_orphan_policy(
