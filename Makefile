@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install lint format mypy test run all clean
+.PHONY: install lint format mypy test run chaos all clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ test: lint mypy
 
 run: $(STAMP)
 	$(BIN)/invoice-worker dev --demo 20
+
+chaos: $(STAMP)
+	$(BIN)/python -m chaos.run --jobs 5000
 
 all: format test
 

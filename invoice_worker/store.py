@@ -231,6 +231,13 @@ class JobStore:
             for r in pipe.execute()
         ]
 
+    def states(self, foreign_ids: Sequence[str]) -> list[str | None]:
+        """The state of each job (None when unknown), in one pipelined round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for foreign_id in foreign_ids:
+            pipe.hget(self.key(foreign_id), "state")
+        return list(pipe.execute())
+
     def discard(self, foreign_id: str, task_id: str) -> None:
         """Delete a still-queued record created by ``task_id`` (its message was never sent)."""
         self._discard(keys=[self.key(foreign_id)], args=[task_id])

@@ -1,0 +1,1 @@
+"""The chaos suite: the worker fleet under provider faults, crashes and outages."""

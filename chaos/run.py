@@ -1,0 +1,269 @@
+"""Chaos run: jobs from several producers through 3 mixed workers, while the provider fails,
+workers are SIGKILLed, Redis is killed and restarted from its AOF, and the provider vanishes.
+
+``python -m chaos.run --jobs 5000`` (``make chaos``) prints the summary table and exits 1 when an
+invariant broke; ``tests/test_chaos.py`` runs a reduced version inside ``make test``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import random
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+import requests
+
+from chaos.proxy import Proxy
+from chaos.verify import Report, verify
+from invoice_worker.config import Settings
+from invoice_worker.embedded import EmbeddedRedis, free_port
+from invoice_worker.errors import ConflictError
+from invoice_worker.processes import ChildProcess, worker_process
+from invoice_worker.producer import Producer
+
+KEY, SECRET = "chaos-key", "chaos-secret-never-logged"
+POOLS = [("prefork", 2), ("threads", 8), ("threads", 8)]
+FAULTS = {  # ~10% 5xx, ~5% 429 (half with Retry-After), ~5% commit-then-fail, a few stalls
+    "error-500": 0.04, "error-502": 0.03, "error-503": 0.03, "rate-limit": 0.025,
+    "rate-limit-bare": 0.025, "commit-then-drop": 0.025, "commit-then-502": 0.025,
+    "timeout": 0.005, "stall-seconds": 2, "latency-ms": 5, "jitter-ms": 20, "retry-after": 1,
+}  # fmt: skip
+
+
+@dataclass
+class Config:
+    jobs: int = 300
+    producers: int = 3
+    duplicates: float = 0.20
+    conflicts: float = 0.02
+    kill_every: float = 2.0
+    outage_seconds: float = 6.0
+    timeout: float = 240.0
+    seed: int = 7
+
+
+@dataclass
+class Plan:
+    """Every enqueue call the producers make, and what the run must show for them."""
+
+    calls: list[list[dict[str, Any]]]  # one list of requests per producer process
+    conflicting: set[str] = field(default_factory=set)
+
+
+def make_plan(cfg: Config, run_id: str) -> Plan:
+    rng = random.Random(cfg.seed)
+    calls: list[list[dict[str, Any]]] = [[] for _ in range(cfg.producers)]
+    plan = Plan(calls)
+    for n in range(cfg.jobs):
+        foreign_id = f"chaos-{run_id}-{n:05d}"
+        request: dict[str, Any] = {
+            "timer": rng.random() < 0.5, "title": f"Chaos order {n}",
+            "foreign_id": foreign_id, "currency": "BTC",
+            "amount": f"0.00{rng.randint(100, 999)}", "email_user": f"payer{n}@example.com",
+            "url_success": "https://shop.example.com/ok", "url_failed": "https://shop.example.com/ko",
+        }  # fmt: skip
+        first = rng.randrange(cfg.producers)
+        calls[first].append(request)
+        other = (first + 1 + rng.randrange(cfg.producers - 1)) % cfg.producers
+        if rng.random() < cfg.duplicates:
+            calls[other].append(dict(request))
+        elif rng.random() < cfg.conflicts / (1 - cfg.duplicates):
+            calls[other].append({**request, "amount": "0.5"})
+            plan.conflicting.add(foreign_id)
+    for queue in calls:
+        rng.shuffle(queue)
+    return plan
+
+
+def produce(settings: Settings, requests_: list[dict[str, Any]], seconds: float, out: Any) -> None:
+    """A web app: enqueue each request (spread over ``seconds``), retrying while Redis is
+    away (enqueue is idempotent, so a retry after an unknown outcome is safe)."""
+    producer = Producer(settings)
+    accepted, conflicts, retries = [], [], 0
+    start, step = time.monotonic(), seconds / max(1, len(requests_))
+    for i, request in enumerate(requests_):
+        time.sleep(max(0.0, start + i * step - time.monotonic()))
+        while True:
+            try:
+                record = producer.enqueue(request)
+                accepted.append((record["foreign_id"], request["amount"]))
+                break
+            except ConflictError:
+                conflicts.append(request["foreign_id"])
+                break
+            except Exception:  # Redis or broker down: a real web app retries too
+                retries += 1
+                time.sleep(0.2)
+    out.put((accepted, conflicts, retries))
+
+
+class Chaos:
+    """Owns every process of one run and the disruptions applied to them."""
+
+    def __init__(self, cfg: Config, workdir: Path) -> None:
+        self.cfg = cfg
+        self.workdir = workdir
+        self.rng = random.Random(cfg.seed)
+        self.redis = EmbeddedRedis(appendonly=True)
+        self.sandbox: ChildProcess | None = None
+        self.proxy: Proxy | None = None
+        self.workers: list[ChildProcess] = []
+        self.retired: list[ChildProcess] = []
+        self.counts: Counter[str] = Counter()
+        self.stop = threading.Event()
+
+    def start(self) -> Settings:
+        self.redis.start()
+        port = free_port()
+        argv = [sys.executable, "-m", "invoice_worker.sandbox", "--port", str(port), "--key", KEY,
+                "--secret", SECRET, "--seed", str(self.cfg.seed)]  # fmt: skip
+        argv += [arg for name, value in FAULTS.items() for arg in (f"--{name}", str(value))]
+        self.sandbox = ChildProcess("sandbox", argv, {}, self.workdir).start()
+        _wait_http(f"http://127.0.0.1:{port}/api/v2/ping")
+        self.admin = f"http://127.0.0.1:{port}/_sandbox"
+        self.proxy = Proxy(port)
+        self.settings = Settings(
+            _env_file=None, api_url=f"http://127.0.0.1:{self.proxy.port}/api/v2", api_key=KEY,
+            api_secret=SECRET, broker_url=self.redis.url, key_prefix="chaos:",
+            events_stream="chaos:events", queue="chaos", connect_timeout=0.5, read_timeout=1.0,
+            lease_seconds=4.0, visibility_timeout=6, retry_base=0.1, retry_cap=2.0,
+            max_attempts=40, max_redeliveries=8,
+        )  # fmt: skip
+        for pool, concurrency in POOLS:
+            self._start_worker(pool, concurrency)
+        return self.settings
+
+    def _start_worker(self, pool: str, concurrency: int) -> None:
+        worker = worker_process(self.settings, self.workdir, pool=pool, concurrency=concurrency)
+        worker.pool = (pool, concurrency)  # type: ignore[attr-defined]
+        self.workers.append(worker.start(ready="ready."))
+
+    def disrupt(self, started: float, duration_hint: float) -> None:
+        """Kill a worker every few seconds; once kill Redis; once cut the provider off."""
+        redis_at, outage_at = started + duration_hint * 0.3, started + duration_hint * 0.55
+        while not self.stop.wait(self.cfg.kill_every):
+            victim = self.workers.pop(self.rng.randrange(len(self.workers)))
+            victim.kill(signal.SIGKILL)
+            self.retired.append(victim)
+            self.counts["worker kills"] += 1
+            self._start_worker(*victim.pool)  # type: ignore[attr-defined]
+            now = time.monotonic()
+            if now >= redis_at and not self.counts["redis kills"]:
+                self.redis.kill()  # SIGKILL: no shutdown save; the AOF has every write
+                time.sleep(3.0)  # longer than redis-py's own retries: callers see it
+                self.redis.start()
+                self.counts["redis kills"] += 1
+            if now >= outage_at and not self.counts["provider outages"]:
+                assert self.proxy is not None
+                self.proxy.cut()
+                time.sleep(self.cfg.outage_seconds)
+                self.proxy.restore()
+                self.counts["provider outages"] += 1
+
+    def logs(self) -> str:
+        return "".join(w.log() for w in self.workers + self.retired)
+
+    def close(self) -> None:
+        self.stop.set()
+        for worker in self.workers:
+            worker.stop(timeout=10)
+        if self.proxy is not None:
+            self.proxy.close()
+        if self.sandbox is not None:
+            self.sandbox.stop()
+        self.redis.stop()
+
+
+def run(cfg: Config) -> Report:
+    """One chaos run; the report lists every broken invariant in ``problems``."""
+    run_id = f"{random.Random().getrandbits(24):06x}"
+    plan = make_plan(cfg, run_id)
+    with tempfile.TemporaryDirectory(prefix="invoice-chaos-") as tmp:
+        chaos = Chaos(cfg, Path(tmp))
+        try:
+            settings = chaos.start()
+            ctx = multiprocessing.get_context("spawn")
+            out = ctx.Queue()
+            started = time.monotonic()
+            # Enqueue over the first 60% of the run, so Redis dies under producers and workers.
+            duration = max(10.0, cfg.jobs / 40)
+            producers = [
+                ctx.Process(target=produce, args=(settings, calls, duration * 0.6, out))
+                for calls in plan.calls
+            ]
+            for p in producers:
+                p.start()
+            disruptor = threading.Thread(
+                target=chaos.disrupt, args=(started, duration), daemon=True
+            )
+            disruptor.start()
+            results = [out.get(timeout=cfg.timeout) for _ in producers]
+            for p in producers:
+                p.join(timeout=30)
+            accepted = {fid: amount for r in results for fid, amount in r[0]}
+            conflicts = [fid for r in results for fid in r[1]]
+            store = Producer(settings).store
+            deadline = started + cfg.timeout
+            while time.monotonic() < deadline and not _all_final(store, accepted):
+                time.sleep(0.5)
+            wall = time.monotonic() - started
+            chaos.stop.set()
+            disruptor.join(timeout=cfg.outage_seconds + 30)
+            invoices = requests.get(f"{chaos.admin}/invoices", timeout=10).json()
+            return verify(
+                store=store, accepted=accepted, conflicts=conflicts,
+                plan_conflicts=plan.conflicting, invoices=invoices["invoices"],
+                create_calls=invoices["create_calls"],
+                logs=chaos.logs(), secret=SECRET, counts=chaos.counts, wall=wall,
+                producer_retries=sum(r[2] for r in results),
+            )  # fmt: skip
+        finally:
+            chaos.close()
+
+
+def _all_final(store: Any, accepted: dict[str, str]) -> bool:
+    try:
+        states = store.states(list(accepted))
+    except redis.RedisError:
+        return False
+    return all(state in ("created", "failed", "expired") for state in states)
+
+
+def _wait_http(url: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            requests.get(url, timeout=1)
+            return
+        except requests.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m chaos.run", description=__doc__)
+    parser.add_argument("--jobs", type=int, default=5000)
+    parser.add_argument("--producers", type=int, default=3)
+    parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--seed", type=int, default=7)
+    args = parser.parse_args(argv)
+    report = run(
+        Config(jobs=args.jobs, producers=args.producers, timeout=args.timeout, seed=args.seed)
+    )
+    print(report.table())
+    return 1 if report.problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

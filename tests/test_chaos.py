@@ -1,0 +1,22 @@
+"""The reduced chaos run (``make chaos`` runs 5,000 jobs): every invariant must hold."""
+
+from __future__ import annotations
+
+import pytest
+
+from chaos.run import Config, run
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.timeout(300)
+def test_reduced_chaos_run_keeps_every_invariant() -> None:
+    report = run(Config(jobs=300, timeout=200))
+    print(report.table())
+    assert report.problems == []
+    rows = dict(report.rows)
+    # The disruptions really happened.
+    assert int(rows["worker kills"]) >= 3
+    assert rows["redis kills"] == "1"
+    assert rows["provider outages"] == "1"
+    assert int(rows["orphans cancelled and recreated"]) > 0
