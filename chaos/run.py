@@ -137,7 +137,7 @@ class Chaos:
             api_secret=SECRET, broker_url=self.redis.url, key_prefix="chaos:",
             events_stream="chaos:events", queue="chaos", connect_timeout=0.5, read_timeout=1.0,
             lease_seconds=4.0, visibility_timeout=6, retry_base=0.1, retry_cap=2.0,
-            max_attempts=40, max_redeliveries=8,
+            max_attempts=40, max_redeliveries=8, circuit_threshold=10, circuit_cooldown=2.0,
         )  # fmt: skip
         for pool, concurrency in POOLS:
             self._start_worker(pool, concurrency)
@@ -220,13 +220,18 @@ def run(cfg: Config) -> Report:
             chaos.stop.set()
             disruptor.join(timeout=cfg.outage_seconds + 30)
             invoices = requests.get(f"{chaos.admin}/invoices", timeout=10).json()
-            return verify(
+            report = verify(
                 store=store, accepted=accepted, conflicts=conflicts,
                 plan_conflicts=plan.conflicting, invoices=invoices["invoices"],
                 create_calls=invoices["create_calls"],
                 logs=chaos.logs(), secret=SECRET, counts=chaos.counts, wall=wall,
                 producer_retries=sum(r[2] for r in results),
             )  # fmt: skip
+            if report.problems:  # keep the evidence: the work directory goes away
+                kept = Path(tempfile.gettempdir()) / f"invoice-chaos-{run_id}.log"
+                kept.write_text(chaos.logs())
+                report.add("worker logs kept at", kept)
+            return report
         finally:
             chaos.close()
 

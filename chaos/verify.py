@@ -63,7 +63,11 @@ def verify(
     report.add("jobs accepted", len(accepted))
     report.add("final states", ", ".join(f"{states[s]} {s}" for s in FINAL if states[s]) or "none")
     stuck = [fid for fid, r in records.items() if not r or r["state"] not in FINAL]
-    report.check(not stuck, f"{len(stuck)} jobs not final (lost or stuck), e.g. {stuck[:3]}")
+    keep = ("state", "attempts", "deferred", "last_error_code", "next_attempt_at", "crashes")
+    examples = [
+        {"foreign_id": fid, **{k: (records[fid] or {}).get(k) for k in keep}} for fid in stuck[:3]
+    ]
+    report.check(not stuck, f"{len(stuck)} jobs not final (lost or stuck), e.g. {examples}")
     wrong = []
     for fid, record in records.items():
         if record and record["state"] == "created":
@@ -95,6 +99,9 @@ def verify(
     report.add("retries (attempts beyond the first)", sum(r.get("attempts", 1) - 1 for r in done))
     report.add("orphans cancelled and recreated", sum(1 for r in done if r.get("generation")))
     report.add("redeliveries after a crash mid-job", sum(r.get("crashes", 0) for r in done))
+    stats = store.redis.hgetall(store.stats)
+    report.add("lost messages sent again by the sweeper", stats.get("resent", 0))
+    report.add("circuit opened", stats.get("circuit_opened", 0))
     for name in ("worker kills", "redis kills", "provider outages"):
         report.add(name, counts[name])
     report.add("producer retries while Redis was down", producer_retries)

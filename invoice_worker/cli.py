@@ -85,11 +85,31 @@ def _request_from(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from invoice_worker.store import JobStore
 
-    record = JobStore.from_settings(settings).get(args.foreign_id)
+    store = JobStore.from_settings(settings)
+    if args.provider:
+        from invoice_worker.fleet import provider_status
+
+        _print_record(provider_status(store, settings), as_json=args.json)
+        return 0
+    if args.foreign_id is None:
+        print("error: give a FOREIGN_ID, or --provider", file=sys.stderr)
+        return EXIT_USAGE
+    record = store.get(args.foreign_id)
     if record is None:
         print(f"no job with foreign_id {args.foreign_id!r}", file=sys.stderr)
         return EXIT_NOT_FOUND
     _print_record(record, as_json=args.json)
+    return 0
+
+
+def cmd_metrics(args: argparse.Namespace, settings: Settings) -> int:
+    from invoice_worker.metrics import serve
+
+    stop = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop)  # before the server thread: it inherits it
+    serve(settings, args.port, args.addr)
+    print(f"metrics on http://{args.addr}:{args.port}/metrics (Ctrl-C stops)", flush=True)
+    signal.sigwait(stop)
     return 0
 
 
@@ -252,10 +272,16 @@ def build_parser() -> argparse.ArgumentParser:
     enqueue.add_argument("--json", action="store_true", help="print the record as JSON")
     enqueue.set_defaults(run=cmd_enqueue)
 
-    status = commands.add_parser("status", help="show a job record")
-    status.add_argument("foreign_id")
+    status = commands.add_parser("status", help="show a job record, or the provider's state")
+    status.add_argument("foreign_id", nargs="?")
+    status.add_argument("--provider", action="store_true", help="circuit, 429 pause, rate limit")
     status.add_argument("--json", action="store_true")
     status.set_defaults(run=cmd_status)
+
+    metrics = commands.add_parser("metrics", help="serve Prometheus metrics for the fleet")
+    metrics.add_argument("--port", type=int, default=9808)
+    metrics.add_argument("--addr", default="0.0.0.0")  # noqa: S104 - an exporter is scraped
+    metrics.set_defaults(run=cmd_metrics)
 
     watch = commands.add_parser("watch", help="follow the final events stream")
     watch.add_argument("--since", default="$", help="stream id to start after (0 = from the start)")

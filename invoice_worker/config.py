@@ -47,6 +47,15 @@ class Settings(BaseSettings):
     max_redeliveries: int = Field(5, ge=0)
     orphan_policy: Literal["recreate", "fail"] = "recreate"
 
+    # the fleet as one client of the provider
+    provider_rate_limit: float | None = Field(None, gt=0)
+    provider_burst: int = Field(10, ge=1)
+    rate_limit_pause: float = Field(1.0, ge=0)
+    circuit_threshold: int = Field(10, ge=0)
+    circuit_window: float = Field(30.0, gt=0)
+    circuit_cooldown: float = Field(15.0, gt=0)
+    circuit_probes: int = Field(2, ge=1)
+
     # operation
     task_events: bool = True
     log_format: Literal["text", "json"] = "text"
@@ -95,6 +104,11 @@ class Settings(BaseSettings):
         if self.visibility_timeout is not None:
             return self.visibility_timeout
         return int(max(self.retry_cap, self.lease) + self.hard_time_limit + 60)
+
+    @property
+    def sweep_interval(self) -> float:
+        """Seconds between two sweeps for lost messages (a fraction of the redelivery delay)."""
+        return float(min(10, max(1, self.broker_visibility_timeout // 3)))
 
     @property
     def state_url(self) -> str:

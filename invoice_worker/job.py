@@ -8,6 +8,7 @@ sent unchanged on every retry and redelivery. The only time another id is sent i
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import random
 import time
@@ -25,12 +26,13 @@ from invoice_worker.errors import (
     InvoiceNotFoundError,
     InvoiceStateError,
     ProviderError,
+    RateLimitedError,
     TransientProviderError,
 )
-from invoice_worker.logs import log_job
+from invoice_worker.logs import log_circuit, log_job
 from invoice_worker.message import Message, decode, raw_fingerprint
 from invoice_worker.models import Invoice
-from invoice_worker.store import JobStore
+from invoice_worker.store import JobStore, Moved, Report
 
 log = logging.getLogger(__name__)
 
@@ -98,27 +100,32 @@ class InvoiceJob:
                 "callback_task": message.callback_task,
                 "callback_queue": message.callback_queue,
             },
+            kwargs=json.dumps(message.kwargs()),
         )
+        log_circuit(claim.circuit, foreign_id, task_id)
         if claim.status == "conflict":
             log_job(logging.WARNING, foreign_id, task_id, "ignored", reason="conflicting_message")
             return Outcome(None)
         if claim.status == "done":
             return Outcome(claim.record)
-        if claim.status in ("busy", "early"):
-            log_job(
-                logging.INFO,
-                foreign_id,
-                task_id,
-                "deferred",
-                reason=claim.status,
-                retry_in=claim.wait,
-            )
-            return Outcome(None, retry_in=claim.wait + 0.05)
+        if claim.status in ("busy", "early", "deferred"):
+            reason = claim.reason or claim.status
+            wait = claim.wait
+            if reason in ("provider_paused", "circuit_open"):
+                # Everyone deferred until the same instant: spread the comeback.
+                wait += full_jitter(min(claim.wait, 1.0), self.rand)
+            log_job(logging.INFO, foreign_id, task_id, "deferred", reason=reason, retry_in=wait)
+            return Outcome(None, retry_in=wait + 0.01)
         attempt = _Attempt(self, message, claim.record, task_id, owner)
         if claim.status == "poison":
             return attempt.finish(
                 c.FAILED, error_code=c.WORKER_LOST, error="the job's worker died too often"
             )
+        if claim.status == "expire":
+            return attempt.finish(
+                c.EXPIRED, error_code=c.DEADLINE_PASSED,
+                error=f"deadline passes before the provider may be called ({claim.reason})",
+            )  # fmt: skip
         return attempt.run()
 
     def _reject(
@@ -135,14 +142,15 @@ class InvoiceJob:
             fingerprint=raw_fingerprint(kwargs),
             max_crashes=self.settings.max_redeliveries,
             fields={"task_id": task_id},
+            gated=False,
         )
         if claim.status != "claimed" and claim.status != "poison":
             log_job(logging.WARNING, fid, task_id, "ignored", reason="invalid_message")
             return Outcome(claim.record or None)
         fields = {"error_code": c.INVALID_MESSAGE, "error": str(exc), "errors": exc.errors}
-        record = self.store.finish(fid, owner, c.FAILED, fields)
+        moved = self.store.finish(fid, owner, c.FAILED, fields)
         log_job(logging.WARNING, fid, task_id, c.FAILED, error_code=c.INVALID_MESSAGE)
-        return Outcome(record, finished=record is not None)
+        return Outcome(moved.record if moved else None, finished=moved is not None)
 
 
 class _Attempt:
@@ -159,6 +167,7 @@ class _Attempt:
         self.foreign_id = message.request.foreign_id
         self.attempts = int(record.get("attempts", 1))
         self.latency_ms = 0.0
+        self.report = Report()  # what the last provider call said about the provider
 
     def run(self) -> Outcome:
         deadline = self.message.deadline
@@ -210,10 +219,13 @@ class _Attempt:
         new_id = derived_foreign_id(self.foreign_id, generation)
         # Recorded before the call, so a crash mid-call retries this same id, never a new one.
         fields = {"provider_foreign_id": new_id, "generation": generation, "ambiguous": 0}
-        if not self.job.store.transition(
-            self.foreign_id, self.owner, c.PROCESSING, fields, lease=self.job.settings.lease
-        ):
+        moved = self.job.store.transition(
+            self.foreign_id, self.owner, c.PROCESSING, fields, lease=self.job.settings.lease,
+            report=self.report,
+        )  # fmt: skip
+        if moved is None:
             return self._lost()
+        self._circuit(moved)
         self._log("orphan_cancelled", recreate_as=new_id)
         self.record.update(fields)
         return self._create(new_id, ambiguous=False)
@@ -242,10 +254,12 @@ class _Attempt:
             "ambiguous": int(ambiguous),
             "provider_foreign_id": provider_id,
         }
-        if not self.job.store.transition(
-            self.foreign_id, self.owner, c.RETRYING, fields, delay=delay
-        ):
+        moved = self.job.store.transition(
+            self.foreign_id, self.owner, c.RETRYING, fields, delay=delay, report=self.report
+        )
+        if moved is None:
             return self._lost()
+        self._circuit(moved)
         self._log("retrying", error_code=error["error_code"], retry_in=round(delay, 2))
         return Outcome(None, retry_in=delay)
 
@@ -269,11 +283,15 @@ class _Attempt:
 
     def finish(self, state: str, **fields: Any) -> Outcome:
         fields = {"task_id": self.task_id, "attempts": self.attempts, **fields}
-        record = self.job.store.finish(self.foreign_id, self.owner, state, fields)
-        if record is None:
+        moved = self.job.store.finish(self.foreign_id, self.owner, state, fields, self.report)
+        if moved is None:
             return self._lost()
+        self._circuit(moved)
         self._log(state, error_code=fields.get("error_code"))
-        return Outcome(record, finished=True)
+        return Outcome(moved.record, finished=True)
+
+    def _circuit(self, moved: Moved) -> None:
+        log_circuit(moved.circuit, self.foreign_id, self.task_id)
 
     def _lost(self) -> Outcome:
         self._log("lease_lost", level=logging.WARNING)
@@ -281,21 +299,36 @@ class _Attempt:
 
     def _call(self, fn: Callable[[], Invoice]) -> Invoice:
         start = time.perf_counter()
+        settings = self.job.settings
         try:
-            return fn()
+            result = fn()
+        except RateLimitedError as exc:
+            pause = exc.retry_after if exc.retry_after is not None else settings.rate_limit_pause
+            self._reported("rate_limited", start, min(pause, settings.retry_cap))
+            raise
+        except TransientProviderError:
+            self._reported("failure", start)
+            raise
         except ProviderError:
+            self._reported("ok", start)  # it answered: the provider is up
             raise
         except Exception as exc:
             # A bug or a soft time limit mid-call: the request may have gone out, so retry it
-            # as ambiguous (bounded by max_attempts) instead of crashing the message.
+            # as ambiguous (bounded by max_attempts) instead of crashing the message. It says
+            # nothing about the provider, so the breaker hears nothing.
+            self._reported("", start)
             log.exception(
                 "job %s task=%s unexpected error in provider call", self.foreign_id, self.task_id
             )
             raise AmbiguousResponseError(
                 f"unexpected {type(exc).__name__} during the call"
             ) from exc
-        finally:
-            self.latency_ms += (time.perf_counter() - start) * 1000
+        self._reported("ok", start)
+        return result
+
+    def _reported(self, outcome: str, start: float, pause: float = 0.0) -> None:
+        self.latency_ms += (time.perf_counter() - start) * 1000
+        self.report = Report(outcome, pause, self.latency_ms / 1000)
 
     def _log(self, outcome: str, level: int = logging.INFO, **detail: Any) -> None:
         log_job(

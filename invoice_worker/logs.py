@@ -24,6 +24,17 @@ def log_job(level: int, foreign_id: str, task_id: str, outcome: str, **detail: A
     log.log(level, "job %s %s", foreign_id, text, extra={"job": fields})
 
 
+def log_circuit(change: str, foreign_id: str, task_id: str) -> None:
+    """Log a change of the fleet's circuit breaker: once, by the worker whose call caused it."""
+    if not change:
+        return
+    level = logging.WARNING if change == "open" else logging.INFO
+    log.log(
+        level, "provider circuit %s (after job %s)", change.replace("_", "-"), foreign_id,
+        extra={"job": {"circuit": change, "foreign_id": foreign_id, "task_id": task_id}},
+    )  # fmt: skip
+
+
 def _text(value: Any) -> str:
     return f"{value:.1f}" if isinstance(value, float) else str(value)
 

@@ -6,6 +6,7 @@ Producer (thread-safe: redis-py and Celery's producer pool both pool their conne
 
 from __future__ import annotations
 
+import json
 import threading
 import uuid
 from collections.abc import Mapping, Sequence
@@ -137,7 +138,8 @@ class Producer:
         fields = {k: v for k, v in fields.items() if v is not None}
         queue = self.settings.queue
         envelope = redis_envelope(self.app, message, task_id, queue) if self.atomic else ""
-        return NewJob(foreign_id, message.fingerprint(), fields, envelope, queue)
+        kwargs = json.dumps(message.kwargs())
+        return NewJob(foreign_id, message.fingerprint(), fields, kwargs, envelope, queue)
 
     def _send(self, sends: list[tuple[Message, str, bool]]) -> None:
         try:

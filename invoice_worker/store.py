@@ -1,8 +1,10 @@
 """The Redis job store: one hash per foreign_id, leases, atomic transitions and final events.
 
-Every transition is one Lua script (one round trip, atomic). A worker holds a job only through
-a lease (owner token + expiry read from Redis' own clock), and only the owner may move it on, so
-a duplicate or redelivered message can never act on a job another worker is running.
+Every transition is one Lua script (``scripts.py``: one round trip, atomic). A worker holds a job
+only through a lease (owner token + expiry read from Redis' own clock), and only the owner may
+move it on, so a duplicate or redelivered message can never act on a job another worker is
+running. The same scripts keep the fleet's view of the provider (rate limit, 429 pause, circuit
+breaker) and the counters behind the metrics, at no extra round trip.
 """
 
 from __future__ import annotations
@@ -18,125 +20,12 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from invoice_worker import constants as c
+from invoice_worker import scripts
 from invoice_worker.config import Settings
 
-_NOW = "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000)\n"
-_FINAL = "local final = {created=true, failed=true, expired=true}\n"
-
-# KEYS: record, broker queue. ARGV: fingerprint, ttl_s, requeue_after_ms, message ('' when the
-# caller sends it through Celery), field/value pairs for a new record.
-# Returns {'new'} | {'conflict'} | {'exists', record, stale}. A new record and its message are
-# written together: no crash can leave one without the other.
-_ENQUEUE = (
-    _NOW
-    + """
-local fp = redis.call('HGET', KEYS[1], 'fingerprint')
-if fp then
-  if fp ~= ARGV[1] then return {'conflict'} end
-  local stale = 0
-  local at = tonumber(redis.call('HGET', KEYS[1], 'enqueued_ms') or '0')
-  if redis.call('HGET', KEYS[1], 'state') == 'queued' and now - at > tonumber(ARGV[3]) then
-    redis.call('HSET', KEYS[1], 'enqueued_ms', now)
-    stale = 1
-  end
-  return {'exists', redis.call('HGETALL', KEYS[1]), stale}
-end
-redis.call('HSET', KEYS[1], 'fingerprint', ARGV[1], 'state', 'queued', 'attempts', 0,
-  'created_at', now / 1000, 'updated_at', now / 1000, 'enqueued_ms', now, unpack(ARGV, 5))
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-if ARGV[4] ~= '' then redis.call('LPUSH', KEYS[2], ARGV[4]) end
-return {'new'}
-"""
-)
-
-# KEYS: record. ARGV: owner, lease_ms, fingerprint, max_crashes, ttl_s, fields for a record the
-# producer never wrote (a message sent straight to Celery).
-# Returns {status, record, wait_ms}: claimed | poison | done | busy | early | conflict.
-_CLAIM = (
-    _NOW
-    + _FINAL
-    + """
-local state = redis.call('HGET', KEYS[1], 'state')
-if not state then
-  redis.call('HSET', KEYS[1], 'fingerprint', ARGV[3], 'state', 'queued', 'attempts', 0,
-    'created_at', now / 1000, 'enqueued_ms', now, unpack(ARGV, 6))
-  redis.call('EXPIRE', KEYS[1], ARGV[5])
-  state = 'queued'
-elseif redis.call('HGET', KEYS[1], 'fingerprint') ~= ARGV[3] then
-  return {'conflict', {}, 0}
-end
-if final[state] then return {'done', redis.call('HGETALL', KEYS[1]), 0} end
-local lease_until = tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '0')
-if lease_until > now then
-  if redis.call('HGET', KEYS[1], 'lease_owner') == ARGV[1] then
-    return {'claimed', redis.call('HGETALL', KEYS[1]), 0}  -- a retried call that already ran
-  end
-  return {'busy', {}, lease_until - now}
-end
-local next_at = tonumber(redis.call('HGET', KEYS[1], 'next_attempt_ms') or '0')
-if state == 'retrying' and next_at > now + 1000 then return {'early', {}, next_at - now} end
-local status = 'claimed'
-if state == 'processing' then
-  -- the last holder vanished mid-attempt: its call may have reached the provider
-  local crashes = redis.call('HINCRBY', KEYS[1], 'crashes', 1)
-  redis.call('HSET', KEYS[1], 'ambiguous', 1)
-  if crashes > tonumber(ARGV[4]) then status = 'poison' end
-end
-redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-redis.call('HSET', KEYS[1], 'state', 'processing', 'lease_owner', ARGV[1],
-  'lease_until', now + tonumber(ARGV[2]), 'updated_at', now / 1000)
-redis.call('HDEL', KEYS[1], 'next_attempt_ms', 'next_attempt_at')
-return {status, redis.call('HGETALL', KEYS[1]), 0}
-"""
-)
-
-# KEYS: record, events stream. ARGV: owner, state, mode (renew|release|final), lease_ms,
-# delay_ms, ttl_s, maxlen, channel, n_fields, field/value pairs, then event field/value pairs.
-# Returns 1 (the final record for a final state), or 0 when the caller no longer owns the job
-# (nothing is written then).
-_TRANSITION = (
-    _NOW
-    + _FINAL
-    + """
-if redis.call('HGET', KEYS[1], 'lease_owner') ~= ARGV[1] then return 0 end
-if final[redis.call('HGET', KEYS[1], 'state')] then return 0 end
-local n = tonumber(ARGV[9])
-local fields = {}
-for i = 10, 9 + n * 2 do fields[#fields + 1] = ARGV[i] end
-redis.call('HSET', KEYS[1], 'state', ARGV[2], 'updated_at', now / 1000, unpack(fields))
-local mode = ARGV[3]
-if mode == 'renew' then
-  redis.call('HSET', KEYS[1], 'lease_until', now + tonumber(ARGV[4]))
-else
-  redis.call('HDEL', KEYS[1], 'lease_owner', 'lease_until')
-end
-local delay = tonumber(ARGV[5])
-if delay >= 0 then
-  local at = now + delay
-  redis.call('HSET', KEYS[1], 'next_attempt_ms', at, 'next_attempt_at', at / 1000)
-end
-if mode == 'final' then
-  local event = {}
-  for i = 10 + n * 2, #ARGV do event[#event + 1] = ARGV[i] end
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*', unpack(event))
-  redis.call('EXPIRE', KEYS[1], ARGV[6])
-  redis.call('PUBLISH', ARGV[8], ARGV[2])
-  return redis.call('HGETALL', KEYS[1])
-end
-return 1
-"""
-)
-
-# KEYS: record. ARGV: task_id. Undoes an enqueue whose message could not be sent.
-_DISCARD = """
-local state, task = unpack(redis.call('HMGET', KEYS[1], 'state', 'task_id'))
-if state == 'queued' and task == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
-
-_INTERNAL = ("fingerprint", "lease_owner", "lease_until", "enqueued_ms", "next_attempt_ms")
+_INTERNAL = (
+    "fingerprint", "lease_owner", "lease_until", "enqueued_ms", "next_attempt_ms", "slot_ms",
+)  # fmt: skip
 _NUMERIC = {"attempts": int, "crashes": int, "invoice_id": int, "fixed_at": int, "release_at": int}
 _FLOATS = ("created_at", "updated_at", "next_attempt_at", "deadline")
 
@@ -148,6 +37,7 @@ class NewJob:
     foreign_id: str
     fingerprint: str
     fields: dict[str, Any]
+    kwargs: str  # the task kwargs as JSON, kept to send again if the message is lost
     message: str = ""
     queue: str = ""
 
@@ -167,11 +57,40 @@ class Enqueued:
 
 @dataclass(frozen=True)
 class Claim:
-    """What a worker learned when it tried to take a job."""
+    """What a worker learned when it tried to take a job.
+
+    ``reason`` says why a ``deferred`` job waits (rate_limited, provider_paused, circuit_open);
+    ``circuit`` is the breaker's new state when this claim changed it (log it once).
+    """
 
     status: str
     record: dict[str, Any]
     wait: float = 0.0
+    reason: str = ""
+    circuit: str = ""
+
+
+@dataclass(frozen=True)
+class Moved:
+    """A transition that happened: the final record (final states only) and the breaker's
+    new state when this attempt's report changed it."""
+
+    record: dict[str, Any] | None
+    circuit: str = ""
+
+
+@dataclass(frozen=True)
+class Report:
+    """What an attempt says about the provider, for the whole fleet.
+
+    ``outcome``: ok (it answered), failure (unreachable, 5xx, timeout), rate_limited (429), or
+    empty when no call was made. ``pause``: seconds the fleet holds off after a 429.
+    ``latency``: seconds spent in provider calls, for the latency histogram.
+    """
+
+    outcome: str = ""
+    pause: float = 0.0
+    latency: float | None = None
 
 
 class JobStore:
@@ -184,10 +103,23 @@ class JobStore:
         self.maxlen = settings.events_maxlen
         self.ttl = settings.record_ttl
         self.requeue_after_ms = settings.broker_visibility_timeout * 1000
-        self._enqueue = client.register_script(_ENQUEUE)
-        self._claim = client.register_script(_CLAIM)
-        self._transition = client.register_script(_TRANSITION)
-        self._discard = client.register_script(_DISCARD)
+        self.provider = f"{self.prefix}{c.PROVIDER_KEY}"
+        self.stats = f"{self.prefix}{c.STATS_KEY}"
+        self.due = f"{self.prefix}{c.DUE_KEY}"
+        rate = settings.provider_rate_limit
+        self.gate = [
+            1000 / rate if rate else 0, settings.provider_burst, settings.circuit_threshold,
+            int(settings.circuit_cooldown * 1000), settings.circuit_probes,
+        ]  # fmt: skip
+        self.breaker = [
+            settings.circuit_threshold, int(settings.circuit_window * 1000),
+            int(settings.circuit_cooldown * 1000),
+        ]  # fmt: skip
+        self._enqueue = client.register_script(scripts.ENQUEUE)
+        self._claim = client.register_script(scripts.CLAIM)
+        self._transition = client.register_script(scripts.TRANSITION)
+        self._discard = client.register_script(scripts.DISCARD)
+        self._sweep = client.register_script(scripts.SWEEP)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> JobStore:
@@ -207,6 +139,10 @@ class JobStore:
         """Return the record key of ``foreign_id``."""
         return f"{self.prefix}{c.JOB_KEY}{foreign_id}"
 
+    def copy(self, foreign_id: str) -> str:
+        """Return the key of the stored task kwargs of ``foreign_id``."""
+        return f"{self.prefix}{c.COPY_KEY}{foreign_id}"
+
     def channel(self, foreign_id: str) -> str:
         """Return the pub/sub channel announcing the final state of ``foreign_id``."""
         return f"{self.prefix}{c.DONE_CHANNEL}{foreign_id}"
@@ -219,9 +155,12 @@ class JobStore:
         pipe = self.redis.pipeline(transaction=False)
         for job in jobs:
             pairs = _flatten(_with_id(job.foreign_id, job.fields))
+            fid = job.foreign_id
+            args: list[str | int] = [job.fingerprint, self.ttl, self.requeue_after_ms]
+            args += [job.message, job.kwargs, fid]
             self._enqueue(
-                keys=[self.key(job.foreign_id), job.queue],
-                args=[job.fingerprint, self.ttl, self.requeue_after_ms, job.message, *pairs],
+                keys=[self.key(fid), job.queue, self.stats, self.due, self.copy(fid)],
+                args=[*args, *pairs],
                 client=pipe,
             )
         return [
@@ -240,7 +179,19 @@ class JobStore:
 
     def discard(self, foreign_id: str, task_id: str) -> None:
         """Delete a still-queued record created by ``task_id`` (its message was never sent)."""
-        self._discard(keys=[self.key(foreign_id)], args=[task_id])
+        keys = [self.key(foreign_id), self.stats, self.due, self.copy(foreign_id)]
+        self._discard(keys=keys, args=[task_id, foreign_id])
+
+    def sweep(self, limit: int = 100) -> list[tuple[str, str, dict[str, Any]]]:
+        """Take the jobs whose message was lost: (foreign_id, task_id, task kwargs) each.
+
+        A job is due when it should have moved on by now had its message survived; each one
+        returned is not returned again for another broker redelivery delay.
+        """
+        reply = self._sweep(
+            keys=[self.due, self.stats], args=[self.prefix, limit, self.requeue_after_ms]
+        )
+        return [(reply[i], reply[i + 1], json.loads(reply[i + 2])) for i in range(0, len(reply), 3)]
 
     def get(self, foreign_id: str) -> dict[str, Any] | None:
         """Return the public record of ``foreign_id``, or None."""
@@ -256,14 +207,20 @@ class JobStore:
         fingerprint: str,
         max_crashes: int,
         fields: dict[str, Any],
+        gated: bool = True,
+        kwargs: str = "",
     ) -> Claim:
-        """Try to take the job for ``lease`` seconds (creating the record if none exists)."""
-        pairs = _flatten(_with_id(foreign_id, fields))
-        status, raw, wait_ms = self._claim(
-            keys=[self.key(foreign_id)],
-            args=[owner, int(lease * 1000), fingerprint, max_crashes, self.ttl, *pairs],
+        """Try to take the job for ``lease`` seconds (creating the record if none exists),
+        through the fleet gate unless ``gated`` is False (no provider call will follow): a 429
+        pause, an open circuit or the rate limit then defer it without using an attempt.
+        ``kwargs`` (JSON) is kept to send the job again should its message be lost."""
+        gate = [*self.gate, self.requeue_after_ms, foreign_id, kwargs]
+        gate += _flatten(_with_id(foreign_id, fields))
+        status, raw, wait_ms, reason, circuit = self._claim(
+            keys=[self.key(foreign_id), self.provider, self.stats, self.due, self.copy(foreign_id)],
+            args=[owner, int(lease * 1000), fingerprint, max_crashes, self.ttl, int(gated), *gate],
         )
-        return Claim(status, _record(raw) if raw else {}, int(wait_ms) / 1000)
+        return Claim(status, _record(raw) if raw else {}, float(wait_ms) / 1000, reason, circuit)
 
     def transition(
         self,
@@ -274,27 +231,32 @@ class JobStore:
         *,
         lease: float | None = None,
         delay: float | None = None,
-    ) -> bool:
-        """Move an owned job to a non-final ``state``; False if the lease was lost.
+        report: Report | None = None,
+    ) -> Moved | None:
+        """Move an owned job to a non-final ``state``; None if the lease was lost.
 
         ``lease`` renews the lease (the job stays held); otherwise it is released, and
         ``delay`` sets ``next_attempt_at``.
         """
         assert state not in c.FINAL_STATES, "use finish()"
         mode = "renew" if lease is not None else "release"
-        return bool(self._run(foreign_id, owner, state, mode, fields, lease=lease, delay=delay))
+        return self._run(foreign_id, owner, state, mode, fields, lease, delay, report)
 
     def finish(
-        self, foreign_id: str, owner: str, state: str, fields: dict[str, Any] | None = None
-    ) -> dict[str, Any] | None:
+        self,
+        foreign_id: str,
+        owner: str,
+        state: str,
+        fields: dict[str, Any] | None = None,
+        report: Report | None = None,
+    ) -> Moved | None:
         """Make an owned job final, append its event and announce it, in one atomic step.
 
         Returns:
             The final record, or None if the lease was lost (nothing is written then).
         """
         assert state in c.FINAL_STATES, state
-        reply = self._run(foreign_id, owner, state, "final", fields)
-        return _record(reply) if reply else None
+        return self._run(foreign_id, owner, state, "final", fields, None, None, report)
 
     def _run(
         self,
@@ -303,17 +265,27 @@ class JobStore:
         state: str,
         mode: str,
         fields: dict[str, Any] | None,
-        *,
-        lease: float | None = None,
-        delay: float | None = None,
-    ) -> Any:
+        lease: float | None,
+        delay: float | None,
+        report: Report | None,
+    ) -> Moved | None:
+        report = report or Report()
         fields = {k: v for k, v in (fields or {}).items() if v is not None}
         event = _event(foreign_id, state, fields) if mode == "final" else []
         pairs = _flatten(fields)
-        args: list[str | int] = [owner, state, mode, int((lease or 0) * 1000)]
+        latency = report.latency
+        bucket = "" if latency is None else _bucket(latency)
+        args: list[str | int | float] = [owner, state, mode, int((lease or 0) * 1000)]
         args += [-1 if delay is None else int(delay * 1000), self.ttl, self.maxlen]
-        args += [self.channel(foreign_id), len(pairs) // 2, *pairs, *event]
-        return self._transition(keys=[self.key(foreign_id), self.stream], args=args)
+        args += [self.channel(foreign_id), report.outcome, int(report.pause * 1000), *self.breaker]
+        args += [bucket, (latency or 0) * 1000, self.requeue_after_ms, foreign_id]
+        args += [len(pairs) // 2, *pairs, *event]
+        keys = [self.key(foreign_id), self.stream, self.provider, self.stats, self.due]
+        keys.append(self.copy(foreign_id))
+        reply = self._transition(keys=keys, args=args)
+        if not reply[0]:
+            return None
+        return Moved(_record(reply[1]) if reply[1] else None, reply[2])
 
     def mark(self, foreign_id: str, **fields: Any) -> None:
         """Set bookkeeping fields that need no lease (e.g. ``callback_sent`` after a final)."""
@@ -371,6 +343,13 @@ def _flatten(fields: dict[str, Any]) -> list[str]:
 def _event(foreign_id: str, state: str, fields: dict[str, Any]) -> list[str]:
     keep = ("url", "invoice_id", "error_code", "error", "task_id", "attempts")
     return _flatten({"foreign_id": foreign_id, "state": state, **{k: fields.get(k) for k in keep}})
+
+
+def _bucket(latency: float) -> str:
+    for i, bound in enumerate(c.LATENCY_BUCKETS):
+        if latency <= bound:
+            return str(i)
+    return "inf"
 
 
 def _record(raw: list[str]) -> dict[str, Any]:

@@ -61,8 +61,25 @@ def create_app(settings: Settings | None = None) -> Celery:
     if settings.log_format == "json":
         logs.use_json_logs()
     app.steps["worker"].add(_credentials_step(settings))
+    app.steps["worker"].add(_sweeper_step(app, settings))
     tasks.register(app, settings)
     return app
+
+
+def _sweeper_step(app: Celery, settings: Settings) -> type[bootsteps.StartStopStep]:
+    class RunSweeper(bootsteps.StartStopStep):  # type: ignore[misc]
+        """Every worker sweeps for jobs whose message was lost (see invoice_worker.sweeper)."""
+
+        def start(self, parent: Any) -> None:
+            from invoice_worker.sweeper import Sweeper
+
+            self.sweeper = Sweeper(app, settings)
+            self.sweeper.start()
+
+        def stop(self, parent: Any) -> None:
+            self.sweeper.stop()
+
+    return RunSweeper
 
 
 def _credentials_step(settings: Settings) -> type[bootsteps.Step]:

@@ -209,3 +209,33 @@ def test_dev_demo(redis_kind: str, tmp_path: Path) -> None:
     assert "rejected one invalid request" in out
     assert "12 live invoices for 12 orders" in out
     assert "buyer1@example.com" not in out
+
+
+def test_metrics_command_serves_and_stops(env: Settings, tmp_path: Path) -> None:
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "invoice_worker.cli",
+        "metrics",
+        "--port",
+        str(port),
+        "--addr",
+        "127.0.0.1",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=1).text
+                break
+            except requests.ConnectionError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        assert "invoice_queue_depth" in text
+        assert "invoice_circuit_state" in text
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=10)
+    assert proc.returncode == 0

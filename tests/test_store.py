@@ -27,7 +27,7 @@ def claim(store: JobStore, fid: str, owner: str = "w1", fp: str = "fp", **kw: An
 
 
 def one(store: JobStore, fid: str, fp: str = "fp", **fields: Any) -> Enqueued:
-    [result] = store.enqueue([NewJob(fid, fp, fields)])
+    [result] = store.enqueue([NewJob(fid, fp, fields, "{}")])
     return result
 
 
@@ -43,9 +43,9 @@ def test_enqueue_new_then_exists_then_conflict(store: JobStore) -> None:
 
 def test_enqueue_pushes_message_atomically(store: JobStore, redis_client: redis.Redis) -> None:
     fid, queue = new_id(), f"q-{new_id()}"
-    jobs = [NewJob(fid, "fp", {"task_id": "t1"}, "message-1", queue)]
-    jobs.append(NewJob(fid, "fp", {"task_id": "t2"}, "message-2", queue))  # same id in a batch
-    jobs.append(NewJob(fid, "fp2", {}, "message-3", queue))
+    jobs = [NewJob(fid, "fp", {"task_id": "t1"}, "{}", "message-1", queue)]
+    jobs.append(NewJob(fid, "fp", {"task_id": "t2"}, "{}", "message-2", queue))  # same id twice
+    jobs.append(NewJob(fid, "fp2", {}, "{}", "message-3", queue))
     assert [r.status for r in store.enqueue(jobs)] == ["new", "exists", "conflict"]
     assert redis_client.lrange(queue, 0, -1) == ["message-1"]
 
@@ -144,7 +144,9 @@ def test_final_transition_writes_one_event_and_is_terminal(store: JobStore) -> N
     fid = new_id()
     claim(store, fid, "w1")
     fields = {"url": "https://i.example.com/x", "invoice_id": 7, "attempts": 1}
-    record = store.finish(fid, "w1", c.CREATED, fields)
+    moved = store.finish(fid, "w1", c.CREATED, fields)
+    assert moved is not None
+    record = moved.record
     assert record is not None
     assert (record["state"], record["invoice_id"], record["url"]) == (c.CREATED, 7, fields["url"])
     assert store.finish(fid, "w1", c.FAILED, {"error_code": "x"}) is None

@@ -1,0 +1,73 @@
+"""Lost messages are sent again from the job's stored kwargs."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+import redis
+
+from invoice_worker import constants as c
+from invoice_worker.config import Settings
+from invoice_worker.producer import Producer
+from invoice_worker.sweeper import Sweeper
+from tests.conftest import request_data
+
+
+@pytest.fixture
+def fast(settings: Settings) -> Settings:
+    return settings.replace(visibility_timeout=1)  # due one second after the last step
+
+
+def test_lost_queued_message_is_sent_again(fast: Settings, redis_client: redis.Redis) -> None:
+    producer = Producer(fast)
+    data = request_data()
+    record = producer.enqueue(data)
+    # Given the broker lost the message
+    assert redis_client.delete(fast.queue) == 1
+    sweeper = Sweeper(producer.app, fast)
+    assert sweeper.sweep() == 0  # not due yet
+    time.sleep(1.1)
+    # When the sweeper runs
+    assert sweeper.sweep() == 1
+    assert sweeper.sweep() == 0  # not again before another redelivery delay
+    # Then the same task is back on the queue, with masked kwargsrepr
+    [raw] = redis_client.lrange(fast.queue, 0, -1)
+    message = json.loads(raw)
+    assert message["headers"]["id"] == record["task_id"]
+    assert data["email_user"] not in message["headers"]["kwargsrepr"]
+    producer.close()
+
+
+def test_held_and_final_jobs_are_left_alone(fast: Settings, redis_client: redis.Redis) -> None:
+    producer = Producer(fast)
+    store = producer.store
+    held, done = request_data(), request_data()
+    producer.enqueue_many([held, done])
+    for data, owner in ((held, "w1"), (done, "w2")):
+        fid = data["foreign_id"]
+        fingerprint = str(redis_client.hget(store.key(fid), "fingerprint"))
+        store.claim(fid, owner, lease=30, fingerprint=fingerprint, max_crashes=3, fields={})
+    store.finish(done["foreign_id"], "w2", c.CREATED, {"url": "https://i.example.com/x"})
+    assert redis_client.get(store.copy(done["foreign_id"])) is None  # the copy goes with the job
+    assert redis_client.get(store.copy(held["foreign_id"])) is not None
+    time.sleep(1.1)
+    assert store.sweep() == []
+    assert redis_client.zscore(store.due, done["foreign_id"]) is None
+    producer.close()
+
+
+@pytest.mark.slow
+def test_worker_finishes_a_job_whose_message_was_lost(fast: Settings, start_worker: Any) -> None:
+    settings = fast.replace(visibility_timeout=3)
+    producer = Producer(settings)
+    data = request_data()
+    producer.enqueue(data)
+    producer.store.redis.delete(settings.queue)
+    start_worker(settings)
+    record = producer.wait(data["foreign_id"], 30)
+    producer.close()
+    assert record is not None
+    assert record["state"] == c.CREATED
