@@ -18,8 +18,12 @@ import redis
 from invoice_worker.client import ProviderClient
 from invoice_worker.config import Settings
 from invoice_worker.embedded import EmbeddedRedis
+from invoice_worker.job import InvoiceJob
+from invoice_worker.message import Message
+from invoice_worker.models import parse_request
 from invoice_worker.processes import ChildProcess, worker_process
 from invoice_worker.sandbox import Sandbox
+from invoice_worker.store import JobStore
 
 KEY = "test-key"
 SECRET = "test-secret"
@@ -115,3 +119,24 @@ def start_worker(tmp_path: Path) -> Iterator[Any]:
     yield start
     for worker in workers:
         worker.stop()
+
+
+def make_job(settings: Settings, **overrides: Any) -> InvoiceJob:
+    """The job function with real Redis and HTTP, and jitter pinned to zero."""
+    settings = settings.replace(**overrides)
+    store = JobStore.from_settings(settings)
+    return InvoiceJob(store, ProviderClient.from_settings(settings), settings, rand=lambda: 0.0)
+
+
+def job_kwargs(**overrides: Any) -> dict[str, Any]:
+    """Task kwargs for a valid request (``deadline`` goes to the message, the rest to it)."""
+    deadline = overrides.pop("deadline", None)
+    return Message(parse_request(request_data(**overrides)), deadline).kwargs()
+
+
+def live(sandbox: Sandbox, fid: str) -> list[dict[str, Any]]:
+    """The sandbox's live (not cancelled) invoices for ``fid`` and its derived ids."""
+    return [
+        i for i in sandbox.invoices()
+        if (i["foreign_id"] == fid or i["foreign_id"].startswith(fid + "~r")) and not i["cancelled"]
+    ]  # fmt: skip

@@ -11,27 +11,12 @@ from typing import Any
 import pytest
 
 from invoice_worker import constants as c
-from invoice_worker.client import ProviderClient
 from invoice_worker.config import Settings
 from invoice_worker.fleet import provider_status
 from invoice_worker.job import InvoiceJob
-from invoice_worker.message import Message
-from invoice_worker.models import parse_request
 from invoice_worker.producer import Producer
 from invoice_worker.sandbox import Faults, Sandbox
-from invoice_worker.store import JobStore
-from tests.conftest import KEY, SECRET, make_settings, request_data
-
-
-def make_job(settings: Settings) -> InvoiceJob:
-    return InvoiceJob(
-        JobStore.from_settings(settings), ProviderClient.from_settings(settings), settings
-    )
-
-
-def message(**overrides: Any) -> dict[str, Any]:
-    deadline = overrides.pop("deadline", None)
-    return Message(parse_request(request_data(**overrides)), deadline).kwargs()
+from tests.conftest import KEY, SECRET, job_kwargs, make_job, make_settings, request_data
 
 
 def run(job: InvoiceJob, kwargs: dict[str, Any], owner: str = "o") -> Any:
@@ -42,7 +27,7 @@ def test_rate_limit_defers_with_spaced_slots_and_no_attempt(
     settings: Settings, sandbox: Sandbox
 ) -> None:
     job = make_job(settings.replace(provider_rate_limit=2, provider_burst=1))
-    jobs = [message() for _ in range(4)]
+    jobs = [job_kwargs() for _ in range(4)]
     outcomes = [run(job, kwargs) for kwargs in jobs]
     assert outcomes[0].record["state"] == c.CREATED
     waits = [o.retry_in for o in outcomes[1:]]
@@ -63,10 +48,10 @@ def test_rate_limit_defers_with_spaced_slots_and_no_attempt(
 
 def test_429_pauses_the_whole_fleet(settings: Settings, sandbox: Sandbox) -> None:
     job = make_job(settings)
-    first = message()
+    first = job_kwargs()
     sandbox.script(["429"], foreign_id=first["request"]["foreign_id"])
     assert run(job, first).retry_in == pytest.approx(sandbox.faults.retry_after, abs=0.1)
-    other = run(job, message())  # another job, maybe on another worker
+    other = run(job, job_kwargs())  # another job, maybe on another worker
     assert other.retry_in is not None
     assert 0.5 < other.retry_in <= sandbox.faults.retry_after + 1.1
     status = provider_status(job.store, job.settings)
@@ -77,19 +62,19 @@ def test_circuit_opens_probes_and_closes(settings: Settings, sandbox: Sandbox) -
     job = make_job(settings.replace(circuit_threshold=3, circuit_cooldown=0.5, circuit_probes=1))
     # Given three failures in a row
     for _ in range(3):
-        kwargs = message()
+        kwargs = job_kwargs()
         sandbox.script(["503"], foreign_id=kwargs["request"]["foreign_id"])
         run(job, kwargs)
     assert provider_status(job.store, job.settings)["circuit"] == c.OPEN
     # Then jobs are deferred without calling the provider
-    blocked = message()
+    blocked = job_kwargs()
     outcome = run(job, blocked)
     assert outcome.retry_in is not None
     assert sandbox.create_calls(blocked["request"]["foreign_id"]) == 0
     assert job.store.get(blocked["request"]["foreign_id"])["deferred"] == "circuit_open"  # type: ignore[index]
     # After the cool-down one probe goes through; the others keep waiting
     time.sleep(0.55)
-    probe, waiting = message(), message()
+    probe, waiting = job_kwargs(), job_kwargs()
     assert run(job, probe).record["state"] == c.CREATED
     assert provider_status(job.store, job.settings)["circuit"] == c.CLOSED
     assert run(job, waiting).record["state"] == c.CREATED
@@ -97,7 +82,7 @@ def test_circuit_opens_probes_and_closes(settings: Settings, sandbox: Sandbox) -
 
 def test_failed_probe_reopens(settings: Settings, sandbox: Sandbox) -> None:
     job = make_job(settings.replace(circuit_threshold=1, circuit_cooldown=0.3, circuit_probes=1))
-    kwargs = message()
+    kwargs = job_kwargs()
     sandbox.script(["502", "502"], foreign_id=kwargs["request"]["foreign_id"])
     run(job, kwargs, "a")
     assert provider_status(job.store, job.settings)["circuit"] == c.OPEN
@@ -110,10 +95,10 @@ def test_failed_probe_reopens(settings: Settings, sandbox: Sandbox) -> None:
 
 def test_deadline_still_applies_while_circuit_open(settings: Settings, sandbox: Sandbox) -> None:
     job = make_job(settings.replace(circuit_threshold=1, circuit_cooldown=30))
-    kwargs = message()
+    kwargs = job_kwargs()
     sandbox.script(["500"], foreign_id=kwargs["request"]["foreign_id"])
     run(job, kwargs)
-    late = message(deadline=time.time() + 2)
+    late = job_kwargs(deadline=time.time() + 2)
     outcome = run(job, late)
     assert outcome.record is not None
     assert (outcome.record["state"], outcome.record["error_code"]) == (c.EXPIRED, c.DEADLINE_PASSED)

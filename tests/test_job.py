@@ -16,24 +16,12 @@ from invoice_worker.job import InvoiceJob, Outcome, backoff, derived_foreign_id,
 from invoice_worker.message import Message
 from invoice_worker.models import parse_request
 from invoice_worker.sandbox import Sandbox
-from invoice_worker.store import JobStore
-from tests.conftest import request_data
-
-
-def make_job(settings: Settings, **overrides: Any) -> InvoiceJob:
-    settings = settings.replace(**overrides)
-    store = JobStore.from_settings(settings)
-    return InvoiceJob(store, ProviderClient.from_settings(settings), settings, rand=lambda: 0.0)
+from tests.conftest import job_kwargs, live, make_job, request_data
 
 
 @pytest.fixture
 def job(settings: Settings) -> InvoiceJob:
     return make_job(settings)
-
-
-def message(**overrides: Any) -> dict[str, Any]:
-    deadline = overrides.pop("deadline", None)
-    return Message(parse_request(request_data(**overrides)), deadline).kwargs()
 
 
 def drive(job: InvoiceJob, kwargs: dict[str, Any], runs: int = 20) -> tuple[Outcome, int]:
@@ -44,13 +32,6 @@ def drive(job: InvoiceJob, kwargs: dict[str, Any], runs: int = 20) -> tuple[Outc
             return outcome, n
         time.sleep(min(outcome.retry_in, 0.5))
     raise AssertionError("job never settled")
-
-
-def live(sandbox: Sandbox, fid: str) -> list[dict[str, Any]]:
-    return [
-        i for i in sandbox.invoices()
-        if (i["foreign_id"] == fid or i["foreign_id"].startswith(fid + "~r")) and not i["cancelled"]
-    ]  # fmt: skip
 
 
 def test_backoff_schedule_is_exact() -> None:
@@ -68,7 +49,7 @@ def test_derived_foreign_id_is_deterministic_and_bounded() -> None:
 
 
 def test_created_on_first_attempt(job: InvoiceJob, sandbox: Sandbox) -> None:
-    kwargs = message()
+    kwargs = job_kwargs()
     outcome, runs = drive(job, kwargs)
     record = outcome.record
     assert record is not None
@@ -85,7 +66,7 @@ def test_created_on_first_attempt(job: InvoiceJob, sandbox: Sandbox) -> None:
 def test_redelivery_of_done_job_returns_record_without_call(
     job: InvoiceJob, sandbox: Sandbox
 ) -> None:
-    kwargs = message()
+    kwargs = job_kwargs()
     first, _ = drive(job, kwargs)
     again = job.run(kwargs, task_id="task-2", owner="other")
     assert again.record == first.record
@@ -97,7 +78,7 @@ def test_redelivery_of_done_job_returns_record_without_call(
 def test_transient_errors_retried_to_success(
     job: InvoiceJob, sandbox: Sandbox, faults: list[str]
 ) -> None:
-    kwargs = message()
+    kwargs = job_kwargs()
     fid = kwargs["request"]["foreign_id"]
     sandbox.script(faults, foreign_id=fid)
     outcome, _ = drive(job, kwargs)
@@ -109,7 +90,7 @@ def test_transient_errors_retried_to_success(
 
 
 def test_retry_record_shows_progress(job: InvoiceJob, sandbox: Sandbox) -> None:
-    kwargs = message()
+    kwargs = job_kwargs()
     fid = kwargs["request"]["foreign_id"]
     sandbox.script(["503"], foreign_id=fid)
     outcome = job.run(kwargs, task_id="t", owner="o")
@@ -123,7 +104,7 @@ def test_retry_record_shows_progress(job: InvoiceJob, sandbox: Sandbox) -> None:
 
 
 def test_retry_after_is_honoured(job: InvoiceJob, sandbox: Sandbox) -> None:
-    kwargs = message()
+    kwargs = job_kwargs()
     sandbox.script(["429"], foreign_id=kwargs["request"]["foreign_id"])
     outcome = job.run(kwargs, task_id="t", owner="o")
     assert outcome.retry_in == pytest.approx(sandbox.faults.retry_after)
@@ -131,7 +112,7 @@ def test_retry_after_is_honoured(job: InvoiceJob, sandbox: Sandbox) -> None:
 
 def test_attempts_are_capped(settings: Settings, sandbox: Sandbox) -> None:
     job = make_job(settings, max_attempts=3)
-    kwargs = message()
+    kwargs = job_kwargs()
     fid = kwargs["request"]["foreign_id"]
     sandbox.script(["500"] * 5, foreign_id=fid)
     outcome, runs = drive(job, kwargs)
@@ -145,7 +126,7 @@ def test_attempts_are_capped(settings: Settings, sandbox: Sandbox) -> None:
 
 
 def test_permanent_error_fails_at_once(job: InvoiceJob, sandbox: Sandbox) -> None:
-    kwargs = message(amount="0.00001")
+    kwargs = job_kwargs(amount="0.00001")
     outcome, runs = drive(job, kwargs)
     record = outcome.record
     assert record is not None
@@ -157,7 +138,7 @@ def test_permanent_error_fails_at_once(job: InvoiceJob, sandbox: Sandbox) -> Non
 
 def test_auth_error_fails_with_provider_code(settings: Settings) -> None:
     job = make_job(settings, api_secret="wrong")
-    outcome, _ = drive(job, message())
+    outcome, _ = drive(job, job_kwargs())
     assert outcome.record is not None
     assert (outcome.record["state"], outcome.record["error_code"]) == (
         c.FAILED,
@@ -166,7 +147,7 @@ def test_auth_error_fails_with_provider_code(settings: Settings) -> None:
 
 
 def test_deadline_passed_expires_without_call(job: InvoiceJob, sandbox: Sandbox) -> None:
-    kwargs = message(deadline=time.time() - 1)
+    kwargs = job_kwargs(deadline=time.time() - 1)
     outcome, _ = drive(job, kwargs)
     assert outcome.record is not None
     assert (outcome.record["state"], outcome.record["error_code"]) == (c.EXPIRED, c.DEADLINE_PASSED)
@@ -176,7 +157,7 @@ def test_deadline_passed_expires_without_call(job: InvoiceJob, sandbox: Sandbox)
 def test_deadline_during_retries_expires(settings: Settings, sandbox: Sandbox) -> None:
     job = make_job(settings, retry_base=2.0, retry_cap=2.0)
     job.rand = lambda: 1.0
-    kwargs = message(deadline=time.time() + 1)
+    kwargs = job_kwargs(deadline=time.time() + 1)
     sandbox.script(["503"], foreign_id=kwargs["request"]["foreign_id"])
     outcome, _ = drive(job, kwargs)
     assert outcome.record is not None
@@ -184,7 +165,7 @@ def test_deadline_during_retries_expires(settings: Settings, sandbox: Sandbox) -
 
 
 def test_commit_then_fail_recreates(job: InvoiceJob, sandbox: Sandbox) -> None:
-    kwargs = message()
+    kwargs = job_kwargs()
     fid = kwargs["request"]["foreign_id"]
     sandbox.script(["commit_then_502"], foreign_id=fid)
     outcome, _ = drive(job, kwargs)
@@ -201,7 +182,7 @@ def test_commit_then_fail_recreates(job: InvoiceJob, sandbox: Sandbox) -> None:
 
 def test_commit_then_drop_with_fail_policy(settings: Settings, sandbox: Sandbox) -> None:
     job = make_job(settings, orphan_policy="fail")
-    kwargs = message()
+    kwargs = job_kwargs()
     fid = kwargs["request"]["foreign_id"]
     sandbox.script(["commit_then_drop"], foreign_id=fid)
     outcome, _ = drive(job, kwargs)
@@ -213,7 +194,7 @@ def test_commit_then_drop_with_fail_policy(settings: Settings, sandbox: Sandbox)
 def test_taken_without_earlier_ambiguity_is_permanent(
     job: InvoiceJob, client: ProviderClient
 ) -> None:
-    kwargs = message()
+    kwargs = job_kwargs()
     client.create_invoice(parse_request(kwargs["request"]))  # used outside this system
     outcome, _ = drive(job, kwargs)
     assert outcome.record is not None
@@ -224,7 +205,7 @@ def test_taken_without_earlier_ambiguity_is_permanent(
 
 
 def test_orphan_cancel_failure_retries_then_recreates(job: InvoiceJob, sandbox: Sandbox) -> None:
-    kwargs = message()
+    kwargs = job_kwargs()
     fid = kwargs["request"]["foreign_id"]
     # commit, then the retry sees "taken", the cancel answers 503, the next round recreates.
     sandbox.script(["commit_then_drop", "ok", "503"], foreign_id=fid)
@@ -235,7 +216,7 @@ def test_orphan_cancel_failure_retries_then_recreates(job: InvoiceJob, sandbox: 
 
 
 def test_busy_job_is_deferred_not_called(job: InvoiceJob, sandbox: Sandbox) -> None:
-    kwargs = message()
+    kwargs = job_kwargs()
     fid = kwargs["request"]["foreign_id"]
     fingerprint = Message(parse_request(kwargs["request"])).fingerprint()
     job.store.claim(fid, "someone", lease=3, fingerprint=fingerprint, max_crashes=5, fields={})
@@ -270,7 +251,7 @@ def test_garbage_message_without_foreign_id_recorded_by_task_id(job: InvoiceJob)
 
 
 def test_conflicting_message_does_not_touch_the_job(job: InvoiceJob, sandbox: Sandbox) -> None:
-    kwargs = message()
+    kwargs = job_kwargs()
     drive(job, kwargs)
     other = {**kwargs, "request": {**kwargs["request"], "amount": "9"}}
     outcome = job.run(other, task_id="t", owner="o")
@@ -281,7 +262,7 @@ def test_conflicting_message_does_not_touch_the_job(job: InvoiceJob, sandbox: Sa
 def test_unexpected_error_in_call_is_retried_as_ambiguous(
     job: InvoiceJob, sandbox: Sandbox
 ) -> None:
-    kwargs = message()
+    kwargs = job_kwargs()
     fid = kwargs["request"]["foreign_id"]
     real = job.client.create_invoice
     calls: list[str] = []
@@ -306,7 +287,7 @@ def test_giving_up_after_ambiguity_cancels_the_possible_orphan(
     settings: Settings, sandbox: Sandbox
 ) -> None:
     job = make_job(settings, max_attempts=3)
-    kwargs = message()
+    kwargs = job_kwargs()
     fid = kwargs["request"]["foreign_id"]
     sandbox.script(["commit_then_502", "500", "500"], foreign_id=fid)
     outcome, _ = drive(job, kwargs)
@@ -320,7 +301,7 @@ def test_deadline_after_ambiguity_cancels_the_late_invoice(
 ) -> None:
     job = make_job(settings, retry_base=2.0, retry_cap=2.0)
     job.rand = lambda: 1.0
-    kwargs = message(deadline=time.time() + 1)
+    kwargs = job_kwargs(deadline=time.time() + 1)
     fid = kwargs["request"]["foreign_id"]
     sandbox.script(["commit_then_drop"], foreign_id=fid)
     outcome, _ = drive(job, kwargs)
@@ -333,7 +314,7 @@ def test_giving_up_without_ambiguity_leaves_nothing_to_cancel(
     settings: Settings, sandbox: Sandbox
 ) -> None:
     job = make_job(settings, max_attempts=2)
-    kwargs = message()
+    kwargs = job_kwargs()
     sandbox.script(["429_bare", "429_bare"], foreign_id=kwargs["request"]["foreign_id"])
     outcome, _ = drive(job, kwargs)
     assert outcome.record is not None
@@ -355,7 +336,7 @@ def test_contract_breaking_answers_are_never_success(settings: Settings, body: s
     with responses.RequestsMock() as mock:
         mock.post("https://provider.example.com/api/v2/invoices/create", body=body, status=200)
         mock.post(re.compile(r".*/cancel/"), status=404, json={"error": "Invoice not found"})
-        outcome, _ = drive(job, message())
+        outcome, _ = drive(job, job_kwargs())
     assert outcome.record is not None
     assert (outcome.record["state"], outcome.record["error_code"]) == (
         c.FAILED,

@@ -24,7 +24,7 @@ from invoice_worker.errors import ConflictError
 from invoice_worker.processes import worker_process
 from invoice_worker.producer import Producer
 from invoice_worker.sandbox import Faults, Sandbox
-from tests.conftest import KEY, SECRET, make_settings, request_data
+from tests.conftest import KEY, SECRET, live, make_settings, request_data
 
 pytestmark = pytest.mark.slow
 
@@ -45,13 +45,6 @@ def stack(
     counts = Counter(f["foreign_id"] for _, f in producer.store.events())
     assert counts, "no events at all"
     assert max(counts.values()) == 1, [fid for fid, n in counts.items() if n > 1]
-
-
-def live(sandbox: Sandbox, fid: str) -> list[dict[str, Any]]:
-    return [
-        i for i in sandbox.invoices()
-        if (i["foreign_id"] == fid or i["foreign_id"].startswith(fid + "~r")) and not i["cancelled"]
-    ]  # fmt: skip
 
 
 def final(producer: Producer, fid: str, timeout: float = 20) -> dict[str, Any]:
