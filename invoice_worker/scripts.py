@@ -267,18 +267,20 @@ end
 return 0
 """
 
-# KEYS: due, stats. ARGV: key prefix, limit, due_after_ms.
+# KEYS: due, stats, broker queue. ARGV: key prefix, limit, due_after_ms.
 # Every job that is not final has a due time in the sorted set ``due``: when it must have
 # moved on if its message still exists (last step + the broker's redelivery delay). Past it,
-# and with no live lease, the message was lost (a worker killed between the broker's pop and
-# its bookkeeping, a Redis that lost writes): return the job's stored kwargs to send again.
-# Returns {foreign_id, task_id, kwargs, ...}. Record and copy keys are derived from the prefix,
-# so this script needs a single Redis, not a cluster.
+# with no live lease and an empty queue (a backlog may still hold the message: messages wait in
+# line, so only a drained queue proves it gone), the message was lost: a worker killed between
+# the broker's pop and its bookkeeping, a Redis that lost writes. Returns {foreign_id, task_id,
+# kwargs, ...} to send again. Record and copy keys are derived from the prefix, so this script
+# needs a single Redis, not a cluster.
 SWEEP = (
     _PRELUDE
     + """
 local due, stats, prefix, due_after = KEYS[1], KEYS[2], ARGV[1], tonumber(ARGV[3])
 local out = {}
+if redis.call('LLEN', KEYS[3]) > 0 then return out end
 for _, fid in ipairs(redis.call('ZRANGEBYSCORE', due, '-inf', now, 'LIMIT', 0, ARGV[2])) do
   local rec = prefix .. 'job:' .. fid
   local fields = redis.call('HMGET', rec, 'state', 'lease_until', 'task_id')

@@ -182,15 +182,15 @@ class JobStore:
         keys = [self.key(foreign_id), self.stats, self.due, self.copy(foreign_id)]
         self._discard(keys=keys, args=[task_id, foreign_id])
 
-    def sweep(self, limit: int = 100) -> list[tuple[str, str, dict[str, Any]]]:
+    def sweep(self, queue: str, limit: int = 100) -> list[tuple[str, str, dict[str, Any]]]:
         """Take the jobs whose message was lost: (foreign_id, task_id, task kwargs) each.
 
-        A job is due when it should have moved on by now had its message survived; each one
-        returned is not returned again for another broker redelivery delay.
+        A job is due when it should have moved on by now had its message survived, and only
+        while ``queue`` (the broker list) is empty; each one returned is not returned again for
+        another broker redelivery delay.
         """
-        reply = self._sweep(
-            keys=[self.due, self.stats], args=[self.prefix, limit, self.requeue_after_ms]
-        )
+        keys = [self.due, self.stats, queue]
+        reply = self._sweep(keys=keys, args=[self.prefix, limit, self.requeue_after_ms])
         return [(reply[i], reply[i + 1], json.loads(reply[i + 2])) for i in range(0, len(reply), 3)]
 
     def get(self, foreign_id: str) -> dict[str, Any] | None:

@@ -4,7 +4,8 @@ The Redis broker is at-least-once only while a message is tracked: a worker kill
 the broker's pop and its own bookkeeping loses the message, and so can a Redis restart that
 drops recent writes. The job record is the source of truth, so every worker runs this loop: a
 job that has not moved on by its due time (last step + the redelivery delay) and holds no lease
-gets its stored kwargs sent again. A second copy is harmless; the claim absorbs it.
+gets its stored kwargs sent again, once the queue has drained (a backlog may still hold it).
+A second copy is harmless; the claim absorbs it.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class Sweeper:
     def sweep(self) -> int:
         """One pass; returns how many jobs were sent again."""
         resent = 0
-        for foreign_id, task_id, kwargs in self.store.sweep():
+        for foreign_id, task_id, kwargs in self.store.sweep(self.settings.queue):
             self.app.send_task(
                 c.TASK_NAME, kwargs=kwargs, task_id=task_id or None, queue=self.settings.queue,
                 argsrepr="()", kwargsrepr=kwargs_repr(kwargs),

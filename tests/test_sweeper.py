@@ -32,12 +32,23 @@ def test_lost_queued_message_is_sent_again(fast: Settings, redis_client: redis.R
     time.sleep(1.1)
     # When the sweeper runs
     assert sweeper.sweep() == 1
-    assert sweeper.sweep() == 0  # not again before another redelivery delay
-    # Then the same task is back on the queue, with masked kwargsrepr
+    # Then the same task is back on the queue, with masked kwargsrepr, and only once
     [raw] = redis_client.lrange(fast.queue, 0, -1)
+    redis_client.delete(fast.queue)
+    assert sweeper.sweep() == 0  # not again before another redelivery delay
     message = json.loads(raw)
     assert message["headers"]["id"] == record["task_id"]
     assert data["email_user"] not in message["headers"]["kwargsrepr"]
+    producer.close()
+
+
+def test_a_backlog_is_not_mistaken_for_loss(fast: Settings, redis_client: redis.Redis) -> None:
+    producer = Producer(fast)
+    waiting = [request_data() for _ in range(3)]
+    producer.enqueue_many(waiting)  # still in line: the queue is not empty
+    time.sleep(1.1)
+    assert Sweeper(producer.app, fast).sweep() == 0
+    assert redis_client.llen(fast.queue) == 3
     producer.close()
 
 
@@ -54,7 +65,7 @@ def test_held_and_final_jobs_are_left_alone(fast: Settings, redis_client: redis.
     assert redis_client.get(store.copy(done["foreign_id"])) is None  # the copy goes with the job
     assert redis_client.get(store.copy(held["foreign_id"])) is not None
     time.sleep(1.1)
-    assert store.sweep() == []
+    assert store.sweep(fast.queue) == []
     assert redis_client.zscore(store.due, done["foreign_id"]) is None
     producer.close()
 
