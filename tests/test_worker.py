@@ -335,3 +335,16 @@ def test_json_logs_one_line_per_transition_without_secrets(
     assert all({"task_id", "attempt", "latency_ms"} <= set(line) for line in job_lines)
     assert "log.leak@example.com" not in worker.log()
     assert SECRET not in worker.log()
+
+
+def test_password_protected_redis(sandbox: Sandbox, start_worker: Any) -> None:
+    with EmbeddedRedis(password="s3cret-pass") as protected:
+        settings = make_settings(protected.url, sandbox.url)
+        worker = start_worker(settings)
+        producer = Producer(settings)
+        data = request_data()
+        producer.enqueue(data)
+        assert final(producer, data["foreign_id"])["state"] == c.CREATED
+        producer.close()
+        worker.stop()
+        assert "s3cret-pass" not in worker.log()
