@@ -32,7 +32,7 @@ from invoice_worker.errors import (
 from invoice_worker.logs import log_circuit, log_job
 from invoice_worker.message import Message, decode, raw_fingerprint
 from invoice_worker.models import Invoice
-from invoice_worker.store import JobStore, Moved, Report
+from invoice_worker.store import Claim, JobStore, Moved, Report
 
 log = logging.getLogger(__name__)
 
@@ -88,20 +88,15 @@ class InvoiceJob:
         except InvalidRequestError as exc:
             return self._reject(kwargs, exc, task_id=task_id, owner=owner)
         foreign_id = message.request.foreign_id
-        claim = self.store.claim(
-            foreign_id,
-            owner,
-            lease=self.settings.lease,
-            fingerprint=message.fingerprint(),
-            max_crashes=self.settings.max_redeliveries,
-            fields={
-                "task_id": task_id,
-                "deadline": message.deadline,
-                "callback_task": message.callback_task,
-                "callback_queue": message.callback_queue,
-            },
-            kwargs=json.dumps(message.kwargs()),
-        )
+        fields = {
+            "task_id": task_id,
+            "deadline": message.deadline,
+            "callback_task": message.callback_task,
+            "callback_queue": message.callback_queue,
+        }
+        claim = self._claim(message, owner, fields)
+        if claim.status == "missing":  # sent without the producer: keep a copy for the sweeper
+            claim = self._claim(message, owner, fields, json.dumps(message.kwargs()))
         log_circuit(claim.circuit, foreign_id, task_id)
         if claim.status == "conflict":
             log_job(logging.WARNING, foreign_id, task_id, "ignored", reason="conflicting_message")
@@ -127,6 +122,15 @@ class InvoiceJob:
                 error=f"deadline passes before the provider may be called ({claim.reason})",
             )  # fmt: skip
         return attempt.run()
+
+    def _claim(
+        self, message: Message, owner: str, fields: dict[str, Any], kwargs: str = ""
+    ) -> Claim:
+        return self.store.claim(
+            message.request.foreign_id, owner, lease=self.settings.lease,
+            fingerprint=message.fingerprint(), max_crashes=self.settings.max_redeliveries,
+            fields=fields, kwargs=kwargs,
+        )  # fmt: skip
 
     def _reject(
         self, kwargs: Any, exc: InvalidRequestError, *, task_id: str, owner: str

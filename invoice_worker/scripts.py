@@ -58,11 +58,12 @@ return {'new'}
 # KEYS: record, provider, stats, due, message copy. ARGV: owner, lease_ms, fingerprint,
 # max_crashes, ttl_s, gated (1: pass the fleet gate; 0: no provider call will follow),
 # interval_ms (fleet rate limit; 0 = off), burst, breaker threshold (0 = off), cooldown_ms,
-# probes, due_after_ms, foreign_id, task kwargs (JSON; '' for none), then field/value pairs for
-# a record the producer never wrote.
+# probes, due_after_ms, foreign_id, task kwargs (JSON, kept only with a record created here;
+# '' for none), then field/value pairs for a record the producer never wrote.
 # Returns {status, record, wait_ms, reason, circuit_change}; status is one of
 # claimed | poison | expire (claimed, but the deadline passes before the provider may be called)
-# | done | busy | early | deferred (by the fleet gate: no attempt used) | conflict.
+# | done | busy | early | deferred (by the fleet gate: no attempt used) | conflict | missing (no
+# record yet and no kwargs given: call again with them).
 CLAIM = (
     _PRELUDE
     + """
@@ -70,16 +71,18 @@ local rec, provider, stats, due, copy = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS
 local due_after, fid = tonumber(ARGV[12]), ARGV[13]
 local state = redis.call('HGET', rec, 'state')
 if not state then
+  -- A message sent without the producer: the caller must bring its kwargs to keep a copy.
+  if ARGV[6] == '1' and ARGV[14] == '' then return {'missing', {}, 0, '', ''} end
   redis.call('HSET', rec, 'fingerprint', ARGV[3], 'state', 'queued', 'attempts', 0,
     'created_at', now / 1000, 'enqueued_ms', now, unpack(ARGV, 15))
   redis.call('EXPIRE', rec, ARGV[5])
+  if ARGV[14] ~= '' then redis.call('SET', copy, ARGV[14], 'EX', ARGV[5]) end
   move(stats, nil, 'queued')
   state = 'queued'
 elseif redis.call('HGET', rec, 'fingerprint') ~= ARGV[3] then
   return {'conflict', {}, 0, '', ''}
 end
 if final[state] then return {'done', redis.call('HGETALL', rec), 0, '', ''} end
-if ARGV[14] ~= '' then redis.call('SET', copy, ARGV[14], 'EX', ARGV[5], 'NX') end
 local lease_until = tonumber(redis.call('HGET', rec, 'lease_until') or '0')
 if lease_until > now then
   if redis.call('HGET', rec, 'lease_owner') == ARGV[1] then

@@ -54,7 +54,7 @@ def register(app: Celery, settings: Settings) -> Task:
         max_retries=None,  # attempts are counted and capped in the job record instead
         typing=False,  # a malformed message must reach our decoder, not fail in Celery
     )
-    def create_invoice(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any] | None:
+    def create_invoice(self: Task, *args: Any, **kwargs: Any) -> str | None:
         """Create one invoice exactly once; see invoice_worker.job for the state machine."""
         if args:
             kwargs = {**kwargs, "args": list(args)}
@@ -97,9 +97,9 @@ def _send_callback(app: Celery, store: JobStore, record: dict[str, Any]) -> None
     store.mark(record["foreign_id"], callback_sent=1)
 
 
-def _summary(record: dict[str, Any] | None) -> dict[str, Any] | None:
-    """What Celery (and Flower) show as the task result: no personal data, no secrets."""
+def _summary(record: dict[str, Any] | None) -> str | None:
+    """What Celery (and Flower) show as the task result: short (Celery renders it into a log
+    line and an event per job), no personal data, no secrets."""
     if record is None:
         return None
-    keep = ("foreign_id", "state", "url", "invoice_id", "error_code", "attempts")
-    return {k: record[k] for k in keep if k in record}
+    return f"{record['state']} {record.get('url') or record.get('error_code', '')}".rstrip()

@@ -303,3 +303,14 @@ def test_signature_checks_are_constant_time(
     verify_signature(b"{}", "00", "s")
     client.create_invoice(parse_request(request_data()))
     assert len(calls) == 3  # ours, then the sandbox: key and signature
+
+
+def test_environment_read_once_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example.com:3128")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/shop/ca.pem")
+    client = ProviderClient("https://api.example.com/api/v2", KEY, SECRET)
+    monkeypatch.delenv("HTTPS_PROXY")
+    # A proxy configured at start keeps applying; requests no longer re-reads the environment.
+    assert client.session.proxies == {"https": "http://proxy.example.com:3128"}
+    assert client.session.verify == "/etc/shop/ca.pem"
+    assert client.session.trust_env is False

@@ -219,7 +219,10 @@ def test_busy_job_is_deferred_not_called(job: InvoiceJob, sandbox: Sandbox) -> N
     kwargs = job_kwargs()
     fid = kwargs["request"]["foreign_id"]
     fingerprint = Message(parse_request(kwargs["request"])).fingerprint()
-    job.store.claim(fid, "someone", lease=3, fingerprint=fingerprint, max_crashes=5, fields={})
+    held = job.store.claim(
+        fid, "someone", lease=3, fingerprint=fingerprint, max_crashes=5, fields={}, kwargs="{}"
+    )
+    assert held.status == "claimed"
     outcome = job.run(kwargs, task_id="dup", owner="me")
     assert outcome.retry_in is not None
     assert 2 < outcome.retry_in <= 3.1

@@ -21,7 +21,12 @@ def store(settings: Settings) -> JobStore:
 
 
 def claim(store: JobStore, fid: str, owner: str = "w1", fp: str = "fp", **kw: Any) -> Claim:
-    args: dict[str, Any] = {"lease": 2.0, "max_crashes": 2, "fields": {"task_id": "t1"}}
+    args: dict[str, Any] = {
+        "lease": 2.0,
+        "max_crashes": 2,
+        "fields": {"task_id": "t1"},
+        "kwargs": "{}",
+    }
     args.update(kw)
     return store.claim(fid, owner, fingerprint=fp, **args)
 
@@ -210,3 +215,19 @@ def test_claim_retried_by_same_owner_is_idempotent(store: JobStore) -> None:
     again = claim(store, fid, "w1")
     assert again.status == "claimed"
     assert again.record["attempts"] == first.record["attempts"] == 1
+
+
+def test_claim_without_record_asks_for_the_message_copy(
+    store: JobStore, redis_client: redis.Redis
+) -> None:
+    fid = new_id()
+    assert (
+        store.claim(fid, "w1", lease=2, fingerprint="fp", max_crashes=2, fields={}).status
+        == "missing"
+    )
+    assert store.get(fid) is None
+    claimed = store.claim(
+        fid, "w1", lease=2, fingerprint="fp", max_crashes=2, fields={}, kwargs='{"a": 1}'
+    )
+    assert claimed.status == "claimed"
+    assert redis_client.get(store.copy(fid)) == '{"a": 1}'
