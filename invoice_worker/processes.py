@@ -63,11 +63,12 @@ class ChildProcess:
             self.process.wait(timeout=60)
 
     def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM (a warm shutdown for Celery), then SIGKILL after ``timeout``."""
+        """SIGTERM to the main process (Celery's warm shutdown: it lets its own pool children
+        finish), then SIGKILL to the whole group after ``timeout``."""
         if not self.alive:
             return
         assert self.process is not None
-        os.killpg(self.process.pid, signal.SIGTERM)
+        self.process.send_signal(signal.SIGTERM)
         try:
             self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:

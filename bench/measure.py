@@ -1,0 +1,130 @@
+"""Readings from /proc (CPU time of process groups, peak RSS, machine CPU) and statistics."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+TICK = os.sysconf("SC_CLK_TCK")
+PROC = Path("/proc")
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """Fields of /proc/<pid>/stat after the command name (index 0 is the state)."""
+    try:
+        text = (PROC / str(pid) / "stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    return text.rsplit(")", 1)[1].split()
+
+
+def group_pids(pgid: int) -> list[int]:
+    """Every live process in process group ``pgid`` (a worker and its pool children)."""
+    pids = []
+    for entry in PROC.iterdir():
+        if entry.name.isdecimal():
+            fields = _stat_fields(int(entry.name))
+            if fields is not None and int(fields[2]) == pgid:
+                pids.append(int(entry.name))
+    return pids
+
+
+def cpu_seconds(pid: int, *, group: bool = False) -> float:
+    """User + system CPU of ``pid`` (with ``group``: of its whole process group, including
+    children that already exited and were reaped by the leader)."""
+    total = 0
+    for member in group_pids(pid) if group else [pid]:
+        fields = _stat_fields(member)
+        if fields is None:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+        if member == pid:
+            total += int(fields[13]) + int(fields[14])  # cutime, cstime: reaped children
+    return total / TICK
+
+
+def peak_rss_mb(pid: int, *, group: bool = False) -> float:
+    """Sum of VmHWM (peak resident set) over ``pid`` or its process group, in MiB."""
+    total_kb = 0
+    for member in group_pids(pid) if group else [pid]:
+        try:
+            status = (PROC / str(member) / "status").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                total_kb += int(line.split()[1])
+    return total_kb / 1024
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(busy, total) CPU ticks of the whole machine since boot, all cores."""
+    values = [int(v) for v in (PROC / "stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    total = sum(values[:8])  # guest time is already counted in user
+    return total - idle, total
+
+
+@dataclass
+class CpuWindow:
+    """CPU seconds of named processes and machine busy share between start() and stop()."""
+
+    pids: dict[str, list[tuple[int, bool]]]  # name -> [(pid, whole group?)]
+    start_cpu: dict[str, float] | None = None
+    start_machine: tuple[int, int] | None = None
+    cpu: dict[str, float] | None = None
+    machine_busy: float = 0.0  # share of all cores, 0..1
+    busy_seconds: float = 0.0  # CPU seconds used on the whole machine
+    wall_seconds: float = 0.0
+
+    def _read(self) -> dict[str, float]:
+        return {
+            name: sum(cpu_seconds(pid, group=group) for pid, group in members)
+            for name, members in self.pids.items()
+        }
+
+    def start(self) -> None:
+        self.start_cpu, self.start_machine = self._read(), machine_ticks()
+        self.start_cpu["bench"] = cpu_seconds(os.getpid())
+
+    def stop(self) -> None:
+        assert self.start_cpu is not None
+        assert self.start_machine is not None
+        end = self._read()
+        self.cpu = {name: end[name] - self.start_cpu[name] for name in end}
+        busy, total = machine_ticks()
+        span = total - self.start_machine[1]
+        self.machine_busy = (busy - self.start_machine[0]) / span if span else 0.0
+        self.busy_seconds = (busy - self.start_machine[0]) / TICK
+        self.wall_seconds = span / TICK / (os.cpu_count() or 1)
+        self.cpu["bench"] = cpu_seconds(os.getpid()) - self.start_cpu["bench"]
+
+    def other_cores(self, reported: float = 0.0) -> float:
+        """Cores used meanwhile by processes outside the benchmark (other users of the
+        machine); ``reported`` is CPU that exited children measured themselves."""
+        assert self.cpu is not None
+        ours = sum(self.cpu.values()) + reported
+        return (
+            max(0.0, (self.busy_seconds - ours) / self.wall_seconds) if self.wall_seconds else 0.0
+        )
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (``q`` in 0..100) of already sorted ``values``; NaN if empty."""
+    if not values:
+        return math.nan
+    rank = max(1, math.ceil(q / 100 * len(values)))
+    return values[min(rank, len(values)) - 1]
+
+
+def per_job_ms(seconds: float | None, jobs: int) -> float | None:
+    """CPU milliseconds per job, or None when not measured."""
+    return None if seconds is None or not jobs else seconds * 1000 / jobs
+
+
+def stream_ms(entry_id: str) -> int:
+    """Redis time in milliseconds at which a stream entry was added (its id's first part)."""
+    return int(entry_id.split("-", 1)[0])

@@ -1,0 +1,318 @@
+"""The results as a text table, a Markdown table, targets, JSON and a plot."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench.scenarios import Row
+
+Key = tuple[str, int, int, float, bool]
+
+
+def _key(row: Row) -> Key:
+    return (row.pool, row.concurrency, row.processes, row.latency_ms, row.events)
+
+
+def _ideal(row: Row) -> float | None:
+    """c / latency over all worker processes: what a pure I/O wait would allow."""
+    slots = row.concurrency * row.processes
+    return slots / (row.latency_ms / 1000) if row.latency_ms else None
+
+
+def _pool(row: Row) -> str:
+    return row.pool if row.processes == 1 else f"{row.pool} x{row.processes}"
+
+
+def _num(value: float | None, digits: int = 0) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}" if a and b else "-"
+
+
+class Results:
+    """Rows of one run, with the lookups the table and the targets need."""
+
+    def __init__(self, rows: list[Row]) -> None:
+        self.rows = rows
+        self.by: dict[tuple[str, Key], Row] = {
+            (r.kind, _key(r)): r for r in rows if r.group == "workers"
+        }
+
+    def ref(self, row: Row, kind: str) -> Row | None:
+        """The reference run of ``kind`` for ``row``'s configuration, if it finished."""
+        ref = self.by.get((kind, _key(row)))
+        return ref if ref is not None and ref.jobs_per_s > 0 and not ref.problems else None
+
+    def workers(self) -> list[Row]:
+        order = ["ours", "bare", "ceiling"]
+        rows = [r for r in self.rows if r.group == "workers"]
+        return sorted(
+            rows,
+            key=lambda r: (
+                r.latency_ms, r.processes, r.pool, r.concurrency, not r.events,
+                order.index(r.kind) if r.kind in order else len(order),
+            ),
+        )  # fmt: skip
+
+    def producers(self) -> list[Row]:
+        return [r for r in self.rows if r.group == "producer"]
+
+    def producer(self, kind: str, events: bool, path: str) -> Row | None:
+        for row in self.producers():
+            if row.kind == kind and row.events == events and row.pool == path:
+                return row
+        return None
+
+
+WORKER_COLUMNS = (
+    "provider", "pool", "c", "events", "kind", "jobs", "jobs/s", "ideal", "/bare", "/ceil",
+    "p50 ms", "p95 ms", "p99 ms", "worker CPU", "/bare", "redis CPU", "prod CPU", "sandbox CPU",
+    "machine", "other", "RSS MB", "calls/job", "ok",
+)  # fmt: skip
+PRODUCER_COLUMNS = (
+    "mode", "path", "task-sent events", "jobs", "jobs/s", "/send_task", "producer CPU",
+    "redis CPU", "other", "ok",
+)  # fmt: skip
+
+
+def worker_cells(res: Results, row: Row) -> list[str]:
+    bare, ceil = res.ref(row, "bare"), res.ref(row, "ceiling")
+    ideal = _ideal(row)
+    mine = row.kind == "ours"
+    return [
+        f"{row.latency_ms:g} ms", _pool(row), str(row.concurrency), "on" if row.events else "off",
+        row.kind, str(row.jobs), _num(row.jobs_per_s), _num(ideal),
+        _ratio(row.jobs_per_s, bare.jobs_per_s) if mine and bare else "",
+        _ratio(row.jobs_per_s, ceil.jobs_per_s) if mine and ceil else "",
+        _num(row.p50_ms), _num(row.p95_ms), _num(row.p99_ms), _num(row.worker_cpu_ms, 2),
+        _ratio(row.worker_cpu_ms, bare.worker_cpu_ms) if mine and bare else "",
+        _num(row.redis_cpu_ms, 2), _num(row.producer_cpu_ms, 2), _num(row.sandbox_cpu_ms, 2),
+        f"{row.machine_busy:.0%}", _num(row.other_cores, 2), _num(row.worker_rss_mb),
+        _num(row.calls_per_job, 3),
+        "ok" if not row.problems else "FAIL",
+    ]  # fmt: skip
+
+
+def producer_cells(res: Results, row: Row) -> list[str]:
+    base = res.producer("send_task", row.events, "")
+    return [
+        row.kind, row.pool or "celery", "on" if row.events else "off", str(row.jobs),
+        _num(row.jobs_per_s), _ratio(row.jobs_per_s, base.jobs_per_s) if base else "-",
+        _num(row.producer_cpu_ms, 3), _num(row.redis_cpu_ms, 3), _num(row.other_cores, 2),
+        "ok" if not row.problems else "FAIL",
+    ]  # fmt: skip
+
+
+def text_table(columns: tuple[str, ...], lines: list[list[str]]) -> str:
+    widths = [max([len(c), *(len(line[i]) for line in lines)]) for i, c in enumerate(columns)]
+    out = ["  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True))]
+    out += ["  ".join(v.rjust(w) for v, w in zip(line, widths, strict=True)) for line in lines]
+    return "\n".join(out)
+
+
+def markdown_table(columns: tuple[str, ...], lines: list[list[str]]) -> str:
+    out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    out += ["| " + " | ".join(v or " " for v in line) + " |" for line in lines]
+    return "\n".join(out)
+
+
+def tables(res: Results, fmt: Callable[[tuple[str, ...], list[list[str]]], str]) -> str:
+    parts = []
+    if rows := [worker_cells(res, r) for r in res.workers()]:
+        parts.append(fmt(WORKER_COLUMNS, rows))
+    if rows := [producer_cells(res, r) for r in res.producers()]:
+        parts.append(fmt(PRODUCER_COLUMNS, rows))
+    return "\n\n".join(parts)
+
+
+def knees(res: Results) -> dict[str, dict[str, Any]]:
+    """Per pool, at the slow provider: the last concurrency still >= 0.9 x c/latency, the
+    first below it, and the highest throughput measured."""
+    out: dict[str, dict[str, Any]] = {}
+    for row in res.workers():
+        if row.kind != "ours" or not row.latency_ms:
+            continue
+        info = out.setdefault(_pool(row), {"linear_up_to": None, "below_at": None, "peak": 0.0})
+        ideal = _ideal(row) or 1.0
+        if row.jobs_per_s >= 0.9 * ideal and info["below_at"] is None:
+            info["linear_up_to"] = row.concurrency
+        elif row.jobs_per_s < 0.9 * ideal and info["below_at"] is None:
+            info["below_at"] = row.concurrency
+        info["peak"] = max(info["peak"], row.jobs_per_s)
+    return out
+
+
+def targets(res: Results) -> list[tuple[str, bool, str]]:
+    """(target, held, measured) for every target of the issue that this run measured."""
+    out = []
+    for row in res.workers():
+        bare = res.ref(row, "bare")
+        if row.kind != "ours" or bare is None:
+            continue
+        name = f"{_pool(row)} -c {row.concurrency}, events {'on' if row.events else 'off'}"
+        if not row.latency_ms:
+            tput = row.jobs_per_s / bare.jobs_per_s
+            out.append((f"0 ms {name}: jobs/s >= 0.8 x bare", tput >= 0.8, f"{tput:.2f}"))
+            if row.worker_cpu_ms and bare.worker_cpu_ms:
+                cpu = row.worker_cpu_ms / bare.worker_cpu_ms
+                out.append((f"0 ms {name}: CPU/job <= 1.3 x bare", cpu <= 1.3, f"{cpu:.2f}"))
+        elif row.pool == "threads":
+            ideal = _ideal(row) or 1.0
+            if bare.jobs_per_s >= 0.9 * ideal:
+                eff = row.jobs_per_s / ideal
+                label = f"{row.latency_ms:g} ms {name}: jobs/s >= 0.9 x c/latency"
+                out.append((label, eff >= 0.9, f"{eff:.2f} (bare {bare.jobs_per_s / ideal:.2f})"))
+    for events in (False, True):
+        mine, base = (
+            res.producer("enqueue", events, "atomic"),
+            res.producer("send_task", events, ""),
+        )
+        if mine and base and base.jobs_per_s:
+            ratio = mine.jobs_per_s / base.jobs_per_s
+            label = (
+                f"enqueue >= 0.8 x send_task loop (task-sent events {'on' if events else 'off'})"
+            )
+            out.append((label, ratio >= 0.8, f"{ratio:.2f}"))
+    for row in res.producers():
+        if row.kind == "enqueue_many" and row.pool == "atomic":
+            out.append(
+                ("enqueue_many >= 10,000 jobs/s", row.jobs_per_s >= 10_000, _num(row.jobs_per_s))
+            )
+    return out
+
+
+def write_json(path: Path, meta: dict[str, Any], res: Results) -> None:
+    data = {
+        "meta": meta,
+        "rows": [r.as_dict() for r in res.rows],
+        "targets": [{"target": t, "held": ok, "measured": m} for t, ok, m in targets(res)],
+        "knees": knees(res),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1) + "\n")
+
+
+def plot(path: Path, res: Results, title: str) -> None:
+    """Left: jobs/s at a 0 ms provider per configuration (ours, bare Celery, ceiling).
+    Right: jobs/s vs concurrency at the slow provider per pool, with the c/latency line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in res.workers() if not r.problems]  # a failed run has no throughput
+    if not rows:
+        return
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5), width_ratios=(1, 1.3))
+    _bars(left, [r for r in rows if not r.latency_ms])
+    slow = [r for r in rows if r.latency_ms]
+    if slow:
+        _lines(right, slow, slow[0].latency_ms)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+KIND_STYLE = {"ours": "-o", "bare": "--s", "ceiling": ":^"}
+KIND_COLOUR = {"ours": "tab:blue", "bare": "tab:gray", "ceiling": "tab:green"}
+POOL_COLOUR = {"prefork": "tab:green", "threads": "tab:blue", "gevent": "tab:orange"}
+
+
+def _bars(ax: Any, rows: list[Row]) -> None:
+    configs = sorted(
+        {(r.pool, r.concurrency, r.processes, r.events) for r in rows},
+        key=lambda k: (k[2], k[0], k[1], not k[3]),
+    )
+    width = 0.8 / len(KIND_STYLE)
+    for i, kind in enumerate(KIND_STYLE):
+        by = {
+            (r.pool, r.concurrency, r.processes, r.events): r.jobs_per_s
+            for r in rows
+            if r.kind == kind
+        }
+        xs = [n + (i - 1) * width for n in range(len(configs))]
+        ax.bar(xs, [by.get(k, 0) for k in configs], width, label=kind, color=KIND_COLOUR[kind])
+    labels = [
+        f"{p}{f' x{n}' if n > 1 else ''} -c {c}{'' if ev else ', events off'}"
+        for p, c, n, ev in configs
+    ]
+    ax.set_xticks(range(len(configs)), labels, fontsize=7, rotation=35, ha="right")
+    ax.set_ylabel("jobs/s")
+    ax.set_title("provider latency 0 ms: cost per job (CPU-bound)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _lines(ax: Any, rows: list[Row], latency: float) -> None:
+    series = sorted({(r.pool, r.processes) for r in rows}, key=lambda s: (s[1], s[0]))
+    for pool, procs in series:
+        colour = POOL_COLOUR[pool] if procs == 1 else "tab:purple"
+        for kind, style in KIND_STYLE.items():
+            points = sorted(
+                (r.concurrency, r.jobs_per_s)
+                for r in rows
+                if (r.pool, r.processes, r.kind, r.events) == (pool, procs, kind, True)
+            )
+            if points:
+                xs, ys = zip(*points, strict=True)
+                name = pool if procs == 1 else f"{pool} x{procs} processes"
+                ax.plot(xs, ys, style, color=colour, label=f"{name} {kind}", alpha=0.9)
+    cs = sorted({r.concurrency for r in rows})
+    ax.plot(cs, [c / (latency / 1000) for c in cs], "k-", lw=0.8, label="c / latency (1 process)")
+    multi = sorted({(r.concurrency, r.processes) for r in rows if r.processes > 1})
+    if multi:
+        ideal = [c * n / (latency / 1000) for c, n in multi]
+        ax.plot([c for c, _ in multi], ideal, "kx", label="c x processes / latency")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(cs, [str(c) for c in cs])
+    ax.set_xlabel("concurrency per worker process (prefork: pool processes)")
+    ax.set_ylabel("jobs/s")
+    ax.set_title(f"provider latency {latency:g} ms: concurrency (I/O-bound)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+
+
+def load(path: Path) -> tuple[dict[str, Any], Results]:
+    """Read a results file written by write_json."""
+    data = json.loads(path.read_text())
+    return data["meta"], Results([Row(**row) for row in data["rows"]])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the tables of a results file again and redraw its plot: no benchmark is run."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("results", type=Path, help="e.g. bench/results/quick.json")
+    parser.add_argument("--plot", type=Path, help="write the plot here")
+    parser.add_argument("--markdown", action="store_true", help="tables as Markdown")
+    args = parser.parse_args(argv)
+    meta, res = load(args.results)
+    print(tables(res, markdown_table if args.markdown else text_table))
+    if args.plot:
+        plot(args.plot, res, title(meta))
+    return 0
+
+
+def title(meta: dict[str, Any]) -> str:
+    """The plot's title: what ran, where."""
+    commit = f" @ {meta['commit'][:7]}" if meta.get("commit") else ""
+    commit += "+dirty" if meta.get("dirty") else ""
+    return (
+        f"invoice-worker{commit}, {meta['cores']} cores, Python {meta['python']}, "
+        f"Celery {meta['celery_version']} ({meta['plan']} plan)"
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
