@@ -100,7 +100,7 @@ def verify(
     report.add("orphans cancelled and recreated", sum(1 for r in done if r.get("generation")))
     report.add("redeliveries after a crash mid-job", sum(r.get("crashes", 0) for r in done))
     stats = store.redis.hgetall(store.stats)
-    report.add("lost messages sent again by the sweeper", stats.get("resent", 0))
+    report.add("messages re-sent by the sweeper", stats.get("resent", 0))
     report.add("circuit opened", stats.get("circuit_opened", 0))
     for name in ("worker kills", "redis kills", "provider outages"):
         report.add(name, counts[name])
