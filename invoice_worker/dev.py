@@ -173,12 +173,12 @@ class Demo:
         deadline = time.monotonic() + timeout
         last = ""
         while True:
-            records = {fid: self.producer.get(fid) or {"state": "?"} for fid in ids}
+            # One pipelined read of the states per refresh; the records only once, at the end.
             counts = {
                 s: 0 for s in (c.QUEUED, c.PROCESSING, c.RETRYING, c.CREATED, c.FAILED, c.EXPIRED)
             }
-            for record in records.values():
-                counts[record["state"]] = counts.get(record["state"], 0) + 1
+            for state in self.producer.store.states(ids):
+                counts[state or "?"] = counts.get(state or "?", 0) + 1
             done = sum(counts[s] for s in c.FINAL_STATES)
             bar = "#" * (30 * done // len(ids)) + "." * (30 - 30 * done // len(ids))
             line = f"[{bar}] {done}/{len(ids)}  " + "  ".join(
@@ -190,7 +190,7 @@ class Demo:
             if done == len(ids) or time.monotonic() > deadline or not self.worker.alive:
                 if self.tty:
                     print()
-                return records
+                return {fid: self.producer.get(fid) or {"state": "?"} for fid in ids}
             time.sleep(0.1)
 
     def _report(self, records: dict[str, dict[str, Any]], duplicates: int) -> None:

@@ -62,7 +62,7 @@ class Outcome:
 
     record: dict[str, Any] | None
     retry_in: float | None = None
-    finished: bool = False  # this run made the final transition (send the callback)
+    finished: bool = False  # this run made the final transition (not a redelivery of a done job)
 
 
 class InvoiceJob:

@@ -111,7 +111,7 @@ def kwargs_repr(kwargs: dict[str, Any]) -> str:
     return text if len(text) <= 1024 else text[:1021] + "..."
 
 
-def redis_envelope(app: Celery, message: Message, task_id: str, queue: str) -> str:
+def redis_envelope(app: Celery, kwargs: dict[str, Any], task_id: str, queue: str) -> str:
     """The message exactly as kombu's Redis transport stores it for ``send_task``.
 
     Celery builds the protocol-2 headers and body; we add kombu's envelope ourselves so the
@@ -119,7 +119,6 @@ def redis_envelope(app: Celery, message: Message, task_id: str, queue: str) -> s
     kombu's own output). Celery publishes to the default exchange, i.e. straight onto the list
     named after the queue, so no binding lookup is involved.
     """
-    kwargs = message.kwargs()
     repr_kwargs = kwargs_repr(kwargs)
     headers, properties, body, _ = app.amqp.as_task_v2(
         task_id,

@@ -137,9 +137,11 @@ class Producer:
         }
         fields = {k: v for k, v in fields.items() if v is not None}
         queue = self.settings.queue
-        envelope = redis_envelope(self.app, message, task_id, queue) if self.atomic else ""
-        kwargs = json.dumps(message.kwargs())
-        return NewJob(foreign_id, message.fingerprint(), fields, kwargs, envelope, queue)
+        kwargs = message.kwargs()
+        envelope = redis_envelope(self.app, kwargs, task_id, queue) if self.atomic else ""
+        return NewJob(
+            foreign_id, message.fingerprint(), fields, json.dumps(kwargs), envelope, queue
+        )
 
     def _send(self, sends: list[tuple[Message, str, bool]]) -> None:
         try:
