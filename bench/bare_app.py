@@ -13,10 +13,10 @@ from typing import Any
 
 from celery import Celery
 
+from invoice_worker.app import create_app
 from invoice_worker.client import ProviderClient
 from invoice_worker.config import Settings
 from invoice_worker.models import parse_request
-from invoice_worker.worker import create_app
 
 TASK_NAME = "bench.bare_create"
 #: Everything in the real app's conf that shapes delivery and cost, copied as is.

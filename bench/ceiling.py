@@ -24,7 +24,7 @@ from bench.load import foreign_ids, request_data
 from invoice_worker.client import ProviderClient
 from invoice_worker.config import Settings
 from invoice_worker.job import InvoiceJob
-from invoice_worker.message import Message
+from invoice_worker.message import TaskMessage
 from invoice_worker.models import parse_request
 from invoice_worker.producer import Producer
 from invoice_worker.store import JobStore
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     work: queue.Queue[tuple[dict[str, Any], str]] = queue.Queue()
     for request, record in zip(requests, records, strict=True):
         assert isinstance(record, dict), record
-        work.put((Message(parse_request(request)).kwargs(), record["task_id"]))
+        work.put((TaskMessage(request=parse_request(request)).kwargs(), record["task_id"]))
     job = InvoiceJob(
         JobStore.from_settings(settings), ProviderClient.from_settings(settings), settings
     )

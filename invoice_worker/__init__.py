@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from invoice_worker.config import Settings
+from invoice_worker.constants import Cleanup, JobState
 from invoice_worker.errors import (
     ConfigError,
     ConflictError,
@@ -12,7 +13,7 @@ from invoice_worker.errors import (
     ProviderError,
     TransientProviderError,
 )
-from invoice_worker.models import Invoice, InvoiceRequest
+from invoice_worker.models import Invoice, InvoiceRequest, JobRecord
 from invoice_worker.producer import (
     Producer,
     enqueue_invoice,
@@ -30,9 +31,12 @@ __all__ = [  # noqa: RUF022 - grouped by concern, as the style guide asks
     "enqueue_many",
     "get_invoice",
     "wait_for_invoice",
-    # models and settings
+    # records, models and settings
+    "Cleanup",
     "Invoice",
     "InvoiceRequest",
+    "JobRecord",
+    "JobState",
     "Settings",
     # errors
     "ConfigError",

@@ -23,13 +23,13 @@ from typing import Any, TextIO
 
 import redis
 from kombu.exceptions import OperationalError
-from pydantic import ValidationError
 
 from invoice_worker import __version__
-from invoice_worker import constants as c
-from invoice_worker.config import Settings, redact_url
+from invoice_worker.config import Settings
+from invoice_worker.constants import JobState
 from invoice_worker.errors import ConfigError, ConflictError, InvalidRequestError
 from invoice_worker.faults import ENV_PREFIX, Faults
+from invoice_worker.privacy import escape_controls, redact_url
 from invoice_worker.provider_rules import parse_number
 from invoice_worker.sandbox import Sandbox
 
@@ -54,14 +54,14 @@ def cmd_enqueue(args: argparse.Namespace, settings: Settings) -> int:
             callback_queue=args.callback_queue,
         )  # fmt: skip
         if args.wait is not None:
-            record = producer.wait(record["foreign_id"], args.wait) or record
+            record = producer.wait(record.foreign_id, args.wait) or record
     finally:
         producer.close()
-    _print_record(record, as_json=args.json, brief=True)
-    if args.wait is not None and record["state"] not in c.FINAL_STATES:
+    _print_record(record.to_dict(), as_json=args.json, brief=True)
+    if args.wait is not None and not record.final:
         print(f"timed out after {args.wait}s waiting for a final state", file=sys.stderr)
         return EXIT_TIMEOUT
-    return EXIT_NOT_CREATED if record["state"] in (c.FAILED, c.EXPIRED) else 0
+    return EXIT_NOT_CREATED if record.state in (JobState.FAILED, JobState.EXPIRED) else 0
 
 
 def _request_from(args: argparse.Namespace) -> dict[str, Any]:
@@ -96,9 +96,9 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_USAGE
     record = store.get(args.foreign_id)
     if record is None:
-        print(f"no job with foreign_id {args.foreign_id!r}", file=sys.stderr)
+        print(f"no job with foreign_id {escape_controls(args.foreign_id)!r}", file=sys.stderr)
         return EXIT_NOT_FOUND
-    _print_record(record, as_json=args.json)
+    _print_record(record.to_dict(), as_json=args.json)
     return 0
 
 
@@ -138,14 +138,16 @@ def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
+    from invoice_worker.app import create_app
     from invoice_worker.client import ProviderClient
-    from invoice_worker.worker import create_app
+    from invoice_worker.store import JobStore
 
     results: list[tuple[bool, str, str]] = []
 
     def probe(name: str, target: str, fn: Callable[[], object]) -> None:
         try:
-            ok, detail = bool(fn()), ""
+            found = fn()
+            ok, detail = bool(found), (found if isinstance(found, str) else "")
         except Exception as exc:  # every failure is reported, none is fatal to the check
             ok, detail = False, f"{type(exc).__name__}: {exc}"
         results.append((ok, name, f"{target} {detail}".rstrip()))
@@ -160,6 +162,17 @@ def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
         redact_url(settings.state_url),
         lambda: redis.Redis.from_url(settings.state_url, socket_timeout=3).ping(),
     )
+
+    def job_store() -> str:
+        store = JobStore.from_settings(settings)
+        try:
+            found = store.server_settings()
+            store.require_noeviction()
+        finally:
+            store.redis.close()
+        return " ".join(f"{k}={v}" for k, v in found.items())
+
+    probe("job store", "eviction policy and persistence", job_store)
     app = create_app(settings)
     probe(
         "broker",
@@ -316,12 +329,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
     args = build_parser().parse_args(argv)
     try:
-        settings = Settings()
-    except ValidationError as exc:
+        settings = Settings.load()
+    except ConfigError as exc:
         if getattr(args, "no_settings", False):
             settings = Settings.model_construct()
         else:
-            print(f"error: invalid settings:\n{exc}", file=sys.stderr)
+            print(f"error: {exc}", file=sys.stderr)
             return EXIT_CONFIG
     try:
         return int(args.run(args, settings))

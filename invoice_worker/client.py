@@ -99,16 +99,16 @@ class ProviderClient:
         """Close pooled connections."""
         self.session.close()
 
-    def create_invoice(self, request: InvoiceRequest) -> Invoice:
+    def create_invoice(self, request: InvoiceRequest, *, send_by: float | None = None) -> Invoice:
         """Create the invoice; ``request.foreign_id`` is the provider's idempotency key.
 
         Raises:
             TransientProviderError: retry later (check ``ambiguous``).
             PermanentProviderError: the request can never succeed as sent.
         """
-        return self._invoice(self._post("/invoices/create", request.to_body()))
+        return self._invoice(self._post("/invoices/create", request.to_body(), send_by))
 
-    def cancel_invoice(self, foreign_id: str) -> Invoice:
+    def cancel_invoice(self, foreign_id: str, *, send_by: float | None = None) -> Invoice:
         """Cancel a live invoice (allowed while created, pending or processing).
 
         Raises:
@@ -116,7 +116,7 @@ class ProviderClient:
             InvoiceNotFoundError: the provider does not know it.
         """
         path = f"/invoices/{quote(foreign_id, safe='')}/cancel/"
-        return self._invoice(self._post(path, b"{}"))
+        return self._invoice(self._post(path, b"{}", send_by))
 
     def ping(self) -> bool:
         """Return True when the provider answers its unauthenticated ping."""
@@ -126,7 +126,9 @@ class ProviderClient:
             return False
         return response.status_code == 200
 
-    def _post(self, path: str, body: bytes) -> requests.Response:
+    def _post(self, path: str, body: bytes, send_by: float | None) -> requests.Response:
+        if send_by is not None and time.monotonic() > send_by:
+            raise ProviderConnectionError("not sent: its send-by instant (lease, deadline) passed")
         headers = {
             "Content-Type": "application/json",
             "X-Processing-Key": self._key,

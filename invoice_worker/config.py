@@ -2,23 +2,37 @@
 
 from __future__ import annotations
 
-from typing import Literal
-from urllib.parse import urlsplit, urlunsplit
+import ipaddress
+import re
+from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from invoice_worker.errors import ConfigError
 
 DEFAULT_API_URL = "https://app.cryptoprocessing.com/api/v2"
 DEFAULT_BROKER_URL = "redis://localhost:6379/0"
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+# What an HTTP header value may hold: a key with a stray newline would be sent (and refused)
+# or, worse, split the header.
+_HEADER_SAFE = re.compile(r"^[\x21-\x7e]*$")
+#: Longest countdown on RabbitMQ: below its default consumer_timeout (30 min), after which it
+#: closes the channel of a consumer holding an unacked (ETA) message.
+AMQP_MAX_COUNTDOWN = 900.0
 
 
 class Settings(BaseSettings):
     """Every knob of the worker and the producer; the README's settings table mirrors it."""
 
     model_config = SettingsConfigDict(
-        env_prefix="INVOICE_", env_file=".env", extra="ignore", frozen=True
+        env_prefix="INVOICE_",
+        env_file=".env",
+        extra="ignore",
+        frozen=True,
+        # A validation error must not print the input: it holds the API secret.
+        hide_input_in_errors=True,
     )
 
     # provider
@@ -60,16 +74,73 @@ class Settings(BaseSettings):
     task_events: bool = True
     log_format: Literal["text", "json"] = "text"
 
+    @classmethod
+    def load(cls, **values: Any) -> Settings:
+        """Read the environment (and ``values``); the edge every entry point goes through.
+
+        Raises:
+            ConfigError: naming each bad variable and its rule, never its value.
+        """
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            raise ConfigError(settings_errors(exc)) from None
+
+    @field_validator("api_key", "api_secret", mode="before")
+    @classmethod
+    def _strip(cls, value: Any) -> Any:
+        # A trailing newline from a secrets file is the common case; strip it once, here.
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        return value.strip() if isinstance(value, str) else value
+
+    @field_validator("api_key")
+    @classmethod
+    def _header_safe(cls, value: SecretStr) -> SecretStr:
+        if not _HEADER_SAFE.match(value.get_secret_value()):
+            raise ValueError("must be printable ASCII without spaces (it is sent as a header)")
+        return value
+
+    @field_validator("api_url")
+    @classmethod
+    def _api_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme == "https" and parts.hostname:
+            return value
+        if parts.scheme == "http" and _loopback(parts.hostname or ""):
+            return value  # the local sandbox: the signature still protects the body
+        raise ValueError(
+            "must be an https:// URL (plain http:// only to a loopback host, for the sandbox)"
+        )
+
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         if self.lease_seconds is not None and self.lease_seconds <= 2 * self.http_deadline:
             raise ValueError(
-                f"lease_seconds ({self.lease_seconds}) must exceed two provider calls "
+                f"INVOICE_LEASE_SECONDS ({self.lease_seconds}) must exceed two provider calls "
                 f"(2 x (connect_timeout + read_timeout) = {2 * self.http_deadline}): a shorter "
                 "lease lets a second worker call the provider while the first still waits"
             )
         if self.retry_cap < self.retry_base:
-            raise ValueError("retry_cap must be >= retry_base")
+            raise ValueError("INVOICE_RETRY_CAP must be >= INVOICE_RETRY_BASE")
+        if self.retry_cap > self.max_countdown:
+            raise ValueError(
+                f"INVOICE_RETRY_CAP ({self.retry_cap}) must be at most {self.max_countdown}: "
+                "half the broker's redelivery delay (INVOICE_VISIBILITY_TIMEOUT), or a waiting "
+                "retry is delivered twice"
+            )
+        if not self.redis_url and not self.broker_url.startswith(REDIS_SCHEMES):
+            raise ValueError(
+                "INVOICE_REDIS_URL is required when INVOICE_BROKER_URL is not Redis: job "
+                "records need a Redis"
+            )
+        life = self.max_countdown + self.lease + self.broker_visibility_timeout
+        if self.record_ttl <= 2 * life:
+            raise ValueError(
+                f"INVOICE_RECORD_TTL ({self.record_ttl}) must exceed {int(2 * life)} s (twice "
+                "the longest pause between two steps of a job): a record that expires mid-job "
+                "forgets an ambiguous attempt"
+            )
         return self
 
     @property
@@ -111,13 +182,25 @@ class Settings(BaseSettings):
         return float(min(10, max(1, self.broker_visibility_timeout // 3)))
 
     @property
+    def max_countdown(self) -> float:
+        """Longest a message may wait in a worker before its attempt (retry or deferral).
+
+        The Redis broker delivers a message again once it has been unacked for the
+        visibility timeout, and a countdown holds it unacked: half of it leaves the run time.
+        """
+        if self.broker_url.startswith(REDIS_SCHEMES):
+            return self.broker_visibility_timeout / 2
+        return AMQP_MAX_COUNTDOWN
+
+    @property
+    def exchange_timeout(self) -> float:
+        """Wall-clock bound on one provider exchange (DNS, connect, send, read)."""
+        return self.http_deadline
+
+    @property
     def state_url(self) -> str:
-        """The Redis holding job records: ``redis_url``, else the broker when it is Redis."""
-        if self.redis_url:
-            return self.redis_url
-        if self.broker_url.startswith(("redis://", "rediss://", "unix://")):
-            return self.broker_url
-        return "redis://localhost:6379/0"
+        """The Redis holding job records: ``redis_url``, else the broker (then Redis)."""
+        return self.redis_url or self.broker_url
 
     def replace(self, **changes: object) -> Settings:
         """Return a validated copy with ``changes`` applied (``model_copy`` skips validation)."""
@@ -157,11 +240,20 @@ class Settings(BaseSettings):
             raise ConfigError(f"{' and '.join(missing)} must be set to a non-empty value")
 
 
-def redact_url(url: str) -> str:
-    """Return ``url`` with any password replaced by ``***`` (safe to print or log)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+def settings_errors(exc: ValidationError) -> str:
+    """One line per bad setting, naming the variable and the rule, never the value."""
+    lines = []
+    for err in exc.errors(include_input=False, include_url=False):
+        name = "_".join(str(p) for p in err["loc"])
+        where = f"INVOICE_{name.upper()}" if name else "settings"
+        lines.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
+    return "invalid settings:\n  " + "\n  ".join(lines)
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

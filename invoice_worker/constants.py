@@ -1,21 +1,129 @@
-"""Names shared by the producer, the worker and the store; each documented where defined."""
+"""Names shared by the producer, the worker and the store; each documented where defined.
+
+The Lua scripts receive the key suffixes and the final states from here (``store.py`` writes
+them into each script's header), so no name is spelled twice.
+"""
 
 from __future__ import annotations
+
+from enum import StrEnum
 
 #: Celery task name; the message contract for non-Python producers is keyed on it.
 TASK_NAME = "invoices.create"
 
-#: Job states. ``retrying`` sits between attempts; the last three are final.
-QUEUED = "queued"
-PROCESSING = "processing"
-RETRYING = "retrying"
-CREATED = "created"
-FAILED = "failed"
-EXPIRED = "expired"
-FINAL_STATES = frozenset({CREATED, FAILED, EXPIRED})
+#: Separator of derived provider ids (``<foreign_id>~r<n>``). Reserved: no accepted
+#: ``foreign_id`` may contain it, so a derived id can never be another order's id.
+DERIVED_SEPARATOR = "~"
 
-#: Record key: ``<key_prefix>job:<foreign_id>`` (a hash). Wait channel: ``<key_prefix>done:<id>``.
+
+class JobState(StrEnum):
+    """Where a job stands. ``retrying`` sits between attempts; the last three are final."""
+
+    #: Recorded by the producer (or by a worker for a message sent without one); not yet taken.
+    QUEUED = "queued"
+    #: Held by a worker under a lease; a provider call may be in flight.
+    PROCESSING = "processing"
+    #: Waiting for its next attempt (a transient error, or deferred by the fleet gate).
+    RETRYING = "retrying"
+    #: Final: the invoice exists and its URL is recorded.
+    CREATED = "created"
+    #: Final: no invoice for this job (``error_code`` says why).
+    FAILED = "failed"
+    #: Final: the deadline passed first.
+    EXPIRED = "expired"
+
+    @property
+    def final(self) -> bool:
+        """True for the states a job never leaves."""
+        return self in FINAL_STATES
+
+
+FINAL_STATES = frozenset({JobState.CREATED, JobState.FAILED, JobState.EXPIRED})
+
+
+class ClaimStatus(StrEnum):
+    """What the claim script answered to a worker that tried to take a job."""
+
+    #: The job is held by this worker: call the provider.
+    CLAIMED = "claimed"
+    #: Held, but its workers died too often mid-attempt: end it ``worker_lost``.
+    POISON = "poison"
+    #: Held, but the deadline passes before the provider may be called: end it ``expired``.
+    EXPIRE = "expire"
+    #: Already final: nothing to do but report the record.
+    DONE = "done"
+    #: Another worker holds a live lease: come back when it ends.
+    BUSY = "busy"
+    #: A retry whose time has not come yet.
+    EARLY = "early"
+    #: Turned away by the fleet gate (429 pause, open circuit, rate limit); no attempt used.
+    DEFERRED = "deferred"
+    #: The message's request differs from the recorded one: ignore the message.
+    CONFLICT = "conflict"
+    #: No record and no stored copy given: the caller must claim again with the kwargs.
+    MISSING = "missing"
+
+
+class DeferReason(StrEnum):
+    """Why the fleet gate deferred a job (also the ``deferrals`` metric label)."""
+
+    RATE_LIMITED = "rate_limited"
+    PROVIDER_PAUSED = "provider_paused"
+    CIRCUIT_OPEN = "circuit_open"
+
+
+class Circuit(StrEnum):
+    """The fleet's circuit breaker."""
+
+    CLOSED = "closed"
+    HALF_OPEN = "half_open"
+    OPEN = "open"
+
+
+class CallReport(StrEnum):
+    """What one attempt tells the fleet about the provider."""
+
+    #: No call was made (or it failed for a reason that says nothing about the provider).
+    NONE = ""
+    #: It answered (even with a refusal): the provider is up.
+    OK = "ok"
+    #: Unreachable, 5xx or a timeout: counts towards opening the circuit.
+    FAILURE = "failure"
+    #: 429: the whole fleet pauses.
+    RATE_LIMITED = "rate_limited"
+
+
+class ErrorCode(StrEnum):
+    """Error codes we set ourselves (provider codes are stored as the provider sent them)."""
+
+    #: An earlier attempt created the invoice, its answer was lost, and the policy is ``fail``.
+    ORPHANED = "orphaned"
+    DEADLINE_PASSED = "deadline_passed"
+    #: The job's workers kept dying mid-attempt (``INVOICE_MAX_REDELIVERIES``).
+    WORKER_LOST = "worker_lost"
+    #: The task message broke the contract; nothing was sent to the provider.
+    INVALID_MESSAGE = "invalid_message"
+
+
+class Cleanup(StrEnum):
+    """What became of an invoice an ambiguous attempt may have created (``orphan`` field)."""
+
+    #: Nothing to clean up: no ambiguous attempt.
+    NONE = "none"
+    #: Cancelled at the provider.
+    CANCELLED = "cancelled"
+    #: The provider says it is already final (or never existed): nothing live remains.
+    FINAL = "final"
+    #: The cancel has not succeeded yet: the sweeper keeps retrying it (``<prefix>cleanup``).
+    PENDING = "pending"
+    #: Retries exhausted: a live invoice may remain; a human must look.
+    MAY_REMAIN = "may_remain"
+
+
+# Redis keys, all under ``INVOICE_KEY_PREFIX``.
+#: Record: a hash per job, ``<prefix>job:<foreign_id>``.
 JOB_KEY = "job:"
+#: Wait channel (pub/sub) announcing a job's final state: ``<prefix>done:<foreign_id>``.
 DONE_CHANNEL = "done:"
 #: The fleet's shared view of the provider (rate-limit cursor, 429 pause, circuit): a hash.
 PROVIDER_KEY = "provider"
@@ -26,27 +134,11 @@ DUE_KEY = "due"
 #: The task kwargs of a job not yet final, to send again if its message is lost: a string.
 #: Like the broker message, it holds ``email_user``; it is deleted when the job is final.
 COPY_KEY = "msg:"
-
-#: Circuit breaker states.
-CLOSED, HALF_OPEN, OPEN = "closed", "half_open", "open"
+#: Invoices to cancel after a final job (a give-up cancel that failed): a sorted set of
+#: provider ids scored by the next try; the details live in ``<prefix>cleanup:<id>`` hashes.
+CLEANUP_KEY = "cleanup"
+#: Record of a message that could not be decoded and whose foreign_id is not a valid one.
+INVALID_MESSAGE_ID = "invalid-message:"
 
 #: Upper bounds (seconds) of the provider latency histogram.
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-
-#: Error codes we set ourselves (provider codes are stored as the provider sent them).
-ORPHANED = "orphaned"
-DEADLINE_PASSED = "deadline_passed"
-WORKER_LOST = "worker_lost"
-INVALID_MESSAGE = "invalid_message"
-
-#: Fields copied from the provider's invoice into the job record.
-INVOICE_FIELDS = (
-    "invoice_id",
-    "url",
-    "address",
-    "status",
-    "amount",
-    "currency",
-    "fixed_at",
-    "release_at",
-)

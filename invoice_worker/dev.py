@@ -20,10 +20,12 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from invoice_worker import constants as c
-from invoice_worker.config import Settings, redact_url
+from invoice_worker.config import Settings
+from invoice_worker.constants import FINAL_STATES, JobState
 from invoice_worker.embedded import EmbeddedRedis, free_port
 from invoice_worker.errors import ConflictError, InvalidRequestError
+from invoice_worker.models import JobRecord
+from invoice_worker.privacy import redact_url
 from invoice_worker.processes import ChildProcess, flower_process, worker_process
 from invoice_worker.producer import Producer
 from invoice_worker.sandbox import Sandbox
@@ -140,7 +142,7 @@ class Demo:
         ids, duplicates = self._enqueue(count)
         records = self._follow(ids, timeout)
         self._report(records, duplicates)
-        return 0 if all(r["state"] in c.FINAL_STATES for r in records.values()) else 1
+        return 0 if all(r["state"] in FINAL_STATES for r in records.values()) else 1
 
     def _enqueue(self, count: int) -> tuple[list[str], int]:
         print(f"\ndemo: enqueueing {count} invoices (every 4th twice; faults injected into some)")
@@ -149,10 +151,10 @@ class Demo:
             data = demo_request(self.run_id, n)
             if self.sandbox is not None and n in DEMO_FAULTS:
                 self.sandbox.script(DEMO_FAULTS[n], foreign_id=data["foreign_id"])
-            first = self.producer.enqueue(data)
+            first = self.producer.enqueue(data).to_dict()
             ids.append(first["foreign_id"])
             if n % 4 == 0:
-                again = self.producer.enqueue(data)
+                again = self.producer.enqueue(data).to_dict()
                 duplicates += again["task_id"] == first["task_id"]
         bad = {
             **demo_request(self.run_id, 0),
@@ -174,12 +176,10 @@ class Demo:
         last = ""
         while True:
             # One pipelined read of the states per refresh; the records only once, at the end.
-            counts = {
-                s: 0 for s in (c.QUEUED, c.PROCESSING, c.RETRYING, c.CREATED, c.FAILED, c.EXPIRED)
-            }
+            counts: dict[str, int] = {s: 0 for s in JobState}
             for state in self.producer.store.states(ids):
                 counts[state or "?"] = counts.get(state or "?", 0) + 1
-            done = sum(counts[s] for s in c.FINAL_STATES)
+            done = sum(counts[s] for s in FINAL_STATES)
             bar = "#" * (30 * done // len(ids)) + "." * (30 - 30 * done // len(ids))
             line = f"[{bar}] {done}/{len(ids)}  " + "  ".join(
                 f"{k} {v}" for k, v in counts.items() if v
@@ -190,7 +190,7 @@ class Demo:
             if done == len(ids) or time.monotonic() > deadline or not self.worker.alive:
                 if self.tty:
                     print()
-                return {fid: self.producer.get(fid) or {"state": "?"} for fid in ids}
+                return {fid: _as_dict(self.producer.get(fid)) for fid in ids}
             time.sleep(0.1)
 
     def _report(self, records: dict[str, dict[str, Any]], duplicates: int) -> None:
@@ -200,7 +200,9 @@ class Demo:
             print(f"{fid:<22} {r['state']:<8} {r.get('attempts', 0):>5}  {detail}")
         states = [r["state"] for r in records.values()]
         summary = ", ".join(
-            f"{states.count(s)} {s}" for s in (c.CREATED, c.FAILED, c.EXPIRED) if states.count(s)
+            f"{states.count(s)} {s}"
+            for s in (JobState.CREATED, JobState.FAILED, JobState.EXPIRED)
+            if states.count(s)
         )
         print(
             f"\nsummary: {len(records)} jobs: {summary}; {duplicates} duplicate enqueues absorbed"
@@ -219,3 +221,7 @@ class Demo:
                 f"; provider: {calls} create calls, {live} live invoices for {len(records)} orders"
             )
         print(line)
+
+
+def _as_dict(record: JobRecord | None) -> dict[str, Any]:
+    return record.to_dict() if record is not None else {"state": "?"}

@@ -24,8 +24,12 @@ can match on it::
 
 from __future__ import annotations
 
-import re
 from typing import Any
+
+from invoice_worker.privacy import redact
+
+#: Most field errors kept from one answer or message (each bounded by privacy.redact).
+MAX_FIELD_ERRORS = 20
 
 
 class InvoiceWorkerError(Exception):
@@ -46,8 +50,10 @@ class InvalidRequestError(InvoiceWorkerError, ValueError):
     code = "invalid_request"
 
     def __init__(self, errors: dict[str, str]) -> None:
-        self.errors = errors
-        detail = "; ".join(f"{field}: {rule}" for field, rule in errors.items())
+        # Field names can come from a hostile message (unknown keys): bound and mask them.
+        items = list(errors.items())[:MAX_FIELD_ERRORS]
+        self.errors = {redact(field, 100): redact(rule) for field, rule in items}
+        detail = "; ".join(f"{field}: {rule}" for field, rule in self.errors.items())
         super().__init__(f"invalid invoice request: {detail}")
 
 
@@ -59,15 +65,6 @@ class ConflictError(InvoiceWorkerError):
     def __init__(self, foreign_id: str) -> None:
         self.foreign_id = foreign_id
         super().__init__(f"foreign_id {foreign_id!r} was already enqueued with a different request")
-
-
-_BODY_LIMIT = 500
-_EMAIL = re.compile(r"[\w.!#$%&'*+/=?^`{|}~-]+@[\w-]+(\.[\w-]+)+")
-
-
-def redact(text: str) -> str:
-    """Mask e-mail addresses: provider text could echo ``email_user`` back at us."""
-    return _EMAIL.sub("***", text)
 
 
 class ProviderError(InvoiceWorkerError):
@@ -94,13 +91,16 @@ class ProviderError(InvoiceWorkerError):
         errors: dict[str, str] | None = None,
         body: str | None = None,
     ) -> None:
+        # Provider text is bounded and masked before anything else sees it: it could echo
+        # ``email_user`` back, or be megabytes from a proxy.
         message = redact(message)
         super().__init__(message)
         self.message = message
         self.status = status
-        self.provider_code = provider_code
-        self.errors = {k: redact(v) for k, v in (errors or {}).items()}
-        self.body = redact(body[:_BODY_LIMIT]) if body else body
+        self.provider_code = redact(provider_code, 100) if provider_code else None
+        items = list((errors or {}).items())[:MAX_FIELD_ERRORS]
+        self.errors = {redact(k, 100): redact(v) for k, v in items}
+        self.body = redact(body) if body else body
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(status={self.status!r}, message={self.message!r})"

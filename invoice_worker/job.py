@@ -3,22 +3,48 @@
 The provider's ``foreign_id`` is the idempotency key: it is fixed before the first attempt and
 sent unchanged on every retry and redelivery. The only time another id is sent is the orphan
 "recreate" path, under a derived id recorded as ``provider_foreign_id`` before it is used.
+
+States, and who moves each edge (``claim`` and ``transition`` are the Lua scripts)::
+
+    (enqueue.lua or claim.lua) -> queued
+    queued | retrying --claim--> processing          (lease held; or deferred -> retrying)
+    processing --claim by another after the lease--> processing (crashes+1, ambiguous)
+    processing --transition release--> retrying      (transient error; next_attempt_at)
+    processing --transition renew--> processing      (fence before each further call)
+    processing --transition final--> created | failed | expired   (+ one event, announced)
+
+Every provider call is fenced: the caller still holds the lease (the claim, or a renewal just
+before), and the request is not sent after ``send_by``, the instant from which the whole
+exchange could outlast the lease or the job's deadline. Every final state after an ambiguous
+attempt either cancels the invoice that attempt may have created or leaves a pending cleanup
+that the sweeper retries (``orphan`` in the record says which).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import random
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, assert_never
 
-from invoice_worker import constants as c
 from invoice_worker.client import ProviderClient
 from invoice_worker.config import Settings
+from invoice_worker.constants import (
+    DERIVED_SEPARATOR,
+    INVALID_MESSAGE_ID,
+    CallReport,
+    ClaimStatus,
+    Cleanup,
+    DeferReason,
+    ErrorCode,
+    JobState,
+)
 from invoice_worker.errors import (
     AmbiguousResponseError,
     DuplicateForeignIdError,
@@ -30,11 +56,15 @@ from invoice_worker.errors import (
     TransientProviderError,
 )
 from invoice_worker.logs import log_circuit, log_job
-from invoice_worker.message import Message, decode, raw_fingerprint
-from invoice_worker.models import Invoice
+from invoice_worker.message import TaskMessage, raw_fingerprint
+from invoice_worker.models import Invoice, JobRecord, check_foreign_id
 from invoice_worker.store import Claim, JobStore, Moved, Report
 
 log = logging.getLogger(__name__)
+
+#: Seconds kept between the last instant a request may leave and the end of the lease.
+FENCE_MARGIN = 1.0
+_SAFE_TASK_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
 def backoff(attempt: int, base: float, cap: float) -> float:
@@ -48,19 +78,30 @@ def full_jitter(ceiling: float, rand: Callable[[], float] = random.random) -> fl
 
 
 def derived_foreign_id(foreign_id: str, generation: int) -> str:
-    """The provider id of recreate ``generation`` (deterministic, at most 255 characters)."""
-    suffix = f"~r{generation}"
+    """The provider id of recreate ``generation`` (deterministic, at most 255 characters).
+
+    It contains the reserved separator, so it can never be an accepted ``foreign_id``.
+    """
+    suffix = f"{DERIVED_SEPARATOR}r{generation}"
     if len(foreign_id) + len(suffix) <= 255:
         return foreign_id + suffix
     digest = hashlib.sha256(foreign_id.encode()).hexdigest()[:16]
-    return f"{foreign_id[: 255 - len(suffix) - 17]}~{digest}{suffix}"
+    return f"{foreign_id[: 255 - len(suffix) - 17]}{DERIVED_SEPARATOR}{digest}{suffix}"
+
+
+def safe_task_id(task_id: str) -> str:
+    """The task id as we log and key it: a hostile producer chooses it, so anything but a
+    plain id is replaced by its hash."""
+    if _SAFE_TASK_ID.match(task_id):
+        return task_id
+    return "sha256-" + hashlib.sha256(task_id.encode()).hexdigest()[:32]
 
 
 @dataclass(frozen=True)
 class Outcome:
     """What the task wrapper must do after a run."""
 
-    record: dict[str, Any] | None
+    record: JobRecord | None
     retry_in: float | None = None
     finished: bool = False  # this run made the final transition (not a redelivery of a done job)
 
@@ -81,10 +122,11 @@ class InvoiceJob:
         self.settings = settings
         self.rand = rand
 
-    def run(self, kwargs: dict[str, Any], *, task_id: str, owner: str) -> Outcome:
+    def run(self, kwargs: Any, *, task_id: str, owner: str) -> Outcome:
         """Run one delivery of a task message; never raises for a job-level failure."""
+        task_id = safe_task_id(task_id)
         try:
-            message = decode(kwargs)
+            message = TaskMessage.parse(kwargs, queue=self.settings.queue)
         except InvalidRequestError as exc:
             return self._reject(kwargs, exc, task_id=task_id, owner=owner)
         foreign_id = message.request.foreign_id
@@ -95,65 +137,81 @@ class InvoiceJob:
             "callback_queue": message.callback_queue,
         }
         claim = self._claim(message, owner, fields)
-        if claim.status == "missing":  # sent without the producer: keep a copy for the sweeper
+        if claim.status is ClaimStatus.MISSING:  # sent without the producer: keep a copy
             claim = self._claim(message, owner, fields, json.dumps(message.kwargs()))
         log_circuit(claim.circuit, foreign_id, task_id)
-        if claim.status == "conflict":
-            log_job(logging.WARNING, foreign_id, task_id, "ignored", reason="conflicting_message")
-            return Outcome(None)
-        if claim.status == "done":
-            return Outcome(claim.record)
-        if claim.status in ("busy", "early", "deferred"):
-            reason = claim.reason or claim.status
-            wait = claim.wait
-            if reason in ("provider_paused", "circuit_open"):
-                # Everyone deferred until the same instant: spread the comeback.
-                wait += full_jitter(min(claim.wait, 1.0), self.rand)
-            log_job(logging.INFO, foreign_id, task_id, "deferred", reason=reason, retry_in=wait)
-            return Outcome(None, retry_in=wait + 0.01)
-        attempt = _Attempt(self, message, claim.record, task_id, owner)
-        if claim.status == "poison":
-            return attempt.finish(
-                c.FAILED, error_code=c.WORKER_LOST, error="the job's worker died too often"
-            )
-        if claim.status == "expire":
-            return attempt.finish(
-                c.EXPIRED, error_code=c.DEADLINE_PASSED,
-                error=f"deadline passes before the provider may be called ({claim.reason})",
-            )  # fmt: skip
-        return attempt.run()
+        match claim.status:
+            case ClaimStatus.CONFLICT:
+                error = InvalidRequestError(
+                    {"request": "differs from the request recorded under this foreign_id"}
+                )
+                return self._reject(kwargs, error, task_id=task_id, owner=owner, conflict=True)
+            case ClaimStatus.DONE:
+                return Outcome(claim.record)
+            case ClaimStatus.BUSY | ClaimStatus.EARLY | ClaimStatus.DEFERRED:
+                return self._defer(claim, foreign_id, task_id)
+            case ClaimStatus.POISON | ClaimStatus.EXPIRE | ClaimStatus.CLAIMED:
+                assert claim.record is not None
+                attempt = _Attempt(self, message, claim.record, task_id, owner)
+                return attempt.start(claim.status)
+            case ClaimStatus.MISSING:
+                raise RuntimeError("the claim asked for the message copy twice")
+            case _:
+                assert_never(claim.status)
+
+    def _defer(self, claim: Claim, foreign_id: str, task_id: str) -> Outcome:
+        reason = claim.reason or claim.status
+        wait = claim.wait
+        if reason in (DeferReason.PROVIDER_PAUSED, DeferReason.CIRCUIT_OPEN):
+            # Everyone deferred until the same instant: spread the comeback.
+            wait += full_jitter(min(claim.wait, 1.0), self.rand)
+        wait = min(wait, self.settings.max_countdown)
+        log_job(logging.INFO, foreign_id, task_id, "deferred", reason=reason, retry_in=wait)
+        return Outcome(None, retry_in=wait + 0.01)
 
     def _claim(
-        self, message: Message, owner: str, fields: dict[str, Any], kwargs: str = ""
+        self, message: TaskMessage, owner: str, fields: dict[str, Any], kwargs: str = ""
     ) -> Claim:
         return self.store.claim(
-            message.request.foreign_id, owner, lease=self.settings.lease,
-            fingerprint=message.fingerprint(), max_crashes=self.settings.max_redeliveries,
+            message.request.foreign_id, owner, fingerprint=message.fingerprint(),
             fields=fields, kwargs=kwargs,
         )  # fmt: skip
 
     def _reject(
-        self, kwargs: Any, exc: InvalidRequestError, *, task_id: str, owner: str
+        self,
+        kwargs: Any,
+        exc: InvalidRequestError,
+        *,
+        task_id: str,
+        owner: str,
+        conflict: bool = False,
     ) -> Outcome:
-        request = kwargs.get("request") if isinstance(kwargs, dict) else None
-        fid = request.get("foreign_id") if isinstance(request, dict) else None
-        if not isinstance(fid, str) or not 0 < len(fid) <= 255:
-            fid = f"invalid-message:{task_id}"
+        """Record an invalid message as failed, once, without calling the provider.
+
+        It is recorded under its foreign_id only when that id passes the producer's rules
+        (else it could be an e-mail address, a forged log line or another order's id) and no
+        other job holds it; otherwise under ``invalid-message:<task_id>``.
+        """
+        fid = f"{INVALID_MESSAGE_ID}{task_id}"
+        if not conflict:
+            request = kwargs.get("request") if isinstance(kwargs, dict) else None
+            candidate = request.get("foreign_id") if isinstance(request, dict) else None
+            if isinstance(candidate, str) and len(candidate) <= 255:
+                with contextlib.suppress(ValueError):
+                    fid = check_foreign_id(candidate)
+        fields = {"task_id": task_id}
         claim = self.store.claim(
-            fid,
-            owner,
-            lease=self.settings.lease,
-            fingerprint=raw_fingerprint(kwargs),
-            max_crashes=self.settings.max_redeliveries,
-            fields={"task_id": task_id},
-            gated=False,
+            fid, owner, fingerprint=raw_fingerprint(kwargs), fields=fields, gated=False
         )
-        if claim.status != "claimed" and claim.status != "poison":
-            log_job(logging.WARNING, fid, task_id, "ignored", reason="invalid_message")
-            return Outcome(claim.record or None)
-        fields = {"error_code": c.INVALID_MESSAGE, "error": str(exc), "errors": exc.errors}
-        moved = self.store.finish(fid, owner, c.FAILED, fields)
-        log_job(logging.WARNING, fid, task_id, c.FAILED, error_code=c.INVALID_MESSAGE)
+        if claim.status is ClaimStatus.CONFLICT and not fid.startswith(INVALID_MESSAGE_ID):
+            return self._reject(kwargs, exc, task_id=task_id, owner=owner, conflict=True)
+        if claim.status not in (ClaimStatus.CLAIMED, ClaimStatus.POISON):
+            log_job(logging.WARNING, fid, task_id, "ignored", reason=ErrorCode.INVALID_MESSAGE)
+            return Outcome(claim.record)
+        code = "conflict" if conflict else ErrorCode.INVALID_MESSAGE
+        values = {"error_code": code, "error": str(exc), "errors": exc.errors}
+        moved = self.store.finish(fid, owner, JobState.FAILED, values)
+        log_job(logging.WARNING, fid, task_id, JobState.FAILED, error_code=code)
         return Outcome(moved.record if moved else None, finished=moved is not None)
 
 
@@ -161,85 +219,104 @@ class _Attempt:
     """One claimed attempt: the only code that calls the provider."""
 
     def __init__(
-        self, job: InvoiceJob, message: Message, record: dict[str, Any], task_id: str, owner: str
+        self, job: InvoiceJob, message: TaskMessage, record: JobRecord, task_id: str, owner: str
     ) -> None:
         self.job = job
+        self.settings = job.settings
         self.message = message
         self.record = record
         self.task_id = task_id
         self.owner = owner
         self.foreign_id = message.request.foreign_id
-        self.attempts = int(record.get("attempts", 1))
+        self.generation = record.generation
+        self.attempts = record.attempts or 1
         self.latency_ms = 0.0
         self.report = Report()  # what the last provider call said about the provider
+        self.fenced_at = time.monotonic()  # the claim renewed the lease just now
 
-    def run(self) -> Outcome:
-        deadline = self.message.deadline
-        provider_id = self.record.get("provider_foreign_id") or self.foreign_id
-        ambiguous = bool(self.record.get("ambiguous"))
-        if deadline is not None and time.time() >= deadline:
+    def start(self, status: ClaimStatus) -> Outcome:
+        provider_id = self.record.provider_foreign_id or self.foreign_id
+        ambiguous = self.record.ambiguous
+        if status is ClaimStatus.POISON:
+            # No call here: the call itself may be what kills the worker. The sweeper cancels.
+            return self._end(
+                JobState.FAILED, ambiguous, error_code=ErrorCode.WORKER_LOST,
+                error="the job's worker died too often",
+            )  # fmt: skip
+        if status is ClaimStatus.EXPIRE:
+            return self._end(
+                JobState.EXPIRED, ambiguous, error_code=ErrorCode.DEADLINE_PASSED,
+                error="deadline passes before the provider may be called",
+            )  # fmt: skip
+        if self._past_deadline():
             return self._give_up(
-                c.EXPIRED, provider_id, ambiguous, error_code=c.DEADLINE_PASSED,
+                JobState.EXPIRED, provider_id, ambiguous, error_code=ErrorCode.DEADLINE_PASSED,
                 error="deadline passed before the invoice was created",
             )  # fmt: skip
         return self._create(provider_id, ambiguous=ambiguous)
 
     def _create(self, provider_id: str, *, ambiguous: bool) -> Outcome:
+        request = self.message.request.with_foreign_id(provider_id)
+        send_by = self._send_by(creating=True)
         try:
-            invoice = self._call(
-                lambda: self.job.client.create_invoice(
-                    self.message.request.with_foreign_id(provider_id)
-                )
-            )
+            invoice = self._call(lambda: self.job.client.create_invoice(request, send_by=send_by))
         except DuplicateForeignIdError as exc:
             if not ambiguous:
-                return self.finish(c.FAILED, **exc.to_dict())
+                return self.finish(JobState.FAILED, **exc.to_dict())
             return self._orphan(provider_id, exc)
         except TransientProviderError as exc:
             return self._retry(exc, ambiguous=ambiguous or exc.ambiguous, provider_id=provider_id)
         except ProviderError as exc:
-            return self.finish(c.FAILED, **exc.to_dict())
-        return self.finish(c.CREATED, provider_foreign_id=provider_id, **_invoice_fields(invoice))
+            return self.finish(JobState.FAILED, **exc.to_dict())
+        if self._past_deadline():
+            # Answered after the deadline: the shop has moved on, so this invoice must not live.
+            return self._give_up(
+                JobState.EXPIRED, provider_id, True, error_code=ErrorCode.DEADLINE_PASSED,
+                error="the invoice was created after the deadline, and cancelled",
+            )  # fmt: skip
+        return self.finish(
+            JobState.CREATED, provider_foreign_id=provider_id, **_invoice_fields(invoice)
+        )
 
     def _orphan(self, provider_id: str, exc: DuplicateForeignIdError) -> Outcome:
         """The earlier ambiguous call created an invoice whose URL we never saw."""
-        if self.job.settings.orphan_policy == "fail":
-            return self.finish(
-                c.FAILED,
-                error_code=c.ORPHANED,
+        if self.settings.orphan_policy == "fail":
+            return self._give_up(
+                JobState.FAILED, provider_id, True, error_code=ErrorCode.ORPHANED,
                 http_status=exc.status,
                 error="an earlier attempt created the invoice but its answer was lost; "
                 "the provider has no look-up, so the URL is unknown",
-            )
+            )  # fmt: skip
+        if not self._fence():
+            return self._lost()
         try:
-            self._call(lambda: self.job.client.cancel_invoice(provider_id))
+            self._call(lambda: self.job.client.cancel_invoice(provider_id, send_by=self._send_by()))
         except (InvoiceStateError, InvoiceNotFoundError):
             pass  # already final (e.g. a cancel whose answer was lost): nothing live to kill
         except TransientProviderError as exc2:
             return self._retry(exc2, ambiguous=True, provider_id=provider_id)
         except ProviderError as exc2:
-            return self.finish(c.FAILED, **exc2.to_dict())
-        generation = int(self.record.get("generation", 0)) + 1
-        new_id = derived_foreign_id(self.foreign_id, generation)
+            return self._end(JobState.FAILED, True, **exc2.to_dict())
+        self.generation += 1
+        new_id = derived_foreign_id(self.foreign_id, self.generation)
         # Recorded before the call, so a crash mid-call retries this same id, never a new one.
-        fields = {"provider_foreign_id": new_id, "generation": generation, "ambiguous": 0}
-        moved = self.job.store.transition(
-            self.foreign_id, self.owner, c.PROCESSING, fields, lease=self.job.settings.lease,
-            report=self.report,
-        )  # fmt: skip
-        if moved is None:
+        values = {"provider_foreign_id": new_id, "generation": self.generation, "ambiguous": 0}
+        if not self._fence(values):
             return self._lost()
-        self._circuit(moved)
         self._log("orphan_cancelled", recreate_as=new_id)
-        self.record.update(fields)
+        if self._past_deadline():
+            return self.finish(
+                JobState.EXPIRED, orphan=Cleanup.CANCELLED, error_code=ErrorCode.DEADLINE_PASSED,
+                error="deadline passed while an orphaned invoice was replaced",
+            )  # fmt: skip
         return self._create(new_id, ambiguous=False)
 
     def _retry(self, exc: TransientProviderError, *, ambiguous: bool, provider_id: str) -> Outcome:
-        settings = self.job.settings
+        settings = self.settings
         error = exc.to_dict()
         if self.attempts >= settings.max_attempts:
             error["error"] = f"gave up after {self.attempts} attempts: {error['error']}"
-            return self._give_up(c.FAILED, provider_id, ambiguous, **error)
+            return self._give_up(JobState.FAILED, provider_id, ambiguous, **error)
         delay = full_jitter(
             backoff(self.attempts, settings.retry_base, settings.retry_cap), self.job.rand
         )
@@ -249,50 +326,88 @@ class _Attempt:
         deadline = self.message.deadline
         if deadline is not None and time.time() + delay >= deadline:
             return self._give_up(
-                c.EXPIRED, provider_id, ambiguous, error_code=c.DEADLINE_PASSED,
+                JobState.EXPIRED, provider_id, ambiguous, error_code=ErrorCode.DEADLINE_PASSED,
                 error=f"deadline passes before the next attempt ({error['error']})",
             )  # fmt: skip
-        fields = {
+        values = {
             "last_error": f"{error['error_code']}: {error['error']}",
             "last_error_code": error["error_code"],
             "ambiguous": int(ambiguous),
             "provider_foreign_id": provider_id,
         }
         moved = self.job.store.transition(
-            self.foreign_id, self.owner, c.RETRYING, fields, delay=delay, report=self.report
-        )
+            self.foreign_id, self.owner, JobState.RETRYING, values, delay=delay,
+            report=self.report,
+        )  # fmt: skip
         if moved is None:
             return self._lost()
         self._circuit(moved)
         self._log("retrying", error_code=error["error_code"], retry_in=round(delay, 2))
         return Outcome(None, retry_in=delay)
 
-    def _give_up(self, state: str, provider_id: str, ambiguous: bool, **fields: Any) -> Outcome:
+    def _give_up(
+        self, state: JobState, provider_id: str, ambiguous: bool, **values: Any
+    ) -> Outcome:
         """End without an invoice; first cancel the one an ambiguous attempt may have made,
-        so no customer can pay an invoice this job never reported (``orphan`` says how)."""
-        if ambiguous:
-            fields["orphan"] = self._cancel_quietly(provider_id)
-        return self.finish(state, **fields)
-
-    def _cancel_quietly(self, provider_id: str) -> str:
+        so no customer can pay an invoice this job never reported."""
+        if not ambiguous:
+            return self.finish(state, **values)
+        if not self._fence():
+            return self._lost()
         try:
-            self._call(lambda: self.job.client.cancel_invoice(provider_id))
-        except InvoiceNotFoundError:
-            return "none"
-        except InvoiceStateError:
-            return "final"
+            self._call(lambda: self.job.client.cancel_invoice(provider_id, send_by=self._send_by()))
+        except (InvoiceNotFoundError, InvoiceStateError):
+            return self.finish(state, orphan=Cleanup.FINAL, **values)
         except ProviderError:
-            return "may_remain"
-        return "cancelled"
+            return self._end(state, True, **values)
+        return self.finish(state, orphan=Cleanup.CANCELLED, **values)
 
-    def finish(self, state: str, **fields: Any) -> Outcome:
-        fields = {"task_id": self.task_id, "attempts": self.attempts, **fields}
-        moved = self.job.store.finish(self.foreign_id, self.owner, state, fields, self.report)
+    def _end(self, state: JobState, ambiguous: bool, **values: Any) -> Outcome:
+        """End the job; after an ambiguous attempt, leave its cancel to the sweeper."""
+        if not ambiguous:
+            return self.finish(state, **values)
+        return self.finish(
+            state, orphan=Cleanup.PENDING, cleanup_in=self.settings.retry_base, **values
+        )
+
+    def finish(self, state: JobState, *, cleanup_in: float | None = None, **values: Any) -> Outcome:
+        values = {"task_id": self.task_id, "attempts": self.attempts, **values}
+        moved = self.job.store.finish(
+            self.foreign_id, self.owner, state, values, self.report, cleanup_in=cleanup_in
+        )
         if moved is None:
             return self._lost()
         self._circuit(moved)
-        self._log(state, error_code=fields.get("error_code"))
+        self._log(state, error_code=values.get("error_code"), orphan=values.get("orphan"))
         return Outcome(moved.record, finished=True)
+
+    def _fence(self, values: dict[str, Any] | None = None) -> bool:
+        """Renew the lease before a further provider call; False if the job was taken over."""
+        started = time.monotonic()
+        moved = self.job.store.transition(
+            self.foreign_id, self.owner, JobState.PROCESSING, values, lease=self.settings.lease,
+            report=self.report,
+        )  # fmt: skip
+        self.report = Report()  # reported once; the next call reports afresh
+        if moved is None:
+            return False
+        self._circuit(moved)
+        self.fenced_at = started
+        return True
+
+    def _send_by(self, *, creating: bool = False) -> float:
+        """The last monotonic instant a request may leave: its whole exchange must end while
+        the lease is held, and no create may start after the job's deadline."""
+        settings = self.settings
+        send_by = self.fenced_at + settings.lease - settings.exchange_timeout - FENCE_MARGIN
+        deadline = self.message.deadline
+        if creating and deadline is not None:
+            send_by = min(send_by, time.monotonic() + deadline - time.time())
+        return send_by
+
+    def _past_deadline(self) -> bool:
+        deadline = self.message.deadline
+        return deadline is not None and time.time() >= deadline
 
     def _circuit(self, moved: Moved) -> None:
         log_circuit(moved.circuit, self.foreign_id, self.task_id)
@@ -303,34 +418,34 @@ class _Attempt:
 
     def _call(self, fn: Callable[[], Invoice]) -> Invoice:
         start = time.perf_counter()
-        settings = self.job.settings
+        settings = self.settings
         try:
             result = fn()
         except RateLimitedError as exc:
             pause = exc.retry_after if exc.retry_after is not None else settings.rate_limit_pause
-            self._reported("rate_limited", start, min(pause, settings.retry_cap))
+            self._reported(CallReport.RATE_LIMITED, start, min(pause, settings.retry_cap))
             raise
         except TransientProviderError:
-            self._reported("failure", start)
+            self._reported(CallReport.FAILURE, start)
             raise
         except ProviderError:
-            self._reported("ok", start)  # it answered: the provider is up
+            self._reported(CallReport.OK, start)  # it answered: the provider is up
             raise
         except Exception as exc:
             # A bug or a soft time limit mid-call: the request may have gone out, so retry it
             # as ambiguous (bounded by max_attempts) instead of crashing the message. It says
             # nothing about the provider, so the breaker hears nothing.
-            self._reported("", start)
+            self._reported(CallReport.NONE, start)
             log.exception(
                 "job %s task=%s unexpected error in provider call", self.foreign_id, self.task_id
             )
             raise AmbiguousResponseError(
                 f"unexpected {type(exc).__name__} during the call"
             ) from exc
-        self._reported("ok", start)
+        self._reported(CallReport.OK, start)
         return result
 
-    def _reported(self, outcome: str, start: float, pause: float = 0.0) -> None:
+    def _reported(self, outcome: CallReport, start: float, pause: float = 0.0) -> None:
         self.latency_ms += (time.perf_counter() - start) * 1000
         self.report = Report(outcome, pause, self.latency_ms / 1000)
 

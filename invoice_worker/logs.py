@@ -13,6 +13,8 @@ from typing import Any
 
 from celery.signals import after_setup_logger, after_setup_task_logger
 
+from invoice_worker.privacy import escape_controls
+
 log = logging.getLogger("invoice_worker.job")
 
 
@@ -21,22 +23,23 @@ def log_job(level: int, foreign_id: str, task_id: str, outcome: str, **detail: A
     fields = {"foreign_id": foreign_id, "task_id": task_id, "outcome": outcome}
     fields.update({k: v for k, v in detail.items() if v is not None})
     text = " ".join(f"{k}={_text(v)}" for k, v in fields.items() if k != "foreign_id")
-    log.log(level, "job %s %s", foreign_id, text, extra={"job": fields})
+    log.log(level, "job %s %s", escape_controls(foreign_id), text, extra={"job": fields})
 
 
-def log_circuit(change: str, foreign_id: str, task_id: str) -> None:
+def log_circuit(change: str | None, foreign_id: str, task_id: str) -> None:
     """Log a change of the fleet's circuit breaker: once, by the worker whose call caused it."""
     if not change:
         return
     level = logging.WARNING if change == "open" else logging.INFO
     log.log(
-        level, "provider circuit %s (after job %s)", change.replace("_", "-"), foreign_id,
+        level, "provider circuit %s (after job %s)", change.replace("_", "-"),
+        escape_controls(foreign_id),
         extra={"job": {"circuit": change, "foreign_id": foreign_id, "task_id": task_id}},
     )  # fmt: skip
 
 
 def _text(value: Any) -> str:
-    return f"{value:.1f}" if isinstance(value, float) else str(value)
+    return f"{value:.1f}" if isinstance(value, float) else escape_controls(str(value))
 
 
 class JsonFormatter(logging.Formatter):
@@ -63,5 +66,6 @@ def use_json_logs() -> None:
         for handler in logger.handlers:
             handler.setFormatter(JsonFormatter())
 
-    after_setup_logger.connect(swap, weak=False)
-    after_setup_task_logger.connect(swap, weak=False)
+    # A dispatch_uid connects each receiver once, however many apps a process builds.
+    after_setup_logger.connect(swap, weak=False, dispatch_uid="invoice_worker.json_logs")
+    after_setup_task_logger.connect(swap, weak=False, dispatch_uid="invoice_worker.json_task")

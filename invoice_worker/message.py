@@ -4,7 +4,11 @@ kwargs:
     request (object): the create-invoice fields; ``amount`` a decimal *string* (e.g. "0.1").
     deadline (number | null): Unix seconds; past it the job ends ``expired`` uncalled.
     callback_task (string | null): a Celery task name sent the final record.
-    callback_queue (string | null): the queue for that callback task.
+    callback_queue (string | null): the queue for that callback task; required with it, and
+        not the invoice queue itself (our workers would discard the callback there).
+
+One model, :class:`TaskMessage`, validates the options for the producer (before anything is
+written) and for the worker (whatever sent the message), so both apply exactly the same rules.
 """
 
 from __future__ import annotations
@@ -12,29 +16,112 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
+import re
 import uuid
-from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 from celery import Celery
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from invoice_worker.constants import TASK_NAME
 from invoice_worker.errors import InvalidRequestError
-from invoice_worker.models import InvoiceRequest, parse_request
+from invoice_worker.models import InvoiceRequest, validation_messages
+from invoice_worker.privacy import kwargs_repr
 
-MASK = "***"
-#: Fields never shown by Celery (Flower, logs, events): they are personal data.
-PERSONAL_FIELDS = frozenset({"email_user"})
+#: Latest deadline accepted (the year 2100): a larger number is a unit mistake (milliseconds).
+MAX_DEADLINE = 4_102_444_800
+# A Celery task or queue name: printable, no spaces (it becomes a routing key and a log field).
+_NAME_RE = re.compile(r"^[\x21-\x7e]{1,255}$")
 
 
-@dataclass(frozen=True)
-class Message:
-    """A decoded task message."""
+def _finite(value: float) -> float:
+    if not math.isfinite(value) or not 0 <= value <= MAX_DEADLINE:
+        raise ValueError(f"must be Unix seconds between 0 and {MAX_DEADLINE}")
+    return float(value)
+
+
+def _name(value: str) -> str:
+    if not _NAME_RE.match(value):
+        raise ValueError("must be 1-255 printable characters without spaces")
+    return value
+
+
+Name = Annotated[str, AfterValidator(_name)]
+
+
+class TaskMessage(BaseModel):
+    """The kwargs of one ``invoices.create`` message.
+
+    Validate with ``context={"queue": <invoice queue>}`` so a callback cannot be routed to the
+    queue our own workers consume (they would discard it as an unknown task).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     request: InvoiceRequest
-    deadline: float | None = None
-    callback_task: str | None = None
-    callback_queue: str | None = None
+    deadline: Annotated[StrictInt | StrictFloat, AfterValidator(_finite)] | None = None
+    callback_task: Name | None = None
+    callback_queue: Name | None = Field(None, validate_default=True)
+
+    @field_validator("callback_queue")
+    @classmethod
+    def _callback_route(cls, queue: str | None, info: ValidationInfo) -> str | None:
+        task = info.data.get("callback_task")
+        if queue is None:
+            if task is not None:
+                raise ValueError(
+                    "is required with callback_task: Celery's default queue is the invoice "
+                    "queue, whose workers would discard the callback"
+                )
+            return queue
+        if task is None and "callback_task" not in info.data:
+            return queue  # callback_task itself is invalid: that error says enough
+        if task is None:
+            raise ValueError("is given without callback_task")
+        if queue == (info.context or {}).get("queue"):
+            raise ValueError(
+                "must not be the invoice queue: its workers would discard the callback"
+            )
+        return queue
+
+    @classmethod
+    def parse(cls, kwargs: Any, *, queue: str | None = None) -> TaskMessage:
+        """Validate task kwargs (or producer options) from any source.
+
+        Raises:
+            InvalidRequestError: naming each bad field (request fields as ``request.<name>``).
+        """
+        if not isinstance(kwargs, dict):
+            raise InvalidRequestError({"kwargs": "must be an object (the task's keyword args)"})
+        errors = {
+            str(name): "is not an argument of invoices.create"
+            for name in kwargs
+            if name not in cls.model_fields
+        }
+        request = kwargs.get("request")
+        if not isinstance(request, dict | InvoiceRequest):
+            errors["request"] = "is required: an object with the create-invoice fields"
+        try:
+            message = cls.model_validate(
+                {k: v for k, v in kwargs.items() if k in cls.model_fields},
+                context={"queue": queue},
+            )
+        except ValidationError as exc:
+            errors = {**validation_messages(exc), **errors}
+        if errors:
+            raise InvalidRequestError(errors)
+        return message
 
     def kwargs(self) -> dict[str, Any]:
         """Return the JSON-safe task kwargs."""
@@ -50,65 +137,10 @@ class Message:
         return self.request.fingerprint()
 
 
-def decode(kwargs: dict[str, Any]) -> Message:
-    """Validate task kwargs from any producer.
-
-    Raises:
-        InvalidRequestError: naming each bad field (request fields prefixed ``request.``).
-    """
-    errors: dict[str, str] = {}
-    unknown = set(kwargs) - {"request", "deadline", "callback_task", "callback_queue"}
-    for name in sorted(unknown):
-        errors[name] = "is not an argument of invoices.create"
-    deadline = kwargs.get("deadline")
-    if deadline is not None and (
-        isinstance(deadline, bool) or not isinstance(deadline, int | float)
-    ):
-        errors["deadline"] = "must be a number of Unix seconds or null"
-    for name in ("callback_task", "callback_queue"):
-        value = kwargs.get(name)
-        if value is not None and (not isinstance(value, str) or not value or len(value) > 255):
-            errors[name] = "must be a non-empty string of at most 255 characters, or null"
-    request: InvoiceRequest | None = None
-    raw = kwargs.get("request")
-    if raw is None:
-        errors["request"] = "is required: an object with the create-invoice fields"
-    elif not isinstance(raw, dict):
-        errors["request"] = "must be an object with the create-invoice fields"
-    else:
-        try:
-            request = parse_request(raw)
-        except InvalidRequestError as exc:
-            errors.update({f"request.{k}": v for k, v in exc.errors.items()})
-    if errors or request is None:
-        raise InvalidRequestError(errors)
-    return Message(
-        request,
-        float(deadline) if deadline is not None else None,
-        kwargs.get("callback_task"),
-        kwargs.get("callback_queue"),
-    )
-
-
 def raw_fingerprint(kwargs: Any) -> str:
     """Hash of an undecodable message, so its failure record cannot clash with a real job."""
     text = json.dumps(kwargs, sort_keys=True, default=repr)
     return "raw:" + hashlib.sha256(text.encode()).hexdigest()
-
-
-def masked(value: Any) -> Any:
-    """Return ``value`` with personal fields replaced by ``***``, at any depth."""
-    if isinstance(value, dict):
-        return {k: MASK if k in PERSONAL_FIELDS else masked(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [masked(v) for v in value]
-    return value
-
-
-def kwargs_repr(kwargs: dict[str, Any]) -> str:
-    """What Celery shows for the kwargs (``kwargsrepr``): masked, and short."""
-    text = repr(masked(kwargs))
-    return text if len(text) <= 1024 else text[:1021] + "..."
 
 
 def redis_envelope(app: Celery, kwargs: dict[str, Any], task_id: str, queue: str) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from celery import Celery
 from prometheus_client import start_http_server
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -20,19 +21,21 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from invoice_worker import constants as c
 from invoice_worker.config import Settings
+from invoice_worker.constants import Cleanup, DeferReason, JobState
 from invoice_worker.fleet import CIRCUIT_LEVEL, job_stats, provider_status
 from invoice_worker.store import JobStore
+from invoice_worker.sweeper import broker_queue_depth
 
-ACTIVE = (c.QUEUED, c.PROCESSING, c.RETRYING)
-DEFERRALS = ("rate_limited", "provider_paused", "circuit_open")
+ACTIVE = (JobState.QUEUED, JobState.PROCESSING, JobState.RETRYING)
 
 
 class FleetCollector(Collector):
     """Collects queue depth, jobs by state, retries, latency and the circuit on each scrape."""
 
-    def __init__(self, store: JobStore, settings: Settings) -> None:
+    def __init__(self, store: JobStore, settings: Settings, app: Celery) -> None:
         self.store = store
         self.settings = settings
+        self.app = app
 
     def collect(self) -> Iterator[Metric]:
         stats = job_stats(self.store)
@@ -40,7 +43,7 @@ class FleetCollector(Collector):
         depth = GaugeMetricFamily(
             "invoice_queue_depth", "Messages waiting in the broker queue", labels=["queue"]
         )
-        depth.add_metric([queue], float(self.store.redis.llen(queue)))
+        depth.add_metric([queue], float(broker_queue_depth(self.app, queue)))
         yield depth
         active = GaugeMetricFamily("invoice_jobs", "Jobs not yet final, by state", labels=["state"])
         for state in ACTIVE:
@@ -60,7 +63,7 @@ class FleetCollector(Collector):
         deferred = CounterMetricFamily(
             "invoice_deferrals", "Claims deferred by the fleet gate", labels=["reason"]
         )
-        for reason in DEFERRALS:
+        for reason in DeferReason:
             deferred.add_metric([reason], stats.get(f"deferrals:{reason}", 0.0))
         yield deferred
         yield _latency(stats)
@@ -80,6 +83,22 @@ class FleetCollector(Collector):
             "Seconds the fleet still waits after a 429",
             value=status["paused_for"],
         )
+        yield GaugeMetricFamily(
+            "invoice_cleanups_pending",
+            "Invoices of final jobs whose cancel is still being retried",
+            value=status["pending_cleanups"],
+        )
+        settled = CounterMetricFamily(
+            "invoice_cleanups_settled", "Pending cleanups settled, by outcome", labels=["outcome"]
+        )
+        for outcome in (Cleanup.CANCELLED, Cleanup.FINAL, Cleanup.MAY_REMAIN):
+            settled.add_metric([outcome], stats.get(f"cleanups:{outcome}", 0.0))
+        yield settled
+        yield CounterMetricFamily(
+            "invoice_dead_letters",
+            "Broker entries that could not be decoded (kept aside)",
+            value=stats.get("dead_letters", 0.0),
+        )
 
 
 def _latency(stats: dict[str, float]) -> HistogramMetricFamily:
@@ -97,6 +116,9 @@ def _latency(stats: dict[str, float]) -> HistogramMetricFamily:
 def serve(settings: Settings, port: int, addr: str = "0.0.0.0") -> CollectorRegistry:  # noqa: S104
     """Serve ``/metrics`` on ``addr:port`` in a background thread; returns the registry."""
     registry = CollectorRegistry()
-    registry.register(FleetCollector(JobStore.from_settings(settings), settings))
+    from invoice_worker.app import create_app
+
+    app = create_app(settings)
+    registry.register(FleetCollector(JobStore.from_settings(settings), settings, app))
     start_http_server(port, addr=addr, registry=registry)
     return registry

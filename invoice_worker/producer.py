@@ -15,16 +15,17 @@ from typing import Any
 
 from celery import Celery
 
-from invoice_worker import constants as c
-from invoice_worker.config import Settings
+from invoice_worker.app import create_app
+from invoice_worker.config import REDIS_SCHEMES, Settings
+from invoice_worker.constants import TASK_NAME
 from invoice_worker.errors import ConflictError, InvalidRequestError
-from invoice_worker.message import Message, kwargs_repr, redis_envelope
-from invoice_worker.models import InvoiceRequest, parse_request
+from invoice_worker.message import TaskMessage, redis_envelope
+from invoice_worker.models import InvoiceRequest, JobRecord, parse_request
+from invoice_worker.privacy import kwargs_repr
 from invoice_worker.store import JobStore, NewJob
 
 Deadline = datetime | float | None
 Request = InvoiceRequest | Mapping[str, Any]
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 class Producer:
@@ -33,8 +34,6 @@ class Producer:
     def __init__(
         self, settings: Settings, *, app: Celery | None = None, store: JobStore | None = None
     ) -> None:
-        from invoice_worker.worker import create_app  # the worker module builds an app at import
-
         self.settings = settings
         self.app = app or create_app(settings)
         self.store = store or JobStore.from_settings(settings)
@@ -53,7 +52,7 @@ class Producer:
         deadline: Deadline = None,
         callback_task: str | None = None,
         callback_queue: str | None = None,
-    ) -> dict[str, Any]:
+    ) -> JobRecord:
         """Validate, record as ``queued`` and send the job; idempotent per ``foreign_id``.
 
         Returns:
@@ -61,10 +60,11 @@ class Producer:
             enqueued before (then no second message is sent).
 
         Raises:
-            InvalidRequestError: the request breaks a rule (nothing is enqueued).
-            ConflictError: the foreign_id was enqueued before with a different request.
+            InvalidRequestError: the request or an option breaks a rule (nothing is written).
+            ConflictError: the foreign_id was enqueued before with a different request (or
+                differs only in case from one that was: the provider may see them as one).
         """
-        message = Message(parse_request(request), _epoch(deadline), callback_task, callback_queue)
+        message = self._message(parse_request(request), deadline, callback_task, callback_queue)
         [result] = self._enqueue([message])
         if isinstance(result, ConflictError):
             raise result
@@ -77,7 +77,7 @@ class Producer:
         deadline: Deadline = None,
         callback_task: str | None = None,
         callback_queue: str | None = None,
-    ) -> list[dict[str, Any] | ConflictError]:
+    ) -> list[JobRecord | ConflictError]:
         """Enqueue a batch in one pipelined round trip (plus one batched publish without the
         atomic path); each item behaves as :meth:`enqueue`.
 
@@ -89,11 +89,11 @@ class Producer:
             InvalidRequestError: some request breaks a rule; fields are named ``[i].field``
                 and nothing at all is enqueued.
         """
-        epoch, messages, errors = _epoch(deadline), [], {}
+        messages, errors = [], {}
         for i, request in enumerate(requests):
             try:
                 messages.append(
-                    Message(parse_request(request), epoch, callback_task, callback_queue)
+                    self._message(parse_request(request), deadline, callback_task, callback_queue)
                 )
             except InvalidRequestError as exc:
                 errors.update({f"[{i}].{field}": rule for field, rule in exc.errors.items()})
@@ -101,49 +101,61 @@ class Producer:
             raise InvalidRequestError(errors)
         return self._enqueue(messages)
 
-    def _enqueue(self, messages: list[Message]) -> list[dict[str, Any] | ConflictError]:
+    def _message(
+        self,
+        request: InvoiceRequest,
+        deadline: Deadline,
+        callback_task: str | None,
+        callback_queue: str | None,
+    ) -> TaskMessage:
+        """The task message, validated by the same model the worker decodes it with."""
+        if isinstance(deadline, datetime):
+            if deadline.tzinfo is None:
+                raise InvalidRequestError({"deadline": "must be a timezone-aware datetime"})
+            deadline = deadline.timestamp()
+        options = {"deadline": deadline, "callback_task": callback_task}
+        options["callback_queue"] = callback_queue
+        return TaskMessage.parse({"request": request, **options}, queue=self.settings.queue)
+
+    def _enqueue(self, messages: list[TaskMessage]) -> list[JobRecord | ConflictError]:
         jobs = [self._new_job(message) for message in messages]
         results = self.store.enqueue(jobs)
-        out: list[dict[str, Any] | ConflictError] = []
-        sends: list[tuple[Message, str, bool]] = []  # (message, task_id, record is new)
+        out: list[JobRecord | ConflictError] = []
+        sends: list[tuple[TaskMessage, str, bool]] = []  # (message, task_id, record is new)
         for message, job, result in zip(messages, jobs, results, strict=True):
-            if result.status == "conflict":
+            if result.record is None:
                 out.append(ConflictError(job.foreign_id))
-            elif result.status == "exists":
-                assert result.record is not None
-                if result.resend:
-                    # Still queued long after it was sent: its message may be lost. A second
-                    # message is harmless; the worker's claim absorbs it.
-                    sends.append((message, result.record["task_id"], False))
-                out.append(result.record)
-            else:
-                if not job.message:
-                    sends.append((message, job.fields["task_id"], True))
-                out.append({"state": c.QUEUED, "attempts": 0, **job.fields})
+                continue
+            if result.new and not job.message:
+                sends.append((message, job.task_id, True))
+            elif result.resend:
+                # Still queued long after it was sent: its message may be lost. A second
+                # message is harmless; the worker's claim absorbs it.
+                sends.append((message, result.record.task_id, False))
+            out.append(result.record)
         if sends:
             self._send(sends)
         return out
 
-    def _new_job(self, message: Message) -> NewJob:
+    def _new_job(self, message: TaskMessage) -> NewJob:
         foreign_id = message.request.foreign_id
         task_id = str(uuid.uuid4())
         fields = {
             "foreign_id": foreign_id,
-            "task_id": task_id,
             "deadline": message.deadline,
             "callback_task": message.callback_task,
             "callback_queue": message.callback_queue,
             "provider_foreign_id": foreign_id,
         }
-        fields = {k: v for k, v in fields.items() if v is not None}
         queue = self.settings.queue
         kwargs = message.kwargs()
         envelope = redis_envelope(self.app, kwargs, task_id, queue) if self.atomic else ""
         return NewJob(
-            foreign_id, message.fingerprint(), fields, json.dumps(kwargs), envelope, queue
-        )
+            foreign_id, task_id, message.fingerprint(), fields, json.dumps(kwargs), envelope,
+            queue,
+        )  # fmt: skip
 
-    def _send(self, sends: list[tuple[Message, str, bool]]) -> None:
+    def _send(self, sends: list[tuple[TaskMessage, str, bool]]) -> None:
         try:
             with (
                 self.app.producer_or_acquire() as producer,
@@ -152,7 +164,7 @@ class Producer:
                 for message, task_id, _ in sends:
                     kwargs = message.kwargs()
                     self.app.send_task(
-                        c.TASK_NAME, kwargs=kwargs, task_id=task_id, queue=self.settings.queue,
+                        TASK_NAME, kwargs=kwargs, task_id=task_id, queue=self.settings.queue,
                         producer=producer, argsrepr="()", kwargsrepr=kwargs_repr(kwargs),
                     )  # fmt: skip
         except Exception:
@@ -162,11 +174,11 @@ class Producer:
                     self.store.discard(message.request.foreign_id, task_id)
             raise
 
-    def get(self, foreign_id: str) -> dict[str, Any] | None:
+    def get(self, foreign_id: str) -> JobRecord | None:
         """Return the job record of ``foreign_id``, or None if it was never enqueued."""
         return self.store.get(foreign_id)
 
-    def wait(self, foreign_id: str, timeout: float) -> dict[str, Any] | None:
+    def wait(self, foreign_id: str, timeout: float) -> JobRecord | None:
         """Block (on a Redis channel, not by polling) until the job is final or time is up."""
         return self.store.wait(foreign_id, timeout)
 
@@ -174,14 +186,6 @@ class Producer:
         """Release broker and Redis connections."""
         self.store.redis.close()
         self.app.close()
-
-
-def _epoch(deadline: Deadline) -> float | None:
-    if isinstance(deadline, datetime):
-        if deadline.tzinfo is None:
-            raise ValueError("deadline: a datetime must be timezone-aware")
-        return deadline.timestamp()
-    return deadline
 
 
 _default: Producer | None = None
@@ -193,7 +197,7 @@ def default_producer() -> Producer:
     global _default
     with _default_lock:
         if _default is None:
-            _default = Producer(Settings())
+            _default = Producer(Settings.load())
         return _default
 
 
@@ -203,7 +207,7 @@ def enqueue_invoice(
     deadline: Deadline = None,
     callback_task: str | None = None,
     callback_queue: str | None = None,
-) -> dict[str, Any]:
+) -> JobRecord:
     """Enqueue with the default producer; see :meth:`Producer.enqueue`."""
     return default_producer().enqueue(
         request, deadline=deadline, callback_task=callback_task, callback_queue=callback_queue
@@ -216,18 +220,18 @@ def enqueue_many(
     deadline: Deadline = None,
     callback_task: str | None = None,
     callback_queue: str | None = None,
-) -> list[dict[str, Any] | ConflictError]:
+) -> list[JobRecord | ConflictError]:
     """Enqueue a batch with the default producer; see :meth:`Producer.enqueue_many`."""
     return default_producer().enqueue_many(
         requests, deadline=deadline, callback_task=callback_task, callback_queue=callback_queue
     )
 
 
-def get_invoice(foreign_id: str) -> dict[str, Any] | None:
+def get_invoice(foreign_id: str) -> JobRecord | None:
     """Return the job record, or None; see :meth:`Producer.get`."""
     return default_producer().get(foreign_id)
 
 
-def wait_for_invoice(foreign_id: str, timeout: float) -> dict[str, Any] | None:
+def wait_for_invoice(foreign_id: str, timeout: float) -> JobRecord | None:
     """Wait for a final state; see :meth:`Producer.wait`."""
     return default_producer().wait(foreign_id, timeout)

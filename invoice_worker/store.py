@@ -1,18 +1,22 @@
 """The Redis job store: one hash per foreign_id, leases, atomic transitions and final events.
 
-Every transition is one Lua script (``scripts.py``: one round trip, atomic). A worker holds a job
+Every transition is one Lua script (``lua/*.lua``: one round trip, atomic). A worker holds a job
 only through a lease (owner token + expiry read from Redis' own clock), and only the owner may
 move it on, so a duplicate or redelivered message can never act on a job another worker is
-running. The same scripts keep the fleet's view of the provider (rate limit, 429 pause, circuit
-breaker) and the counters behind the metrics, at no extra round trip.
+running. Each script is idempotent for its caller: redis-py re-sends a script whose reply was
+lost, and the re-run answers what the first run did. The same scripts keep the fleet's view of
+the provider (rate limit, 429 pause, circuit breaker) and the counters behind the metrics.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from importlib import resources
 from typing import Any
 
 import redis
@@ -20,14 +24,98 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from invoice_worker import constants as c
-from invoice_worker import scripts
 from invoice_worker.config import Settings
+from invoice_worker.constants import CallReport, Circuit, ClaimStatus, JobState
+from invoice_worker.errors import ConfigError
+from invoice_worker.models import JobRecord
 
-_INTERNAL = (
-    "fingerprint", "lease_owner", "lease_until", "enqueued_ms", "next_attempt_ms", "slot_ms",
-)  # fmt: skip
-_NUMERIC = {"attempts": int, "crashes": int, "invoice_id": int, "fixed_at": int, "release_at": int}
-_FLOATS = ("created_at", "updated_at", "next_attempt_at", "deadline")
+log = logging.getLogger(__name__)
+
+#: What a job's event carries (the stream schema; the README documents it).
+EVENT_FIELDS = ("url", "invoice_id", "error_code", "error", "task_id", "attempts", "orphan")
+
+
+def _load(name: str) -> str:
+    """A script as Redis runs it: a header with the names from constants.py, the shared
+    functions, then the script itself."""
+    finals = ", ".join(f"{state}=true" for state in sorted(c.FINAL_STATES))
+    header = (
+        f"local FINAL = {{{finals}}}\nlocal JOB_KEY, COPY_KEY = '{c.JOB_KEY}', '{c.COPY_KEY}'\n"
+    )
+    lua = resources.files("invoice_worker") / "lua"
+    return header + (lua / "_lib.lua").read_text() + (lua / f"{name}.lua").read_text()
+
+
+def _argv(args: Any) -> list[Any]:
+    """A script's ARGV from its dataclass: fields in order, a trailing tuple spread out."""
+    out: list[Any] = []
+    for f in fields(args):
+        value = getattr(args, f.name)
+        out.extend(value) if isinstance(value, tuple) else out.append(value)
+    return out
+
+
+@dataclass(frozen=True)
+class EnqueueArgs:
+    """ARGV of enqueue.lua, in order."""
+
+    fingerprint: str
+    task_id: str
+    ttl_s: int
+    due_after_ms: int
+    broker_message: str
+    task_kwargs: str
+    due_member: str
+    new_fields: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ClaimArgs:
+    """ARGV of claim.lua, in order."""
+
+    owner: str
+    lease_ms: int
+    fingerprint: str
+    max_crashes: int
+    ttl_s: int
+    gated: int
+    interval_ms: float
+    burst: int
+    threshold: int
+    cooldown_ms: int
+    probes: int
+    due_after_ms: int
+    due_member: str
+    task_kwargs: str
+    max_wait_ms: int
+    new_fields: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TransitionArgs:
+    """ARGV of transition.lua, in order."""
+
+    owner: str
+    op: str
+    new_state: str
+    mode: str
+    lease_ms: int
+    delay_ms: int
+    ttl_s: int
+    stream_maxlen: int
+    done_channel: str
+    report: str
+    pause_ms: int
+    threshold: int
+    window_ms: int
+    cooldown_ms: int
+    latency_bucket: str
+    latency_ms: float
+    due_after_ms: int
+    due_member: str
+    cleanup_in_ms: int
+    n_fields: int
+    fields_and_event: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -35,6 +123,7 @@ class NewJob:
     """A job to record as queued (and, with ``message``, to push onto ``queue`` atomically)."""
 
     foreign_id: str
+    task_id: str
     fingerprint: str
     fields: dict[str, Any]
     kwargs: str  # the task kwargs as JSON, kept to send again if the message is lost
@@ -44,14 +133,14 @@ class NewJob:
 
 @dataclass(frozen=True)
 class Enqueued:
-    """The outcome of one enqueue: new | exists | conflict.
+    """The outcome of one enqueue; ``record`` is None only for a conflict.
 
     ``resend`` is True when an existing job is still queued long after it was sent: its
     message may have been lost (a producer that died, a Redis that lost writes).
     """
 
-    status: str
-    record: dict[str, Any] | None
+    new: bool
+    record: JobRecord | None
     resend: bool = False
 
 
@@ -59,15 +148,15 @@ class Enqueued:
 class Claim:
     """What a worker learned when it tried to take a job.
 
-    ``reason`` says why a ``deferred`` job waits (rate_limited, provider_paused, circuit_open);
-    ``circuit`` is the breaker's new state when this claim changed it (log it once).
+    ``reason`` says why a ``deferred`` job waits (a DeferReason); ``circuit`` is the breaker's
+    new state when this claim changed it (log it once).
     """
 
-    status: str
-    record: dict[str, Any]
+    status: ClaimStatus
+    record: JobRecord | None
     wait: float = 0.0
     reason: str = ""
-    circuit: str = ""
+    circuit: Circuit | None = None
 
 
 @dataclass(frozen=True)
@@ -75,20 +164,19 @@ class Moved:
     """A transition that happened: the final record (final states only) and the breaker's
     new state when this attempt's report changed it."""
 
-    record: dict[str, Any] | None
-    circuit: str = ""
+    record: JobRecord | None
+    circuit: Circuit | None = None
 
 
 @dataclass(frozen=True)
 class Report:
     """What an attempt says about the provider, for the whole fleet.
 
-    ``outcome``: ok (it answered), failure (unreachable, 5xx, timeout), rate_limited (429), or
-    empty when no call was made. ``pause``: seconds the fleet holds off after a 429.
-    ``latency``: seconds spent in provider calls, for the latency histogram.
+    ``pause``: seconds the fleet holds off after a 429. ``latency``: seconds spent in provider
+    calls, for the latency histogram (None: no call was made).
     """
 
-    outcome: str = ""
+    outcome: CallReport = CallReport.NONE
     pause: float = 0.0
     latency: float | None = None
 
@@ -98,28 +186,21 @@ class JobStore:
 
     def __init__(self, client: redis.Redis, settings: Settings) -> None:
         self.redis = client
+        self.settings = settings
         self.prefix = settings.key_prefix
         self.stream = settings.events_stream
-        self.maxlen = settings.events_maxlen
         self.ttl = settings.record_ttl
         self.requeue_after_ms = settings.broker_visibility_timeout * 1000
         self.provider = f"{self.prefix}{c.PROVIDER_KEY}"
         self.stats = f"{self.prefix}{c.STATS_KEY}"
         self.due = f"{self.prefix}{c.DUE_KEY}"
-        rate = settings.provider_rate_limit
-        self.gate = [
-            1000 / rate if rate else 0, settings.provider_burst, settings.circuit_threshold,
-            int(settings.circuit_cooldown * 1000), settings.circuit_probes,
-        ]  # fmt: skip
-        self.breaker = [
-            settings.circuit_threshold, int(settings.circuit_window * 1000),
-            int(settings.circuit_cooldown * 1000),
-        ]  # fmt: skip
-        self._enqueue = client.register_script(scripts.ENQUEUE)
-        self._claim = client.register_script(scripts.CLAIM)
-        self._transition = client.register_script(scripts.TRANSITION)
-        self._discard = client.register_script(scripts.DISCARD)
-        self._sweep = client.register_script(scripts.SWEEP)
+        self.cleanups = f"{self.prefix}{c.CLEANUP_KEY}"
+        self._enqueue = client.register_script(_load("enqueue"))
+        self._claim = client.register_script(_load("claim"))
+        self._transition = client.register_script(_load("transition"))
+        self._discard = client.register_script(_load("discard"))
+        self._sweep = client.register_script(_load("sweep"))
+        self._cleanup = client.register_script(_load("cleanup"))
 
     @classmethod
     def from_settings(cls, settings: Settings) -> JobStore:
@@ -128,24 +209,62 @@ class JobStore:
             settings.state_url,
             decode_responses=True,
             # Ride out a short Redis restart; a script re-run after a lost reply is safe
-            # because every script is idempotent for the same owner.
+            # because every script is idempotent for the same caller.
             retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=5),
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
             health_check_interval=30,
         )
         return cls(client, settings)
 
+    def server_settings(self) -> dict[str, str]:
+        """The Redis settings the guarantees depend on: eviction policy and persistence."""
+        info: dict[str, Any] = self.redis.info("memory")
+        info.update(self.redis.info("persistence"))
+        out = {"maxmemory_policy": str(info.get("maxmemory_policy", "unknown"))}
+        out["aof_enabled"] = str(info.get("aof_enabled", "unknown"))
+        try:
+            conf: dict[str, str] = self.redis.config_get("appendfsync")  # type: ignore[assignment]
+            out["appendfsync"] = conf.get("appendfsync", "unknown")
+        except redis.ResponseError:  # CONFIG is often disabled on managed Redis
+            out["appendfsync"] = "unknown"
+        return out
+
+    def require_noeviction(self) -> None:
+        """Refuse a job store that may evict keys: an evicted record forgets a job (and an
+        ambiguous attempt) silently.
+
+        Raises:
+            ConfigError: the policy is not ``noeviction``.
+        """
+        try:
+            policy = self.server_settings()["maxmemory_policy"]
+        except redis.ConnectionError:
+            log.warning("could not read the job store's eviction policy: Redis unreachable")
+            return
+        if policy not in ("noeviction", "unknown"):
+            raise ConfigError(
+                f"the job store Redis evicts keys (maxmemory-policy {policy}); set "
+                "maxmemory-policy noeviction: an evicted record forgets its job"
+            )
+
+    @staticmethod
+    def member(foreign_id: str) -> str:
+        """The id under which the store keys a job: case-folded, because the provider may
+        compare ids case-insensitively (two ids differing only in case are one job here, and
+        the second request is a conflict)."""
+        return foreign_id.lower()
+
     def key(self, foreign_id: str) -> str:
         """Return the record key of ``foreign_id``."""
-        return f"{self.prefix}{c.JOB_KEY}{foreign_id}"
+        return f"{self.prefix}{c.JOB_KEY}{self.member(foreign_id)}"
 
     def copy(self, foreign_id: str) -> str:
         """Return the key of the stored task kwargs of ``foreign_id``."""
-        return f"{self.prefix}{c.COPY_KEY}{foreign_id}"
+        return f"{self.prefix}{c.COPY_KEY}{self.member(foreign_id)}"
 
     def channel(self, foreign_id: str) -> str:
         """Return the pub/sub channel announcing the final state of ``foreign_id``."""
-        return f"{self.prefix}{c.DONE_CHANNEL}{foreign_id}"
+        return f"{self.prefix}{c.DONE_CHANNEL}{self.member(foreign_id)}"
 
     def enqueue(self, jobs: Sequence[NewJob]) -> list[Enqueued]:
         """Record each job as queued unless its foreign_id exists: one pipelined round trip.
@@ -154,138 +273,172 @@ class JobStore:
         """
         pipe = self.redis.pipeline(transaction=False)
         for job in jobs:
-            pairs = _flatten(_with_id(job.foreign_id, job.fields))
-            fid = job.foreign_id
-            args: list[str | int] = [job.fingerprint, self.ttl, self.requeue_after_ms]
-            args += [job.message, job.kwargs, fid]
-            self._enqueue(
-                keys=[self.key(fid), job.queue, self.stats, self.due, self.copy(fid)],
-                args=[*args, *pairs],
-                client=pipe,
-            )
-        return [
-            Enqueued(
-                r[0], _record(r[1]) if r[0] == "exists" else None, r[0] == "exists" and bool(r[2])
-            )
-            for r in pipe.execute()
-        ]
+            args = EnqueueArgs(
+                job.fingerprint, job.task_id, self.ttl, self.requeue_after_ms, job.message,
+                job.kwargs, self.member(job.foreign_id), _flatten(job.fields),
+            )  # fmt: skip
+            keys = [self.key(job.foreign_id), job.queue, self.stats, self.due]
+            self._enqueue(keys=[*keys, self.copy(job.foreign_id)], args=_argv(args), client=pipe)
+        out = []
+        for reply in pipe.execute():
+            record = _record(reply[1]) if len(reply) > 1 else None
+            out.append(Enqueued(reply[0] == "new", record, len(reply) > 2 and bool(reply[2])))
+        return out
 
-    def states(self, foreign_ids: Sequence[str]) -> list[str | None]:
+    def states(self, foreign_ids: Sequence[str]) -> list[JobState | None]:
         """The state of each job (None when unknown), in one pipelined round trip."""
         pipe = self.redis.pipeline(transaction=False)
         for foreign_id in foreign_ids:
             pipe.hget(self.key(foreign_id), "state")
-        return list(pipe.execute())
+        return [JobState(s) if s else None for s in pipe.execute()]
 
     def discard(self, foreign_id: str, task_id: str) -> None:
         """Delete a still-queued record created by ``task_id`` (its message was never sent)."""
         keys = [self.key(foreign_id), self.stats, self.due, self.copy(foreign_id)]
-        self._discard(keys=keys, args=[task_id, foreign_id])
+        self._discard(keys=keys, args=[task_id, self.member(foreign_id)])
 
-    def sweep(self, queue: str, limit: int = 100) -> list[tuple[str, str, dict[str, Any]]]:
+    def sweep(self, queue_depth: int, limit: int = 100) -> list[tuple[str, str, dict[str, Any]]]:
         """Take the jobs whose message was lost: (foreign_id, task_id, task kwargs) each.
 
         A job is due when it should have moved on by now had its message survived, and only
-        while ``queue`` (the broker list) is empty; each one returned is not returned again for
-        another broker redelivery delay.
+        while the broker queue is empty (``queue_depth``, read from the broker); each one
+        returned is not returned again for another broker redelivery delay.
         """
-        keys = [self.due, self.stats, queue]
-        reply = self._sweep(keys=keys, args=[self.prefix, limit, self.requeue_after_ms])
+        args: list[str | int] = [self.prefix, limit, self.requeue_after_ms, queue_depth]
+        reply = self._sweep(keys=[self.due, self.stats], args=args)
         return [(reply[i], reply[i + 1], json.loads(reply[i + 2])) for i in range(0, len(reply), 3)]
 
-    def get(self, foreign_id: str) -> dict[str, Any] | None:
-        """Return the public record of ``foreign_id``, or None."""
+    def take_cleanups(self, retry_after: float, limit: int = 20) -> list[tuple[str, str, int]]:
+        """Due pending cleanups, each held for ``retry_after`` seconds by this caller:
+        (foreign_id, provider_foreign_id, tries so far)."""
+        args: list[str | int] = [self.prefix, "take", int(retry_after * 1000), limit]
+        reply = self._cleanup(keys=[self.cleanups, self.stats], args=args)
+        return [(reply[i], reply[i + 1], int(reply[i + 2])) for i in range(0, len(reply), 3)]
+
+    def settle_cleanup(
+        self, foreign_id: str, outcome: c.Cleanup, *, retry_after: float, max_tries: int
+    ) -> c.Cleanup:
+        """Record how a cleanup's cancel went; returns the job's new ``orphan`` value."""
+        args: list[str | int] = [self.prefix, "settle", int(retry_after * 1000)]
+        args += [self.member(foreign_id), str(outcome), max_tries]
+        reply = self._cleanup(keys=[self.cleanups, self.stats], args=args)
+        return c.Cleanup(reply)
+
+    def get(self, foreign_id: str) -> JobRecord | None:
+        """Return the record of ``foreign_id``, or None."""
         raw: dict[str, str] = self.redis.hgetall(self.key(foreign_id))  # type: ignore[assignment]
-        return _public(raw) if raw else None
+        return JobRecord.from_redis(raw) if raw else None
 
     def claim(
         self,
         foreign_id: str,
         owner: str,
         *,
-        lease: float,
         fingerprint: str,
-        max_crashes: int,
         fields: dict[str, Any],
         gated: bool = True,
         kwargs: str = "",
     ) -> Claim:
-        """Try to take the job for ``lease`` seconds (creating the record if none exists),
-        through the fleet gate unless ``gated`` is False (no provider call will follow): a 429
-        pause, an open circuit or the rate limit then defer it without using an attempt.
-        ``kwargs`` (JSON) is kept to send the job again should its message be lost."""
-        gate = [*self.gate, self.requeue_after_ms, foreign_id, kwargs]
-        gate += _flatten(_with_id(foreign_id, fields))
-        status, raw, wait_ms, reason, circuit = self._claim(
-            keys=[self.key(foreign_id), self.provider, self.stats, self.due, self.copy(foreign_id)],
-            args=[owner, int(lease * 1000), fingerprint, max_crashes, self.ttl, int(gated), *gate],
+        """Try to take the job for a lease (creating the record if none exists), through the
+        fleet gate unless ``gated`` is False (no provider call will follow): a 429 pause, an
+        open circuit or the rate limit then defer it without using an attempt. ``kwargs``
+        (JSON) is kept to send the job again should its message be lost."""
+        s = self.settings
+        rate = s.provider_rate_limit
+        args = ClaimArgs(
+            owner, int(s.lease * 1000), fingerprint, s.max_redeliveries, self.ttl, int(gated),
+            1000 / rate if rate else 0, s.provider_burst, s.circuit_threshold,
+            int(s.circuit_cooldown * 1000), s.circuit_probes, self.requeue_after_ms,
+            self.member(foreign_id), kwargs, int(s.max_countdown * 1000),
+            _flatten({"foreign_id": foreign_id, **fields}),
+        )  # fmt: skip
+        keys = [self.key(foreign_id), self.provider, self.stats, self.due, self.copy(foreign_id)]
+        status, raw, wait_ms, reason, circuit = self._claim(keys=keys, args=_argv(args))
+        return Claim(
+            ClaimStatus(status),
+            _record(raw) if raw else None,
+            float(wait_ms) / 1000,
+            reason,
+            Circuit(circuit) if circuit else None,
         )
-        return Claim(status, _record(raw) if raw else {}, float(wait_ms) / 1000, reason, circuit)
 
     def transition(
         self,
         foreign_id: str,
         owner: str,
-        state: str,
-        fields: dict[str, Any] | None = None,
+        state: JobState,
+        fields: Mapping[str, Any] | None = None,
         *,
         lease: float | None = None,
         delay: float | None = None,
         report: Report | None = None,
     ) -> Moved | None:
-        """Move an owned job to a non-final ``state``; None if the lease was lost.
+        """Move an owned job to a non-final ``state``; None if the caller no longer holds it.
 
-        ``lease`` renews the lease (the job stays held); otherwise it is released, and
-        ``delay`` sets ``next_attempt_at``.
+        ``lease`` renews the lease (the job stays held: also the fence before a provider
+        call); otherwise it is released, and ``delay`` sets ``next_attempt_at``.
         """
-        assert state not in c.FINAL_STATES, "use finish()"
+        assert not state.final, "use finish()"
         mode = "renew" if lease is not None else "release"
-        return self._run(foreign_id, owner, state, mode, fields, lease, delay, report)
+        return self._run(foreign_id, owner, state, mode, fields, lease, delay, report, None)
 
     def finish(
         self,
         foreign_id: str,
         owner: str,
-        state: str,
-        fields: dict[str, Any] | None = None,
+        state: JobState,
+        fields: Mapping[str, Any] | None = None,
         report: Report | None = None,
+        *,
+        cleanup_in: float | None = None,
     ) -> Moved | None:
         """Make an owned job final, append its event and announce it, in one atomic step.
 
+        ``cleanup_in`` schedules a retried cancel of the job's provider id (a pending cleanup).
+
         Returns:
-            The final record, or None if the lease was lost (nothing is written then).
+            The final record, or None if the caller no longer holds the job (nothing is
+            written then).
         """
-        assert state in c.FINAL_STATES, state
-        return self._run(foreign_id, owner, state, "final", fields, None, None, report)
+        assert state.final, state
+        return self._run(foreign_id, owner, state, "final", fields, None, None, report, cleanup_in)
 
     def _run(
         self,
         foreign_id: str,
         owner: str,
-        state: str,
+        state: JobState,
         mode: str,
-        fields: dict[str, Any] | None,
+        fields: Mapping[str, Any] | None,
         lease: float | None,
         delay: float | None,
         report: Report | None,
+        cleanup_in: float | None,
     ) -> Moved | None:
+        s = self.settings
         report = report or Report()
-        fields = {k: v for k, v in (fields or {}).items() if v is not None}
-        event = _event(foreign_id, state, fields) if mode == "final" else []
-        pairs = _flatten(fields)
+        values = {k: v for k, v in (fields or {}).items() if v is not None}
+        pairs = _flatten(values)
+        event = _event(foreign_id, state, values) if mode == "final" else ()
         latency = report.latency
-        bucket = "" if latency is None else _bucket(latency)
-        args: list[str | int | float] = [owner, state, mode, int((lease or 0) * 1000)]
-        args += [-1 if delay is None else int(delay * 1000), self.ttl, self.maxlen]
-        args += [self.channel(foreign_id), report.outcome, int(report.pause * 1000), *self.breaker]
-        args += [bucket, (latency or 0) * 1000, self.requeue_after_ms, foreign_id]
-        args += [len(pairs) // 2, *pairs, *event]
+        args = TransitionArgs(
+            owner, uuid.uuid4().hex, str(state), mode, int((lease or 0) * 1000),
+            -1 if delay is None else int(delay * 1000), self.ttl, s.events_maxlen,
+            self.channel(foreign_id), str(report.outcome), int(report.pause * 1000),
+            s.circuit_threshold, int(s.circuit_window * 1000), int(s.circuit_cooldown * 1000),
+            "" if latency is None else _bucket(latency), (latency or 0) * 1000,
+            self.requeue_after_ms, self.member(foreign_id),
+            -1 if cleanup_in is None else int(cleanup_in * 1000), len(pairs) // 2,
+            (*pairs, *event),
+        )  # fmt: skip
         keys = [self.key(foreign_id), self.stream, self.provider, self.stats, self.due]
-        keys.append(self.copy(foreign_id))
-        reply = self._transition(keys=keys, args=args)
+        keys += [self.copy(foreign_id), self.cleanups]
+        reply = self._transition(keys=keys, args=_argv(args))
         if not reply[0]:
             return None
-        return Moved(_record(reply[1]) if reply[1] else None, reply[2])
+        return Moved(
+            _record(reply[1]) if reply[1] else None, Circuit(reply[2]) if reply[2] else None
+        )
 
     def mark(self, foreign_id: str, **fields: Any) -> None:
         """Set bookkeeping fields that need no lease (e.g. ``callback_sent`` after a final)."""
@@ -298,7 +451,7 @@ class JobStore:
         reply: Any = self.redis.xread({self.stream: after}, count=count, block=block_ms)
         return [(entry_id, fields) for _, entries in reply or [] for entry_id, fields in entries]
 
-    def wait(self, foreign_id: str, timeout: float) -> dict[str, Any] | None:
+    def wait(self, foreign_id: str, timeout: float) -> JobRecord | None:
         """Block until the job is final or ``timeout`` passes; returns the record, or None if
         no job with that id exists by then."""
         deadline = time.monotonic() + timeout
@@ -308,7 +461,7 @@ class JobStore:
             pubsub.subscribe(self.channel(foreign_id))
             record = self.get(foreign_id)
             # An unknown job may still appear (a message sent without the producer).
-            while record is None or record["state"] not in c.FINAL_STATES:
+            while record is None or not record.final:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -319,7 +472,7 @@ class JobStore:
             pubsub.close()
 
 
-def _pairs(fields: dict[str, Any]) -> list[tuple[str, str]]:
+def _pairs(fields: Mapping[str, Any]) -> list[tuple[str, str]]:
     out = []
     for key, value in fields.items():
         if value is None:
@@ -332,17 +485,13 @@ def _pairs(fields: dict[str, Any]) -> list[tuple[str, str]]:
     return out
 
 
-def _with_id(foreign_id: str, fields: dict[str, Any]) -> dict[str, Any]:
-    return {"foreign_id": foreign_id, **fields}
+def _flatten(fields: Mapping[str, Any]) -> tuple[str, ...]:
+    return tuple(item for pair in _pairs(fields) for item in pair)
 
 
-def _flatten(fields: dict[str, Any]) -> list[str]:
-    return [item for pair in _pairs(fields) for item in pair]
-
-
-def _event(foreign_id: str, state: str, fields: dict[str, Any]) -> list[str]:
-    keep = ("url", "invoice_id", "error_code", "error", "task_id", "attempts")
-    return _flatten({"foreign_id": foreign_id, "state": state, **{k: fields.get(k) for k in keep}})
+def _event(foreign_id: str, state: JobState, fields: Mapping[str, Any]) -> tuple[str, ...]:
+    kept = {k: fields.get(k) for k in EVENT_FIELDS}
+    return _flatten({"foreign_id": foreign_id, "state": state, **kept})
 
 
 def _bucket(latency: float) -> str:
@@ -352,20 +501,5 @@ def _bucket(latency: float) -> str:
     return "inf"
 
 
-def _record(raw: list[str]) -> dict[str, Any]:
-    return _public(dict(zip(raw[::2], raw[1::2], strict=True)))
-
-
-def _public(raw: dict[str, str]) -> dict[str, Any]:
-    """Drop internal bookkeeping and give numbers their types."""
-    out: dict[str, Any] = {k: v for k, v in raw.items() if k not in _INTERNAL}
-    for key, kind in _NUMERIC.items():
-        if key in out:
-            out[key] = kind(out[key])
-    for key in _FLOATS:
-        if key in out:
-            out[key] = float(out[key])
-    if "errors" in out:
-        out["errors"] = json.loads(out["errors"])
-    out["ambiguous"] = out.get("ambiguous") == "1"
-    return out
+def _record(raw: list[str]) -> JobRecord:
+    return JobRecord.from_redis(dict(zip(raw[::2], raw[1::2], strict=True)))

@@ -10,11 +10,12 @@ from typing import Any
 import redis
 from celery import Celery, Task
 
-from invoice_worker import constants as c
 from invoice_worker.client import ProviderClient
 from invoice_worker.config import Settings
-from invoice_worker.job import InvoiceJob, backoff, full_jitter
-from invoice_worker.message import kwargs_repr
+from invoice_worker.constants import TASK_NAME
+from invoice_worker.job import InvoiceJob, backoff, full_jitter, safe_task_id
+from invoice_worker.models import JobRecord
+from invoice_worker.privacy import kwargs_repr
 from invoice_worker.store import JobStore
 
 log = logging.getLogger(__name__)
@@ -46,8 +47,19 @@ def register(app: Celery, settings: Settings) -> Task:
     """Register ``invoices.create`` on ``app``; returns the task."""
     runtime = Runtime(settings)
 
+    class InvoiceTask(Task):  # type: ignore[misc]
+        def on_failure(
+            self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
+        ) -> None:
+            # Celery calls ``run(*args, **kwargs)`` itself, so a body whose kwargs is not an
+            # object fails before our code runs: record it here, like any invalid message.
+            if not isinstance(kwargs, dict) or not isinstance(args, list | tuple):
+                owner = f"{self.request.hostname}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+                runtime.job.run(kwargs, task_id=task_id or "unknown", owner=owner)
+
     @app.task(  # type: ignore[untyped-decorator]
-        name=c.TASK_NAME,
+        base=InvoiceTask,
+        name=TASK_NAME,
         bind=True,
         # Late ack is safe only because the job is idempotent (claim + lease + foreign_id).
         acks_late=True,
@@ -67,7 +79,7 @@ def register(app: Celery, settings: Settings) -> Task:
             delay = full_jitter(backoff(self.request.retries + 1, 1.0, settings.retry_cap))
             log.warning(
                 "task=%s outcome=store_unavailable error=%s in=%.1fs",
-                task_id,
+                safe_task_id(task_id),
                 type(exc).__name__,
                 delay,
             )
@@ -75,31 +87,34 @@ def register(app: Celery, settings: Settings) -> Task:
         except Exception:
             # A bug outside the provider call. Retrying after the lease lets the next delivery
             # resume the job; the record's crash counter fails it if this keeps happening.
-            log.exception("task=%s outcome=unexpected_error", task_id)
+            log.exception("task=%s outcome=unexpected_error", safe_task_id(task_id))
             if self.request.retries >= UNEXPECTED_ERROR_RETRIES:
                 raise
             raise self.retry(countdown=settings.lease, kwargsrepr=kwargs_repr(kwargs)) from None
         if outcome.retry_in is not None:
             raise self.retry(countdown=outcome.retry_in, kwargsrepr=kwargs_repr(kwargs))
         record = outcome.record
-        if record is not None and record.get("callback_task") and not record.get("callback_sent"):
+        if record is not None and record.callback_task and not record.callback_sent:
             _send_callback(app, runtime.job.store, record)
         return _summary(record)
 
     return create_invoice
 
 
-def _send_callback(app: Celery, store: JobStore, record: dict[str, Any]) -> None:
+def _send_callback(app: Celery, store: JobStore, record: JobRecord) -> None:
     """Send the final record to the producer's task: at least once (marked after sending)."""
-    if record["state"] not in c.FINAL_STATES:
+    if not record.final:
         return
-    app.send_task(record["callback_task"], args=[record], queue=record.get("callback_queue"))
-    store.mark(record["foreign_id"], callback_sent=1)
+    app.send_task(
+        record.callback_task, args=[record.to_dict()], queue=record.callback_queue,
+        argsrepr="(<job record>)",
+    )  # fmt: skip
+    store.mark(record.foreign_id, callback_sent=1)
 
 
-def _summary(record: dict[str, Any] | None) -> str | None:
+def _summary(record: JobRecord | None) -> str | None:
     """What Celery (and Flower) show as the task result: short (Celery renders it into a log
     line and an event per job), no personal data, no secrets."""
     if record is None:
         return None
-    return f"{record['state']} {record.get('url') or record.get('error_code', '')}".rstrip()
+    return f"{record.state} {record.url or record.error_code or ''}".rstrip()

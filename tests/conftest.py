@@ -19,7 +19,7 @@ from invoice_worker.client import ProviderClient
 from invoice_worker.config import Settings
 from invoice_worker.embedded import EmbeddedRedis
 from invoice_worker.job import InvoiceJob
-from invoice_worker.message import Message
+from invoice_worker.message import TaskMessage
 from invoice_worker.models import parse_request
 from invoice_worker.processes import ChildProcess, worker_process
 from invoice_worker.sandbox import Sandbox
@@ -131,7 +131,7 @@ def make_job(settings: Settings, **overrides: Any) -> InvoiceJob:
 def job_kwargs(**overrides: Any) -> dict[str, Any]:
     """Task kwargs for a valid request (``deadline`` goes to the message, the rest to it)."""
     deadline = overrides.pop("deadline", None)
-    return Message(parse_request(request_data(**overrides)), deadline).kwargs()
+    return TaskMessage(request=parse_request(request_data(**overrides)), deadline=deadline).kwargs()
 
 
 def live(sandbox: Sandbox, fid: str) -> list[dict[str, Any]]:

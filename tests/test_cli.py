@@ -15,8 +15,8 @@ import pytest
 import requests
 
 from invoice_worker import cli
-from invoice_worker import constants as c
 from invoice_worker.config import Settings
+from invoice_worker.constants import JobState
 from invoice_worker.embedded import EmbeddedRedis, free_port
 from tests.conftest import SECRET, request_data
 
@@ -53,7 +53,7 @@ def test_enqueue_with_flags_and_wait(
     assert out.startswith(f"{data['foreign_id']}  created  https://")
     code, out, _ = run(capsys, "status", data["foreign_id"], "--json")
     assert code == 0
-    assert json.loads(out)["state"] == c.CREATED
+    assert json.loads(out)["state"] == JobState.CREATED
     code, out, _ = run(capsys, "status", data["foreign_id"])
     assert "url" in out
     assert "created_at" in out

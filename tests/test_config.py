@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from invoice_worker.config import DEFAULT_API_URL, Settings, redact_url
+from invoice_worker.config import DEFAULT_API_URL, Settings
 from invoice_worker.errors import ConfigError
+from invoice_worker.privacy import redact_url
 
 
 def test_defaults() -> None:

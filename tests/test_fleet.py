@@ -12,6 +12,7 @@ import pytest
 
 from invoice_worker import constants as c
 from invoice_worker.config import Settings
+from invoice_worker.constants import Circuit, ErrorCode, JobState
 from invoice_worker.fleet import provider_status
 from invoice_worker.job import InvoiceJob
 from invoice_worker.producer import Producer
@@ -29,21 +30,21 @@ def test_rate_limit_defers_with_spaced_slots_and_no_attempt(
     job = make_job(settings.replace(provider_rate_limit=2, provider_burst=1))
     jobs = [job_kwargs() for _ in range(4)]
     outcomes = [run(job, kwargs) for kwargs in jobs]
-    assert outcomes[0].record["state"] == c.CREATED
+    assert outcomes[0].record["state"] == JobState.CREATED
     waits = [o.retry_in for o in outcomes[1:]]
     # Each turned-away job holds its own slot, one interval (0.5 s) after the previous one.
     assert waits == pytest.approx([0.5, 1.0, 1.5], abs=0.1)
     record = job.store.get(jobs[3]["request"]["foreign_id"])
     assert record is not None
     assert (record["state"], record["attempts"], record["deferred"]) == (
-        c.RETRYING,
+        JobState.RETRYING,
         0,
         "rate_limited",
     )
     assert sum(sandbox.create_calls(k["request"]["foreign_id"]) for k in jobs) == 1
     # Coming back at its slot, a job is admitted without queueing again.
     time.sleep(0.55)
-    assert run(job, jobs[1]).record["state"] == c.CREATED
+    assert run(job, jobs[1]).record["state"] == JobState.CREATED
 
 
 def test_429_pauses_the_whole_fleet(settings: Settings, sandbox: Sandbox) -> None:
@@ -65,7 +66,7 @@ def test_circuit_opens_probes_and_closes(settings: Settings, sandbox: Sandbox) -
         kwargs = job_kwargs()
         sandbox.script(["503"], foreign_id=kwargs["request"]["foreign_id"])
         run(job, kwargs)
-    assert provider_status(job.store, job.settings)["circuit"] == c.OPEN
+    assert provider_status(job.store, job.settings)["circuit"] == Circuit.OPEN
     # Then jobs are deferred without calling the provider
     blocked = job_kwargs()
     outcome = run(job, blocked)
@@ -75,9 +76,9 @@ def test_circuit_opens_probes_and_closes(settings: Settings, sandbox: Sandbox) -
     # After the cool-down one probe goes through; the others keep waiting
     time.sleep(0.55)
     probe, waiting = job_kwargs(), job_kwargs()
-    assert run(job, probe).record["state"] == c.CREATED
-    assert provider_status(job.store, job.settings)["circuit"] == c.CLOSED
-    assert run(job, waiting).record["state"] == c.CREATED
+    assert run(job, probe).record["state"] == JobState.CREATED
+    assert provider_status(job.store, job.settings)["circuit"] == Circuit.CLOSED
+    assert run(job, waiting).record["state"] == JobState.CREATED
 
 
 def test_failed_probe_reopens(settings: Settings, sandbox: Sandbox) -> None:
@@ -85,11 +86,11 @@ def test_failed_probe_reopens(settings: Settings, sandbox: Sandbox) -> None:
     kwargs = job_kwargs()
     sandbox.script(["502", "502"], foreign_id=kwargs["request"]["foreign_id"])
     run(job, kwargs, "a")
-    assert provider_status(job.store, job.settings)["circuit"] == c.OPEN
+    assert provider_status(job.store, job.settings)["circuit"] == Circuit.OPEN
     time.sleep(0.35)
     run(job, kwargs, "b")  # the probe: fails again
     status = provider_status(job.store, job.settings)
-    assert status["circuit"] == c.OPEN
+    assert status["circuit"] == Circuit.OPEN
     assert status["circuit_open_for"] > 0.1
 
 
@@ -101,7 +102,10 @@ def test_deadline_still_applies_while_circuit_open(settings: Settings, sandbox: 
     late = job_kwargs(deadline=time.time() + 2)
     outcome = run(job, late)
     assert outcome.record is not None
-    assert (outcome.record["state"], outcome.record["error_code"]) == (c.EXPIRED, c.DEADLINE_PASSED)
+    assert (outcome.record["state"], outcome.record["error_code"]) == (
+        JobState.EXPIRED,
+        ErrorCode.DEADLINE_PASSED,
+    )
     assert "circuit_open" in outcome.record["error"]
     assert sandbox.create_calls(late["request"]["foreign_id"]) == 0
 
@@ -115,7 +119,11 @@ def test_status_provider_cli(
         monkeypatch.setenv(name, value)
     assert cli.main(["status", "--provider", "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
-    assert (status["circuit"], status["rate_limit"], status["paused_for"]) == (c.CLOSED, 5.0, 0.0)
+    assert (status["circuit"], status["rate_limit"], status["paused_for"]) == (
+        Circuit.CLOSED,
+        5.0,
+        0.0,
+    )
     assert cli.main(["status"]) == cli.EXIT_USAGE
 
 
@@ -158,7 +166,7 @@ def test_fleet_rate_never_exceeds_limit(fleet: Any) -> None:
         producer.enqueue_many(jobs)
         records = wait_all(producer, [j["foreign_id"] for j in jobs], timeout=60)
         per_second = sandbox.stats()["per_second"]
-    assert all(r.get("state") == c.CREATED for r in records)
+    assert all(r.get("state") == JobState.CREATED for r in records)
     print("calls per second:", sorted(per_second.items()))
     assert sum(per_second.values()) == 150
     assert max(per_second.values()) <= 25 + 5, per_second
@@ -180,7 +188,9 @@ def test_outage_calls_stay_bounded_and_jobs_complete(fleet: Any) -> None:
         sandbox.set_faults(Faults())
         # Then the fleet made a bounded number of calls, and every job completes afterwards
         records = wait_all(producer, [j["foreign_id"] for j in jobs], timeout=60)
-    assert all(r.get("state") == c.CREATED for r in records), [r.get("state") for r in records]
+    assert all(r.get("state") == JobState.CREATED for r in records), [
+        r.get("state") for r in records
+    ]
     print("calls during outage:", during)
     # The circuit's changes are logged once each, by one worker, not once per job.
     logs = "".join(w.log() for w in fleet.workers)

@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 import responses
 
-from invoice_worker import constants as c
 from invoice_worker.client import ProviderClient
 from invoice_worker.config import Settings
+from invoice_worker.constants import ErrorCode, JobState
 from invoice_worker.job import InvoiceJob, Outcome, backoff, derived_foreign_id, full_jitter
-from invoice_worker.message import Message
+from invoice_worker.message import TaskMessage
 from invoice_worker.models import parse_request
 from invoice_worker.sandbox import Sandbox
 from tests.conftest import job_kwargs, live, make_job, request_data
@@ -54,7 +54,7 @@ def test_created_on_first_attempt(job: InvoiceJob, sandbox: Sandbox) -> None:
     record = outcome.record
     assert record is not None
     assert outcome.finished
-    assert (runs, record["state"], record["attempts"]) == (1, c.CREATED, 1)
+    assert (runs, record["state"], record["attempts"]) == (1, JobState.CREATED, 1)
     fid = kwargs["request"]["foreign_id"]
     [invoice] = live(sandbox, fid)
     assert record["url"] == invoice["url"]
@@ -83,7 +83,7 @@ def test_transient_errors_retried_to_success(
     sandbox.script(faults, foreign_id=fid)
     outcome, _ = drive(job, kwargs)
     assert outcome.record is not None
-    assert outcome.record["state"] == c.CREATED
+    assert outcome.record["state"] == JobState.CREATED
     assert outcome.record["attempts"] == len(faults) + 1
     assert sandbox.create_calls(fid) == len(faults) + 1
     assert len(live(sandbox, fid)) == 1
@@ -97,7 +97,7 @@ def test_retry_record_shows_progress(job: InvoiceJob, sandbox: Sandbox) -> None:
     assert outcome.retry_in is not None
     record = job.store.get(fid)
     assert record is not None
-    assert record["state"] == c.RETRYING
+    assert record["state"] == JobState.RETRYING
     assert record["attempts"] == 1
     assert record["last_error_code"] == "server_error"
     assert record["next_attempt_at"] >= record["updated_at"]
@@ -119,7 +119,7 @@ def test_attempts_are_capped(settings: Settings, sandbox: Sandbox) -> None:
     assert outcome.record is not None
     assert (runs, outcome.record["state"], outcome.record["error_code"]) == (
         3,
-        c.FAILED,
+        JobState.FAILED,
         "server_error",
     )
     assert "gave up after 3 attempts" in outcome.record["error"]
@@ -130,7 +130,7 @@ def test_permanent_error_fails_at_once(job: InvoiceJob, sandbox: Sandbox) -> Non
     outcome, runs = drive(job, kwargs)
     record = outcome.record
     assert record is not None
-    assert (runs, record["state"], record["error_code"]) == (1, c.FAILED, "validation_error")
+    assert (runs, record["state"], record["error_code"]) == (1, JobState.FAILED, "validation_error")
     assert record["errors"] == {
         "amount": "The amount is too small. The minimum amount is 10.00 EUR."
     }
@@ -141,7 +141,7 @@ def test_auth_error_fails_with_provider_code(settings: Settings) -> None:
     outcome, _ = drive(job, job_kwargs())
     assert outcome.record is not None
     assert (outcome.record["state"], outcome.record["error_code"]) == (
-        c.FAILED,
+        JobState.FAILED,
         "bad_header_signature",
     )
 
@@ -150,7 +150,10 @@ def test_deadline_passed_expires_without_call(job: InvoiceJob, sandbox: Sandbox)
     kwargs = job_kwargs(deadline=time.time() - 1)
     outcome, _ = drive(job, kwargs)
     assert outcome.record is not None
-    assert (outcome.record["state"], outcome.record["error_code"]) == (c.EXPIRED, c.DEADLINE_PASSED)
+    assert (outcome.record["state"], outcome.record["error_code"]) == (
+        JobState.EXPIRED,
+        ErrorCode.DEADLINE_PASSED,
+    )
     assert sandbox.create_calls(kwargs["request"]["foreign_id"]) == 0
 
 
@@ -161,7 +164,7 @@ def test_deadline_during_retries_expires(settings: Settings, sandbox: Sandbox) -
     sandbox.script(["503"], foreign_id=kwargs["request"]["foreign_id"])
     outcome, _ = drive(job, kwargs)
     assert outcome.record is not None
-    assert outcome.record["state"] == c.EXPIRED
+    assert outcome.record["state"] == JobState.EXPIRED
 
 
 def test_commit_then_fail_recreates(job: InvoiceJob, sandbox: Sandbox) -> None:
@@ -171,7 +174,7 @@ def test_commit_then_fail_recreates(job: InvoiceJob, sandbox: Sandbox) -> None:
     outcome, _ = drive(job, kwargs)
     record = outcome.record
     assert record is not None
-    assert record["state"] == c.CREATED
+    assert record["state"] == JobState.CREATED
     assert record["provider_foreign_id"] == f"{fid}~r1"
     [invoice] = live(sandbox, fid)
     assert invoice["foreign_id"] == f"{fid}~r1"
@@ -187,7 +190,10 @@ def test_commit_then_drop_with_fail_policy(settings: Settings, sandbox: Sandbox)
     sandbox.script(["commit_then_drop"], foreign_id=fid)
     outcome, _ = drive(job, kwargs)
     assert outcome.record is not None
-    assert (outcome.record["state"], outcome.record["error_code"]) == (c.FAILED, c.ORPHANED)
+    assert (outcome.record["state"], outcome.record["error_code"]) == (
+        JobState.FAILED,
+        ErrorCode.ORPHANED,
+    )
     assert len(live(sandbox, fid)) == 1  # left alone for a human: we do not know its URL
 
 
@@ -199,7 +205,7 @@ def test_taken_without_earlier_ambiguity_is_permanent(
     outcome, _ = drive(job, kwargs)
     assert outcome.record is not None
     assert (outcome.record["state"], outcome.record["error_code"]) == (
-        c.FAILED,
+        JobState.FAILED,
         "duplicate_foreign_id",
     )
 
@@ -211,14 +217,14 @@ def test_orphan_cancel_failure_retries_then_recreates(job: InvoiceJob, sandbox: 
     sandbox.script(["commit_then_drop", "ok", "503"], foreign_id=fid)
     outcome, _ = drive(job, kwargs)
     assert outcome.record is not None
-    assert outcome.record["state"] == c.CREATED
+    assert outcome.record["state"] == JobState.CREATED
     assert len(live(sandbox, fid)) == 1
 
 
 def test_busy_job_is_deferred_not_called(job: InvoiceJob, sandbox: Sandbox) -> None:
     kwargs = job_kwargs()
     fid = kwargs["request"]["foreign_id"]
-    fingerprint = Message(parse_request(kwargs["request"])).fingerprint()
+    fingerprint = TaskMessage(request=parse_request(kwargs["request"])).fingerprint()
     held = job.store.claim(
         fid, "someone", lease=3, fingerprint=fingerprint, max_crashes=5, fields={}, kwargs="{}"
     )
@@ -238,7 +244,7 @@ def test_invalid_message_is_recorded_failed(job: InvoiceJob) -> None:
     outcome = job.run(kwargs, task_id="bad-1", owner="o")
     record = outcome.record
     assert record is not None
-    assert (record["state"], record["error_code"]) == (c.FAILED, c.INVALID_MESSAGE)
+    assert (record["state"], record["error_code"]) == (JobState.FAILED, ErrorCode.INVALID_MESSAGE)
     assert set(record["errors"]) == {"request.amount", "request.timer", "deadline", "x"}
     assert record["foreign_id"] == kwargs["request"]["foreign_id"]
     assert "buyer@example.com" not in str(record)
@@ -250,7 +256,7 @@ def test_garbage_message_without_foreign_id_recorded_by_task_id(job: InvoiceJob)
     assert outcome.record["task_id"] == "bad-2"
     record = job.store.get("invalid-message:bad-2")
     assert record is not None
-    assert record["error_code"] == c.INVALID_MESSAGE
+    assert record["error_code"] == ErrorCode.INVALID_MESSAGE
 
 
 def test_conflicting_message_does_not_touch_the_job(job: InvoiceJob, sandbox: Sandbox) -> None:
@@ -259,7 +265,7 @@ def test_conflicting_message_does_not_touch_the_job(job: InvoiceJob, sandbox: Sa
     other = {**kwargs, "request": {**kwargs["request"], "amount": "9"}}
     outcome = job.run(other, task_id="t", owner="o")
     assert outcome.record is None
-    assert job.store.get(kwargs["request"]["foreign_id"])["state"] == c.CREATED  # type: ignore[index]
+    assert job.store.get(kwargs["request"]["foreign_id"])["state"] == JobState.CREATED  # type: ignore[index]
 
 
 def test_unexpected_error_in_call_is_retried_as_ambiguous(
@@ -280,7 +286,7 @@ def test_unexpected_error_in_call_is_retried_as_ambiguous(
     job.client.create_invoice = flaky  # type: ignore[method-assign]
     outcome, runs = drive(job, kwargs)
     assert outcome.record is not None
-    assert outcome.record["state"] == c.CREATED
+    assert outcome.record["state"] == JobState.CREATED
     assert runs == 2
     assert calls == [fid, fid, f"{fid}~r1"]
     assert len(live(sandbox, fid)) == 1
@@ -295,7 +301,7 @@ def test_giving_up_after_ambiguity_cancels_the_possible_orphan(
     sandbox.script(["commit_then_502", "500", "500"], foreign_id=fid)
     outcome, _ = drive(job, kwargs)
     assert outcome.record is not None
-    assert (outcome.record["state"], outcome.record["orphan"]) == (c.FAILED, "cancelled")
+    assert (outcome.record["state"], outcome.record["orphan"]) == (JobState.FAILED, "cancelled")
     assert live(sandbox, fid) == []
 
 
@@ -309,7 +315,7 @@ def test_deadline_after_ambiguity_cancels_the_late_invoice(
     sandbox.script(["commit_then_drop"], foreign_id=fid)
     outcome, _ = drive(job, kwargs)
     assert outcome.record is not None
-    assert (outcome.record["state"], outcome.record["orphan"]) == (c.EXPIRED, "cancelled")
+    assert (outcome.record["state"], outcome.record["orphan"]) == (JobState.EXPIRED, "cancelled")
     assert live(sandbox, fid) == []
 
 
@@ -321,7 +327,7 @@ def test_giving_up_without_ambiguity_leaves_nothing_to_cancel(
     sandbox.script(["429_bare", "429_bare"], foreign_id=kwargs["request"]["foreign_id"])
     outcome, _ = drive(job, kwargs)
     assert outcome.record is not None
-    assert outcome.record["state"] == c.FAILED
+    assert outcome.record["state"] == JobState.FAILED
     assert "orphan" not in outcome.record
 
 
@@ -342,7 +348,7 @@ def test_contract_breaking_answers_are_never_success(settings: Settings, body: s
         outcome, _ = drive(job, job_kwargs())
     assert outcome.record is not None
     assert (outcome.record["state"], outcome.record["error_code"]) == (
-        c.FAILED,
+        JobState.FAILED,
         "ambiguous_response",
     )
     assert "url" not in outcome.record

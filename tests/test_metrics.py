@@ -7,7 +7,7 @@ from invoice_worker.client import ProviderClient
 from invoice_worker.config import Settings
 from invoice_worker.embedded import free_port
 from invoice_worker.job import InvoiceJob
-from invoice_worker.message import Message
+from invoice_worker.message import TaskMessage
 from invoice_worker.metrics import serve
 from invoice_worker.models import parse_request
 from invoice_worker.producer import Producer
@@ -36,7 +36,7 @@ def test_metrics_reflect_the_fleet(settings: Settings, sandbox: Sandbox) -> None
     # Given three queued jobs, one created, one retrying after a 503, and one more 503
     queued = [request_data() for _ in range(3)]
     producer.enqueue_many(queued)
-    done, retrying, failing = (Message(parse_request(d)).kwargs() for d in queued)
+    done, retrying, failing = (TaskMessage(request=parse_request(d)).kwargs() for d in queued)
     job.run(done, task_id="a", owner="a")
     sandbox.script(["503"], foreign_id=retrying["request"]["foreign_id"])
     sandbox.script(["503"], foreign_id=failing["request"]["foreign_id"])

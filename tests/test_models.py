@@ -45,7 +45,7 @@ def test_valid_request_round_trips() -> None:
         ("amount", True, "not a boolean"),
         ("amount", "0", "greater than 0"),
         ("amount", "-1", "greater than 0"),
-        ("amount", "abc", "valid decimal"),
+        ("amount", "abc", "decimal number"),
         ("amount", "NaN", "finite number"),
         ("amount", "0.000000001", "at most 8 decimal places"),
         ("amount", "1" * 31, "at most 30 digits"),

@@ -11,6 +11,7 @@ import pytest
 import requests
 
 from invoice_worker import constants as c
+from invoice_worker.constants import JobState
 from invoice_worker.embedded import EmbeddedRedis, free_port
 from invoice_worker.processes import flower_process, worker_process
 from invoice_worker.producer import Producer
@@ -41,7 +42,7 @@ def test_flower_shows_task_without_personal_data(
         # When a job runs
         data = request_data(email_user="private.person@example.com")
         record = producer.enqueue(data)
-        assert producer.wait(data["foreign_id"], 20)["state"] == c.CREATED  # type: ignore[index]
+        assert producer.wait(data["foreign_id"], 20)["state"] == JobState.CREATED  # type: ignore[index]
         # Then Flower reports it by name, SUCCESS, and never shows the e-mail address
         info: dict[str, Any] = {}
         while info.get("state") != "SUCCESS":
@@ -76,7 +77,7 @@ def test_sigterm_lets_running_job_finish(redis_server: EmbeddedRedis, tmp_path: 
         data = request_data()
         producer.enqueue(data)
         deadline = time.monotonic() + 10
-        while (producer.get(data["foreign_id"]) or {}).get("state") != c.PROCESSING:
+        while (producer.get(data["foreign_id"]) or {}).get("state") != JobState.PROCESSING:
             assert time.monotonic() < deadline
             time.sleep(0.02)
         # When the platform asks the worker to stop mid-call (Kubernetes, Heroku: SIGTERM)
@@ -87,6 +88,6 @@ def test_sigterm_lets_running_job_finish(redis_server: EmbeddedRedis, tmp_path: 
         record = producer.get(data["foreign_id"])
         producer.close()
         assert record is not None
-        assert record["state"] == c.CREATED
+        assert record["state"] == JobState.CREATED
         assert worker.process.returncode == 0
         assert "Warm shutdown" in worker.log()

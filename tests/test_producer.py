@@ -20,6 +20,7 @@ import invoice_worker
 from invoice_worker import constants as c
 from invoice_worker import producer as producer_module
 from invoice_worker.config import Settings
+from invoice_worker.constants import JobState
 from invoice_worker.embedded import free_port
 from invoice_worker.errors import ConflictError, InvalidRequestError
 from invoice_worker.producer import Producer
@@ -42,14 +43,14 @@ def test_enqueue_records_and_sends_once(
 ) -> None:
     data = request_data()
     first = producer.enqueue(data)
-    assert (first["state"], first["foreign_id"]) == (c.QUEUED, data["foreign_id"])
+    assert (first["state"], first["foreign_id"]) == (JobState.QUEUED, data["foreign_id"])
     again = producer.enqueue(data)
     assert again["task_id"] == first["task_id"]
-    assert again["state"] == c.QUEUED
+    assert again["state"] == JobState.QUEUED
     assert len(queued(redis_client, settings)) == 1
     record = producer.get(data["foreign_id"])
     assert record is not None
-    assert record["state"] == c.QUEUED
+    assert record["state"] == JobState.QUEUED
     assert "email_user" not in record
     assert data["email_user"] not in json.dumps(record)
 
@@ -155,7 +156,7 @@ def test_wait_times_out_on_queued_job(producer: Producer) -> None:
     producer.enqueue(data)
     record = producer.wait(data["foreign_id"], 0.2)
     assert record is not None
-    assert record["state"] == c.QUEUED
+    assert record["state"] == JobState.QUEUED
 
 
 def test_module_functions_read_env_once(
@@ -166,9 +167,9 @@ def test_module_functions_read_env_once(
     monkeypatch.setattr(producer_module, "_default", None)
     data = request_data()
     record = invoice_worker.enqueue_invoice(data)
-    assert record["state"] == c.QUEUED
+    assert record["state"] == JobState.QUEUED
     assert invoice_worker.get_invoice(data["foreign_id"])["task_id"] == record["task_id"]  # type: ignore[index]
-    assert invoice_worker.wait_for_invoice(data["foreign_id"], 0.05)["state"] == c.QUEUED  # type: ignore[index]
+    assert invoice_worker.wait_for_invoice(data["foreign_id"], 0.05)["state"] == JobState.QUEUED  # type: ignore[index]
     first = producer_module.default_producer()
     monkeypatch.setenv("INVOICE_QUEUE", "elsewhere")
     assert producer_module.default_producer() is first
@@ -207,7 +208,7 @@ def test_atomic_envelope_matches_kombu(settings: Settings, redis_client: redis.R
 def test_enqueue_many(producer: Producer, settings: Settings, redis_client: redis.Redis) -> None:
     batch = [request_data() for _ in range(50)]
     results = producer.enqueue_many([*batch, batch[0], {**batch[1], "amount": "7"}])
-    assert [r["state"] for r in results[:51]] == [c.QUEUED] * 51  # type: ignore[index]
+    assert [r["state"] for r in results[:51]] == [JobState.QUEUED] * 51  # type: ignore[index]
     assert results[50]["task_id"] == results[0]["task_id"]  # type: ignore[index]
     assert isinstance(results[51], ConflictError)
     assert len(queued(redis_client, settings)) == 50
@@ -232,7 +233,7 @@ def test_enqueue_many_through_celery_when_state_is_elsewhere(
     split.enqueue_many(batch)
     split.enqueue_many(batch)  # all exist now: nothing sent
     assert len(queued(redis_client, settings)) == 20
-    assert split.get(batch[0]["foreign_id"])["state"] == c.QUEUED  # type: ignore[index]
+    assert split.get(batch[0]["foreign_id"])["state"] == JobState.QUEUED  # type: ignore[index]
     split.close()
 
 
@@ -257,4 +258,4 @@ def test_enqueue_any_input_is_queued_or_rejected_cleanly(
     except ConflictError:
         assert field == "foreign_id"  # a generated id that an earlier example already used
     else:
-        assert record["state"] == c.QUEUED
+        assert record["state"] == JobState.QUEUED

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import redis
 
-from invoice_worker import constants as c
 from invoice_worker.config import Settings
+from invoice_worker.constants import JobState
 from invoice_worker.store import Claim, Enqueued, JobStore, NewJob
 from tests.conftest import new_id
 
@@ -42,7 +42,7 @@ def test_enqueue_new_then_exists_then_conflict(store: JobStore) -> None:
     again = one(store, fid, task_id="t2")
     assert (again.status, again.resend) == ("exists", False)
     assert again.record is not None
-    assert (again.record["state"], again.record["task_id"]) == (c.QUEUED, "t1")
+    assert (again.record["state"], again.record["task_id"]) == (JobState.QUEUED, "t1")
     assert one(store, fid, "other").status == "conflict"
 
 
@@ -87,7 +87,11 @@ def test_claim_creates_missing_record(store: JobStore) -> None:
     assert result.status == "claimed"
     record = store.get(fid)
     assert record is not None
-    assert (record["state"], record["attempts"], record["task_id"]) == (c.PROCESSING, 1, "t1")
+    assert (record["state"], record["attempts"], record["task_id"]) == (
+        JobState.PROCESSING,
+        1,
+        "t1",
+    )
     assert "lease_owner" not in record
     assert "fingerprint" not in record
 
@@ -125,21 +129,21 @@ def test_conflicting_fingerprint(store: JobStore) -> None:
 def test_only_owner_transitions(store: JobStore) -> None:
     fid = new_id()
     claim(store, fid, "w1")
-    assert not store.finish(fid, "w2", c.CREATED, {"url": "u"})
-    assert store.get(fid)["state"] == c.PROCESSING  # type: ignore[index]
-    assert store.transition(fid, "w1", c.RETRYING, {"last_error": "x"}, delay=5)
+    assert not store.finish(fid, "w2", JobState.CREATED, {"url": "u"})
+    assert store.get(fid)["state"] == JobState.PROCESSING  # type: ignore[index]
+    assert store.transition(fid, "w1", JobState.RETRYING, {"last_error": "x"}, delay=5)
     record = store.get(fid)
     assert record is not None
-    assert record["state"] == c.RETRYING
+    assert record["state"] == JobState.RETRYING
     assert record["next_attempt_at"] == pytest.approx(time.time() + 5, abs=1)
     # Released: the old owner can no longer write.
-    assert not store.finish(fid, "w1", c.CREATED)
+    assert not store.finish(fid, "w1", JobState.CREATED)
 
 
 def test_early_duplicate_of_a_retry_is_deferred(store: JobStore) -> None:
     fid = new_id()
     claim(store, fid, "w1")
-    store.transition(fid, "w1", c.RETRYING, delay=3)
+    store.transition(fid, "w1", JobState.RETRYING, delay=3)
     early = claim(store, fid, "w2")
     assert early.status == "early"
     assert 2 < early.wait <= 3
@@ -149,12 +153,16 @@ def test_final_transition_writes_one_event_and_is_terminal(store: JobStore) -> N
     fid = new_id()
     claim(store, fid, "w1")
     fields = {"url": "https://i.example.com/x", "invoice_id": 7, "attempts": 1}
-    moved = store.finish(fid, "w1", c.CREATED, fields)
+    moved = store.finish(fid, "w1", JobState.CREATED, fields)
     assert moved is not None
     record = moved.record
     assert record is not None
-    assert (record["state"], record["invoice_id"], record["url"]) == (c.CREATED, 7, fields["url"])
-    assert store.finish(fid, "w1", c.FAILED, {"error_code": "x"}) is None
+    assert (record["state"], record["invoice_id"], record["url"]) == (
+        JobState.CREATED,
+        7,
+        fields["url"],
+    )
+    assert store.finish(fid, "w1", JobState.FAILED, {"error_code": "x"}) is None
     events = [f for _, f in store.events() if f["foreign_id"] == fid]
     assert events == [
         {"foreign_id": fid, "state": "created", "url": "https://i.example.com/x",
@@ -169,7 +177,7 @@ def test_final_transition_writes_one_event_and_is_terminal(store: JobStore) -> N
 def test_renew_keeps_lease(store: JobStore) -> None:
     fid = new_id()
     claim(store, fid, "w1", lease=0.2)
-    assert store.transition(fid, "w1", c.PROCESSING, {"generation": 1}, lease=5)
+    assert store.transition(fid, "w1", JobState.PROCESSING, {"generation": 1}, lease=5)
     time.sleep(0.25)
     assert claim(store, fid, "w2").status == "busy"
 
@@ -179,7 +187,7 @@ def test_events_stream_is_capped(settings: Settings, redis_client: redis.Redis) 
     for _ in range(300):
         fid = new_id()
         claim(store, fid)
-        store.finish(fid, "w1", c.FAILED, {"error_code": "x"})
+        store.finish(fid, "w1", JobState.FAILED, {"error_code": "x"})
     assert redis_client.xlen(settings.events_stream) < 300
 
 
@@ -191,17 +199,17 @@ def test_wait_returns_when_final_without_polling(store: JobStore) -> None:
     waiter.start()
     time.sleep(0.2)
     started = time.monotonic()
-    store.finish(fid, "w1", c.CREATED, {"url": "u"})
+    store.finish(fid, "w1", JobState.CREATED, {"url": "u"})
     waiter.join(5)
     assert time.monotonic() - started < 1
-    assert result[0]["state"] == c.CREATED  # type: ignore[index]
+    assert result[0]["state"] == JobState.CREATED  # type: ignore[index]
 
 
 def test_wait_times_out_and_handles_unknown(store: JobStore) -> None:
     fid = new_id()
     claim(store, fid, "w1")
     started = time.monotonic()
-    assert store.wait(fid, 0.3)["state"] == c.PROCESSING  # type: ignore[index]
+    assert store.wait(fid, 0.3)["state"] == JobState.PROCESSING  # type: ignore[index]
     assert 0.25 < time.monotonic() - started < 2
     started = time.monotonic()
     assert store.wait(new_id(), 0.2) is None

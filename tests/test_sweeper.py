@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import redis
 
-from invoice_worker import constants as c
 from invoice_worker.config import Settings
+from invoice_worker.constants import JobState
 from invoice_worker.producer import Producer
 from invoice_worker.sweeper import Sweeper
 from tests.conftest import request_data
@@ -61,7 +61,7 @@ def test_held_and_final_jobs_are_left_alone(fast: Settings, redis_client: redis.
         fid = data["foreign_id"]
         fingerprint = str(redis_client.hget(store.key(fid), "fingerprint"))
         store.claim(fid, owner, lease=30, fingerprint=fingerprint, max_crashes=3, fields={})
-    store.finish(done["foreign_id"], "w2", c.CREATED, {"url": "https://i.example.com/x"})
+    store.finish(done["foreign_id"], "w2", JobState.CREATED, {"url": "https://i.example.com/x"})
     assert redis_client.get(store.copy(done["foreign_id"])) is None  # the copy goes with the job
     assert redis_client.get(store.copy(held["foreign_id"])) is not None
     time.sleep(1.1)
@@ -81,4 +81,4 @@ def test_worker_finishes_a_job_whose_message_was_lost(fast: Settings, start_work
     record = producer.wait(data["foreign_id"], 30)
     producer.close()
     assert record is not None
-    assert record["state"] == c.CREATED
+    assert record["state"] == JobState.CREATED

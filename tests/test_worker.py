@@ -19,6 +19,7 @@ import redis
 
 from invoice_worker import constants as c
 from invoice_worker.config import Settings
+from invoice_worker.constants import ErrorCode, JobState
 from invoice_worker.embedded import EmbeddedRedis
 from invoice_worker.errors import ConflictError
 from invoice_worker.processes import worker_process
@@ -69,7 +70,7 @@ def test_duplicate_enqueues_create_once(stack: tuple[Settings, Producer], sandbo
     # Then one job, one task, one provider create
     assert len({r["task_id"] for r in results}) == 1
     record = final(producer, data["foreign_id"])
-    assert record["state"] == c.CREATED
+    assert record["state"] == JobState.CREATED
     assert sandbox.create_calls(data["foreign_id"]) == 1
     # And enqueueing again afterwards returns the finished job
     assert producer.enqueue(data)["url"] == record["url"]
@@ -96,7 +97,7 @@ def test_transient_errors_retried_to_success(
     sandbox.script(faults, foreign_id=data["foreign_id"])
     producer.enqueue(data)
     record = final(producer, data["foreign_id"])
-    assert record["state"] == c.CREATED
+    assert record["state"] == JobState.CREATED
     assert record["attempts"] == len(faults) + 1
     assert len(live(sandbox, data["foreign_id"])) == 1
 
@@ -108,7 +109,7 @@ def test_429_retry_after_is_waited(stack: tuple[Settings, Producer], sandbox: Sa
     started = time.monotonic()
     producer.enqueue(data)
     record = final(producer, data["foreign_id"])
-    assert record["state"] == c.CREATED
+    assert record["state"] == JobState.CREATED
     assert time.monotonic() - started >= sandbox.faults.retry_after * 0.9
 
 
@@ -118,7 +119,7 @@ def test_permanent_error_fails_at_once(stack: tuple[Settings, Producer], sandbox
     producer.enqueue(data)
     record = final(producer, data["foreign_id"])
     assert (record["state"], record["attempts"], record["error_code"]) == (
-        c.FAILED,
+        JobState.FAILED,
         1,
         "validation_error",
     )
@@ -133,7 +134,7 @@ def test_deadline_expires_without_provider_call(
     data = request_data()
     producer.enqueue(data, deadline=time.time() - 1)
     record = final(producer, data["foreign_id"])
-    assert (record["state"], record["error_code"]) == (c.EXPIRED, c.DEADLINE_PASSED)
+    assert (record["state"], record["error_code"]) == (JobState.EXPIRED, ErrorCode.DEADLINE_PASSED)
     assert sandbox.create_calls(data["foreign_id"]) == 0
 
 
@@ -147,7 +148,7 @@ def test_commit_then_fail_recreates(
     sandbox.script([fault], foreign_id=fid)
     producer.enqueue(data)
     record = final(producer, fid)
-    assert record["state"] == c.CREATED
+    assert record["state"] == JobState.CREATED
     [invoice] = live(sandbox, fid)
     assert (record["url"], record["provider_foreign_id"]) == (invoice["url"], f"{fid}~r1")
 
@@ -166,7 +167,7 @@ def test_callback_task_receives_the_record(
     assert message["headers"]["task"] == "shop.invoice_ready"
     args, _, _ = json.loads(base64.b64decode(message["body"]))
     assert args[0]["url"] == record["url"]
-    assert args[0]["state"] == c.CREATED
+    assert args[0]["state"] == JobState.CREATED
     assert b"buyer@example.com" not in raw[1]
 
 
@@ -177,7 +178,7 @@ def test_message_sent_without_the_producer_works(
     data = request_data()
     producer.app.send_task(c.TASK_NAME, kwargs={"request": data}, queue=settings.queue)
     record = final(producer, data["foreign_id"])
-    assert record["state"] == c.CREATED
+    assert record["state"] == JobState.CREATED
     assert sandbox.create_calls(data["foreign_id"]) == 1
 
 
@@ -210,7 +211,10 @@ def test_malformed_messages_recorded_never_retried_worker_survives(
         fid = request.get("foreign_id") if isinstance(request, dict) else None
         # Then each ends failed with a clear code, naming the bad fields
         record = final(producer, fid or f"invalid-message:{sent[name]}")
-        assert (record["state"], record["error_code"]) == (c.FAILED, c.INVALID_MESSAGE), name
+        assert (record["state"], record["error_code"]) == (
+            JobState.FAILED,
+            ErrorCode.INVALID_MESSAGE,
+        ), name
         assert fields <= set(record["errors"]), (name, record["errors"])
         assert record["attempts"] == 1, name
         if fid:
@@ -218,7 +222,7 @@ def test_malformed_messages_recorded_never_retried_worker_survives(
     # And the worker is still serving
     ok = request_data()
     producer.enqueue(ok)
-    assert final(producer, ok["foreign_id"])["state"] == c.CREATED
+    assert final(producer, ok["foreign_id"])["state"] == JobState.CREATED
 
 
 def test_fail_orphan_policy(
@@ -232,7 +236,7 @@ def test_fail_orphan_policy(
     producer.enqueue(data)
     record = final(producer, data["foreign_id"])
     producer.close()
-    assert (record["state"], record["error_code"]) == (c.FAILED, c.ORPHANED)
+    assert (record["state"], record["error_code"]) == (JobState.FAILED, ErrorCode.ORPHANED)
 
 
 def test_worker_sigkilled_mid_call_creates_exactly_once(
@@ -249,7 +253,7 @@ def test_worker_sigkilled_mid_call_creates_exactly_once(
         fid = data["foreign_id"]
         producer.enqueue(data)
         deadline = time.monotonic() + 10
-        while (producer.get(fid) or {}).get("state") != c.PROCESSING:
+        while (producer.get(fid) or {}).get("state") != JobState.PROCESSING:
             assert time.monotonic() < deadline
             time.sleep(0.02)
         time.sleep(0.5)
@@ -260,7 +264,7 @@ def test_worker_sigkilled_mid_call_creates_exactly_once(
         # Then another worker takes the redelivered message and finishes the job
         start_worker(settings, pool="threads", concurrency=2)
         record = final(producer, fid, timeout=40)
-        assert record["state"] == c.CREATED, record
+        assert record["state"] == JobState.CREATED, record
         [invoice] = live(slow, fid)
         assert record["url"] == invoice["url"]
         assert record["crashes"] == 1
@@ -303,7 +307,7 @@ def test_core_scenario_on_rabbitmq(
             producer.enqueue(data)
         for data in jobs:
             record = final(producer, data["foreign_id"])
-            assert record["state"] == c.CREATED
+            assert record["state"] == JobState.CREATED
             [invoice] = live(sandbox, data["foreign_id"])
             assert record["url"] == invoice["url"]
         assert sandbox.create_calls(jobs[0]["foreign_id"]) == 1
@@ -326,7 +330,7 @@ def test_json_logs_one_line_per_transition_without_secrets(
     data = request_data(email_user="log.leak@example.com")
     sandbox.script(["502"], foreign_id=data["foreign_id"])
     producer.enqueue(data)
-    assert final(producer, data["foreign_id"])["state"] == c.CREATED
+    assert final(producer, data["foreign_id"])["state"] == JobState.CREATED
     producer.close()
     worker.stop()
     lines = [json.loads(line) for line in worker.log().splitlines() if line.startswith("{")]
@@ -344,7 +348,7 @@ def test_password_protected_redis(sandbox: Sandbox, start_worker: Any) -> None:
         producer = Producer(settings)
         data = request_data()
         producer.enqueue(data)
-        assert final(producer, data["foreign_id"])["state"] == c.CREATED
+        assert final(producer, data["foreign_id"])["state"] == JobState.CREATED
         producer.close()
         worker.stop()
         assert "s3cret-pass" not in worker.log()

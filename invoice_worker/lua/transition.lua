@@ -1,0 +1,124 @@
+-- Move a job its caller holds: renew the lease (and fence the next provider call), release it
+-- until a retry, or make it final (with its one event and announcement). Also records what
+-- the attempt said about the provider, for the whole fleet.
+-- Re-run after a lost reply (same op): answers what the first run did, writes nothing.
+-- Returns {1, final record or {}, circuit_change}, or {0} when the caller no longer holds the
+-- job (nothing is written then).
+local record_key = KEYS[1]
+local stream_key = KEYS[2]
+local provider_key = KEYS[3]
+local stats_key = KEYS[4]
+local due_key = KEYS[5]
+local copy_key = KEYS[6]
+local cleanup_key = KEYS[7]
+local owner = ARGV[1]
+local op = ARGV[2]  -- unique per call: tells a re-run from a new transition
+local new_state = ARGV[3]
+local mode = ARGV[4]  -- renew | release | final
+local lease_ms = tonumber(ARGV[5])
+local delay_ms = tonumber(ARGV[6])  -- -1: none
+local ttl_s = ARGV[7]
+local stream_maxlen = ARGV[8]
+local done_channel = ARGV[9]
+local report = ARGV[10]  -- a CallReport: ok | failure | rate_limited | ''
+local pause_ms = tonumber(ARGV[11])
+local threshold = tonumber(ARGV[12])
+local window_ms = tonumber(ARGV[13])
+local cooldown_ms = tonumber(ARGV[14])
+local latency_bucket = ARGV[15]  -- '' when no call was made
+local latency_ms = tonumber(ARGV[16])
+local due_after_ms = tonumber(ARGV[17])
+local due_member = ARGV[18]
+local cleanup_in_ms = tonumber(ARGV[19])  -- -1: none; else retry a cancel after this long
+local n_fields = tonumber(ARGV[20])
+local fields = tail(21, 20 + n_fields * 2)
+local event = tail(21 + n_fields * 2)
+
+local now = now_ms()
+
+-- What this attempt says about the provider: the circuit's change, if any.
+local function report_to_fleet()
+  if report == 'ok' then
+    local circuit = redis.call('HGET', provider_key, 'circuit')
+    if circuit and circuit ~= 'closed' then
+      redis.call('HSET', provider_key, 'circuit', 'closed', 'failures', 0)
+      return 'closed'
+    elseif tonumber(redis.call('HGET', provider_key, 'failures') or '0') > 0 then
+      redis.call('HSET', provider_key, 'failures', 0)
+    end
+  elseif report == 'failure' and threshold > 0 then
+    local circuit = redis.call('HGET', provider_key, 'circuit') or 'closed'
+    local failures = threshold
+    if circuit == 'closed' then
+      local first = tonumber(redis.call('HGET', provider_key, 'first_failure_ms') or '0')
+      if now - first > window_ms then
+        redis.call('HSET', provider_key, 'first_failure_ms', now, 'failures', 1)
+        failures = 1
+      else
+        failures = redis.call('HINCRBY', provider_key, 'failures', 1)
+      end
+    end
+    if circuit == 'half_open' or (circuit == 'closed' and failures >= threshold) then
+      redis.call('HSET', provider_key, 'circuit', 'open', 'open_until', now + cooldown_ms,
+        'failures', 0)
+      redis.call('HINCRBY', stats_key, 'circuit_opened', 1)
+      return 'open'
+    end
+  elseif report == 'rate_limited' then
+    local until_ms = now + pause_ms
+    if until_ms > tonumber(redis.call('HGET', provider_key, 'pause_until') or '0') then
+      redis.call('HSET', provider_key, 'pause_until', until_ms)
+    end
+  end
+  return ''
+end
+
+local function record_latency()
+  if latency_bucket == '' then return end
+  redis.call('HINCRBY', stats_key, 'latency_bucket:' .. latency_bucket, 1)
+  redis.call('HINCRBY', stats_key, 'latency_count', 1)
+  redis.call('HINCRBYFLOAT', stats_key, 'latency_sum', latency_ms / 1000)
+end
+
+local function finalize()
+  redis.call('XADD', stream_key, 'MAXLEN', '~', stream_maxlen, '*', unpack(event))
+  redis.call('ZREM', due_key, due_member)
+  redis.call('DEL', copy_key)
+  if cleanup_in_ms >= 0 then
+    redis.call('ZADD', cleanup_key, now + cleanup_in_ms, due_member)
+  end
+  redis.call('PUBLISH', done_channel, new_state)
+end
+
+local held = redis.call('HMGET', record_key, 'lease_owner', 'state', 'last_op')
+if held[3] == op and held[1] == owner then  -- a re-run after a lost reply
+  if FINAL[held[2]] then return {1, redis.call('HGETALL', record_key), ''} end
+  return {1, {}, ''}
+end
+if held[1] ~= owner or not held[2] or FINAL[held[2]] then return {0} end
+
+redis.call('HSET', record_key, 'state', new_state, 'updated_at', now / 1000, 'last_op', op)
+if #fields > 0 then redis.call('HSET', record_key, unpack(fields)) end
+move(stats_key, held[2], new_state)
+if mode == 'renew' then
+  redis.call('HSET', record_key, 'lease_until', now + lease_ms)
+  redis.call('ZADD', due_key, now + lease_ms + due_after_ms, due_member)
+else
+  -- The owner stays recorded (a re-run must recognise itself); the lease itself ends.
+  redis.call('HSET', record_key, 'lease_until', 0)
+end
+if delay_ms >= 0 then
+  redis.call('HSET', record_key, 'next_attempt_ms', now + delay_ms,
+    'next_attempt_at', (now + delay_ms) / 1000)
+  redis.call('HINCRBY', stats_key, 'retries', 1)
+  redis.call('ZADD', due_key, now + delay_ms + due_after_ms, due_member)
+end
+record_latency()
+local change = report_to_fleet()
+redis.call('EXPIRE', record_key, ttl_s)
+if mode ~= 'final' then
+  redis.call('EXPIRE', copy_key, ttl_s)
+  return {1, {}, change}
+end
+finalize()
+return {1, redis.call('HGETALL', record_key), change}
