@@ -25,10 +25,9 @@ from celery import Celery
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
-    StrictFloat,
-    StrictInt,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -45,7 +44,11 @@ MAX_DEADLINE = 4_102_444_800
 _NAME_RE = re.compile(r"^[\x21-\x7e]{1,255}$")
 
 
-def _finite(value: float) -> float:
+def _deadline(value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("must be a number of Unix seconds, or null")
     if not math.isfinite(value) or not 0 <= value <= MAX_DEADLINE:
         raise ValueError(f"must be Unix seconds between 0 and {MAX_DEADLINE}")
     return float(value)
@@ -70,7 +73,7 @@ class TaskMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     request: InvoiceRequest
-    deadline: Annotated[StrictInt | StrictFloat, AfterValidator(_finite)] | None = None
+    deadline: Annotated[float | None, BeforeValidator(_deadline)] = None
     callback_task: Name | None = None
     callback_queue: Name | None = Field(None, validate_default=True)
 

@@ -1,0 +1,387 @@
+"""Regression tests for the edges an independent review broke (issue 10), at the job level:
+real Redis, real HTTP to the sandbox, the job function called as a worker calls it."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from invoice_worker.app import create_app
+from invoice_worker.client import ProviderClient
+from invoice_worker.config import Settings
+from invoice_worker.constants import Cleanup, ErrorCode, JobState
+from invoice_worker.errors import ConflictError, InvalidRequestError
+from invoice_worker.job import InvoiceJob
+from invoice_worker.models import InvoiceRequest, parse_request
+from invoice_worker.producer import Producer
+from invoice_worker.sandbox import Faults, Sandbox
+from invoice_worker.store import JobStore
+from invoice_worker.sweeper import Sweeper
+from tests.conftest import KEY, SECRET, job_kwargs, live, make_job, request_data
+
+
+class StalledClient(ProviderClient):
+    """The real client, after a stall before each create (a frozen VM, slow DNS...)."""
+
+    stall = 0.0
+
+    def create_invoice(self, request: InvoiceRequest, *, send_by: float | None = None) -> Any:
+        time.sleep(self.stall)
+        return super().create_invoice(request, send_by=send_by)
+
+
+def stalled_job(settings: Settings, stall: float) -> InvoiceJob:
+    client = StalledClient.from_settings(settings)
+    assert isinstance(client, StalledClient)
+    client.stall = stall
+    return InvoiceJob(JobStore.from_settings(settings), client, settings, rand=lambda: 0.0)
+
+
+@pytest.fixture
+def producer(settings: Settings) -> Iterator[Producer]:
+    p = Producer(settings)
+    yield p
+    p.close()
+
+
+# -- 1. options validated by one model, on both sides ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"callback_task": "", "callback_queue": "cb"}, "callback_task"),
+        ({"deadline": True}, "deadline"),
+        ({"deadline": "2030-01-01"}, "deadline"),
+        ({"deadline": float("inf")}, "deadline"),
+        ({"callback_task": "shop.paid", "callback_queue": "q" * 300}, "callback_queue"),
+        ({"callback_task": "shop.paid"}, "callback_queue"),
+        ({"callback_queue": "callbacks"}, "callback_queue"),
+        ({"callback_task": "shop paid", "callback_queue": "callbacks"}, "callback_task"),
+    ],
+)
+def test_producer_refuses_bad_options_and_writes_nothing(
+    producer: Producer, redis_client: redis.Redis, options: dict[str, Any], field: str
+) -> None:
+    data = request_data()
+    with pytest.raises(InvalidRequestError) as info:
+        producer.enqueue(data, **options)
+    assert field in info.value.errors, info.value.errors
+    assert producer.get(data["foreign_id"]) is None
+    assert redis_client.llen(producer.settings.queue) == 0
+
+
+def test_callback_into_the_invoice_queue_is_refused(producer: Producer) -> None:
+    queue = producer.settings.queue
+    with pytest.raises(InvalidRequestError) as info:
+        producer.enqueue(request_data(), callback_task="shop.paid", callback_queue=queue)
+    assert "invoice queue" in info.value.errors["callback_queue"]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"deadline": "2030-01-01"},
+        {"callback_task": "shop.paid"},
+        {"callback_task": "shop.paid", "callback_queue": "q" * 300},
+        {"unknown_option": 1},
+    ],
+)
+def test_worker_records_a_message_with_bad_options(
+    settings: Settings, sandbox: Sandbox, options: dict[str, Any]
+) -> None:
+    job = make_job(settings)
+    kwargs = {**job_kwargs(), **options}
+    fid = kwargs["request"]["foreign_id"]
+    outcome = job.run(kwargs, task_id="t-opts", owner="w1")
+    assert outcome.record is not None and outcome.finished
+    assert outcome.record.state is JobState.FAILED
+    assert outcome.record.error_code == ErrorCode.INVALID_MESSAGE
+    assert sandbox.create_calls(fid) == 0
+    # A redelivery finds it final: no second record, no second event.
+    assert job.run(kwargs, task_id="t-opts", owner="w2").finished is False
+
+
+# -- 2. amounts of bounded magnitude --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("amount", ["1E+999999", "1E+100000000", "1E+999999999999999999", "9" * 65])
+def test_huge_amounts_are_refused_naming_the_field(amount: str) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        parse_request(request_data(amount=amount))
+    assert list(info.value.errors) == ["amount"]
+
+
+def test_worker_records_an_overflowing_amount_as_invalid(settings: Settings) -> None:
+    job = make_job(settings)
+    kwargs = job_kwargs()
+    kwargs["request"]["amount"] = "1E+100000000"
+    outcome = job.run(kwargs, task_id="t-amount", owner="w1")
+    assert outcome.record is not None
+    assert outcome.record.error_code == ErrorCode.INVALID_MESSAGE
+    assert "request.amount" in outcome.record.errors
+
+
+# -- 4. invalid messages keep personal data and forged lines out ----------------------------------
+
+
+def test_email_foreign_id_is_recorded_under_the_task_id(
+    settings: Settings, redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    job = make_job(settings)
+    kwargs = job_kwargs()
+    kwargs["request"].update(foreign_id="jane.doe@example.com", amount="x")
+    with caplog.at_level(logging.INFO):
+        outcome = job.run(kwargs, task_id="t-pii", owner="w1")
+    assert outcome.record is not None
+    assert outcome.record.foreign_id == "invalid-message:t-pii"
+    keys = [k for k in redis_client.scan_iter(f"{settings.key_prefix}*")]
+    assert not [k for k in keys if "jane" in k]
+    events = job.store.events()
+    assert events and "jane" not in repr(events)
+    assert "jane" not in caplog.text
+    assert "jane" not in repr(outcome.record)
+
+
+def test_control_characters_cannot_forge_log_lines(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    job = make_job(settings)
+    kwargs = job_kwargs()
+    kwargs["request"].update(foreign_id="a\nINFO forged line", amount="x")
+    with caplog.at_level(logging.INFO):
+        job.run(kwargs, task_id="t\nforged", owner="w1")
+    for record in caplog.records:
+        assert "\n" not in record.getMessage(), record.getMessage()
+
+
+# -- 5. derived ids live in their own namespace; ids are compared case-insensitively --------------
+
+
+@pytest.mark.parametrize("fid", ["A~r1", "order~x", "caf\u00e9", " lead", "trail ", "a\tb"])
+def test_reserved_or_unsafe_foreign_ids_are_refused(fid: str) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        parse_request(request_data(foreign_id=fid))
+    assert "foreign_id" in info.value.errors
+
+
+def test_a_derived_id_sent_as_a_message_never_reaches_the_provider(
+    settings: Settings, sandbox: Sandbox
+) -> None:
+    job = make_job(settings)
+    kwargs = job_kwargs()
+    kwargs["request"]["foreign_id"] = "order-1~r1"
+    outcome = job.run(kwargs, task_id="t-derived", owner="w1")
+    assert outcome.record is not None
+    assert outcome.record.foreign_id == "invalid-message:t-derived"
+    assert sandbox.create_calls("order-1~r1") == 0
+
+
+def test_ids_differing_only_in_case_are_one_job(producer: Producer) -> None:
+    data = request_data(foreign_id="Order-CASE-" + request_data()["foreign_id"])
+    producer.enqueue(data)
+    with pytest.raises(ConflictError):
+        producer.enqueue({**data, "foreign_id": data["foreign_id"].lower()})
+
+
+# -- 8. fencing: a stalled worker never acts after its lease -------------------------------------
+
+
+def test_stalled_worker_sends_nothing_and_cannot_touch_the_recorded_invoice(
+    settings: Settings, sandbox: Sandbox
+) -> None:
+    # Given a worker that stalls longer than its lease before its request leaves
+    stalled = stalled_job(settings, stall=settings.lease + 1)
+    kwargs = job_kwargs()
+    fid = kwargs["request"]["foreign_id"]
+    results: list[Any] = []
+    thread = threading.Thread(
+        target=lambda: results.append(stalled.run(kwargs, task_id="t1", owner="stalled"))
+    )
+    thread.start()
+    # When another worker takes the job over once the lease has expired, and creates it
+    time.sleep(settings.lease + 0.2)
+    other = make_job(settings).run(kwargs, task_id="t1", owner="other")
+    assert other.record is not None and other.record.state is JobState.CREATED
+    thread.join(timeout=30)
+    # Then the stalled worker sent nothing, wrote nothing, and one live invoice remains
+    assert results and results[0].record is None
+    assert sandbox.create_calls(fid) == 1
+    invoices = live(sandbox, fid)
+    assert len(invoices) == 1 and invoices[0]["url"] == other.record.url
+    record = make_job(settings).store.get(fid)
+    assert record is not None and record.state is JobState.CREATED
+    assert record.url == other.record.url
+
+
+# -- 10. deadlines hold ---------------------------------------------------------------------------
+
+
+def test_no_create_starts_after_the_deadline(settings: Settings, sandbox: Sandbox) -> None:
+    job = stalled_job(settings, stall=1.0)
+    kwargs = job_kwargs(deadline=time.time() + 0.5)
+    fid = kwargs["request"]["foreign_id"]
+    outcome = job.run(kwargs, task_id="t1", owner="w1")
+    for n in range(2, 6):
+        if outcome.retry_in is None:
+            break
+        outcome = job.run(kwargs, task_id="t1", owner=f"w{n}")
+    assert outcome.record is not None
+    assert outcome.record.state is JobState.EXPIRED
+    assert sandbox.create_calls(fid) == 0
+
+
+def test_an_invoice_answered_after_the_deadline_is_cancelled(
+    redis_server: Any, tmp_path: Any
+) -> None:
+    from tests.conftest import make_settings
+
+    with Sandbox(KEY, SECRET, faults=Faults(latency_ms=800)) as slow:
+        settings = make_settings(redis_server.url, slow.url, read_timeout=3.0, lease_seconds=8.0)
+        job = make_job(settings)
+        kwargs = job_kwargs(deadline=time.time() + 0.4)
+        fid = kwargs["request"]["foreign_id"]
+        outcome = job.run(kwargs, task_id="t1", owner="w1")
+        assert outcome.record is not None
+        assert outcome.record.state is JobState.EXPIRED
+        assert outcome.record.url is None
+        assert outcome.record.orphan is Cleanup.CANCELLED
+        assert slow.create_calls(fid) == 1
+        assert live(slow, fid) == []
+
+
+# -- 11. no invoice left live behind a final job --------------------------------------------------
+
+
+def test_failed_cancel_leaves_a_pending_cleanup_that_the_sweeper_settles(
+    settings: Settings, sandbox: Sandbox
+) -> None:
+    # Given an ambiguous attempt (committed, answer lost) and a deadline that then passes
+    job = make_job(settings)
+    kwargs = job_kwargs(deadline=time.time() + 1.5)
+    fid = kwargs["request"]["foreign_id"]
+    sandbox.script(["commit_then_502"], foreign_id=fid)
+    assert job.run(kwargs, task_id="t1", owner="w1").retry_in is not None
+    time.sleep(1.6)
+    # When the give-up cancel fails too (the provider is down for every call)
+    sandbox.set_faults(Faults(error_503=1.0))
+    try:
+        outcome = job.run(kwargs, task_id="t1", owner="w2")
+    finally:
+        sandbox.set_faults(Faults())
+    # Then the job is final with a pending cleanup, and the invoice is still live
+    assert outcome.record is not None and outcome.record.state is JobState.EXPIRED
+    assert outcome.record.orphan is Cleanup.PENDING
+    assert len(live(sandbox, fid)) == 1
+    # And the sweeper's next pass cancels it and records that
+    sweeper = Sweeper(create_app(settings), settings, job.store)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not sweeper.clean_up():
+        time.sleep(0.2)
+    record = job.store.get(fid)
+    assert record is not None and record.orphan is Cleanup.CANCELLED
+    assert live(sandbox, fid) == []
+
+
+def test_worker_lost_after_ambiguity_schedules_the_cancel(
+    settings: Settings, sandbox: Sandbox
+) -> None:
+    job = make_job(settings, max_redeliveries=0)
+    kwargs = job_kwargs()
+    fid = kwargs["request"]["foreign_id"]
+    # Given a claim whose worker died mid-call (it never reported back), after an invoice exists
+    sandbox.script(["commit_then_drop"], foreign_id=fid)
+    claim = job.store.claim(fid, "dead", fingerprint=parse_request(kwargs["request"]).fingerprint(),
+                            fields={"task_id": "t1"}, kwargs="{}")  # fmt: skip
+    assert claim.status == "claimed"
+    client = ProviderClient.from_settings(settings)
+    with pytest.raises(Exception):  # noqa: B017, PT011 - the answer is lost: any transport error
+        client.create_invoice(parse_request(kwargs["request"]))
+    job.store.redis.hset(job.store.key(fid), "lease_until", 0)
+    # When the next delivery finds its worker lost too often
+    outcome = job.run(kwargs, task_id="t1", owner="w2")
+    # Then it ends worker_lost with the cancel scheduled, and the sweeper does it
+    assert outcome.record is not None
+    assert outcome.record.error_code == ErrorCode.WORKER_LOST
+    assert outcome.record.orphan is Cleanup.PENDING
+    sweeper = Sweeper(create_app(settings), settings, job.store)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not sweeper.clean_up():
+        time.sleep(0.1)
+    assert live(sandbox, fid) == []
+
+
+# -- 12, 13. settings that would break a guarantee are refused, secrets never printed -------------
+
+
+@pytest.mark.parametrize(
+    ("values", "named"),
+    [
+        ({"record_ttl": 60}, "INVOICE_RECORD_TTL"),
+        ({"broker_url": "amqp://guest:guest@127.0.0.1//"}, "INVOICE_REDIS_URL"),
+        ({"api_url": "http://api.example.com/api/v2"}, "INVOICE_API_URL"),
+        ({"visibility_timeout": 20, "retry_cap": 60}, "INVOICE_RETRY_CAP"),
+        ({"lease_seconds": 1}, "INVOICE_LEASE_SECONDS"),
+        ({"api_key": "key with space"}, "INVOICE_API_KEY"),
+    ],
+)
+def test_settings_that_break_a_guarantee_are_refused(values: dict[str, Any], named: str) -> None:
+    from invoice_worker.errors import ConfigError
+
+    secret = "s3cr3t-" + "x" * 40
+    with pytest.raises(ConfigError) as info:
+        Settings.load(_env_file=None, api_secret=secret, **values)
+    text = str(info.value)
+    assert named in text, text
+    assert secret not in text and secret[-20:] not in text
+
+
+def test_keys_are_stripped() -> None:
+    settings = Settings(_env_file=None, api_key="key\n", api_secret="  secret\n")
+    assert settings.api_key.get_secret_value() == "key"
+    assert settings.api_secret.get_secret_value() == "secret"
+
+
+def test_an_evicting_job_store_is_refused(settings: Settings, redis_client: redis.Redis) -> None:
+    from invoice_worker.errors import ConfigError
+
+    store = JobStore.from_settings(settings)
+    assert "noeviction" in store.server_settings()["maxmemory_policy"]
+    redis_client.config_set("maxmemory-policy", "allkeys-lru")
+    try:
+        with pytest.raises(ConfigError, match="noeviction"):
+            store.require_noeviction()
+    finally:
+        redis_client.config_set("maxmemory-policy", "noeviction")
+
+
+# -- 15. every script is idempotent for its caller -----------------------------------------------
+
+
+def test_final_transition_rerun_returns_the_first_result(settings: Settings) -> None:
+    store = JobStore.from_settings(settings)
+    kwargs = job_kwargs()
+    fid = kwargs["request"]["foreign_id"]
+    fp = parse_request(kwargs["request"]).fingerprint()
+    store.claim(fid, "w1", fingerprint=fp, fields={"task_id": "t1"}, kwargs="{}")
+    args = store._transition  # the registered script: re-run the very same call
+    calls: list[Any] = []
+
+    def twice(**kw: Any) -> Any:
+        first = args(**kw)
+        calls.append(first)
+        return args(**kw)  # what redis-py's retry does after a lost reply
+
+    store._transition = twice  # type: ignore[method-assign]
+    moved = store.finish(fid, "w1", JobState.CREATED, {"url": "https://pay.example.com/x"})
+    assert moved is not None and moved.record is not None
+    assert moved.record.state is JobState.CREATED
+    assert calls[0][0] == 1
+    assert len(store.events()) >= 1
+    assert [f["foreign_id"] for _, f in store.events()].count(fid) == 1
