@@ -16,6 +16,7 @@ install: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	luacheck -q invoice_worker/lua
 
 format: $(STAMP)
 	$(BIN)/ruff format .
