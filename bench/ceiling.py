@@ -25,7 +25,7 @@ from invoice_worker.client import ProviderClient
 from invoice_worker.config import Settings
 from invoice_worker.job import InvoiceJob
 from invoice_worker.message import TaskMessage
-from invoice_worker.models import parse_request
+from invoice_worker.models import JobRecord, parse_request
 from invoice_worker.producer import Producer
 from invoice_worker.store import JobStore
 
@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     records = Producer(settings).enqueue_many(requests)  # queued records, as a producer leaves
     work: queue.Queue[tuple[dict[str, Any], str]] = queue.Queue()
     for request, record in zip(requests, records, strict=True):
-        assert isinstance(record, dict), record
-        work.put((TaskMessage(request=parse_request(request)).kwargs(), record["task_id"]))
+        assert isinstance(record, JobRecord), record
+        work.put((TaskMessage(request=parse_request(request)).kwargs(), record.task_id))
     job = InvoiceJob(
         JobStore.from_settings(settings), ProviderClient.from_settings(settings), settings
     )
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                 return
             owner = f"ceiling:{os.getpid()}:{uuid.uuid4().hex[:12]}"
             outcome = job.run(kwargs, task_id=task_id, owner=owner)
-            if outcome.record is None or outcome.record.get("state") != "created":
+            if outcome.record is None or outcome.record.state != "created":
                 failures.append(kwargs["request"]["foreign_id"])
 
     threads = [threading.Thread(target=loop, daemon=True) for _ in range(args.threads)]

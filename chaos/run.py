@@ -96,7 +96,7 @@ def produce(settings: Settings, requests_: list[dict[str, Any]], seconds: float,
         while True:
             try:
                 record = producer.enqueue(request)
-                accepted.append((record["foreign_id"], request["amount"]))
+                accepted.append((record.foreign_id, request["amount"]))
                 break
             except ConflictError:
                 conflicts.append(request["foreign_id"])

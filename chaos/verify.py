@@ -52,7 +52,7 @@ def verify(
 ) -> Report:
     report = Report()
     records = {fid: store.get(fid) for fid in accepted}
-    states = Counter(r["state"] if r else "missing" for r in records.values())
+    states = Counter(str(r.state) if r else "missing" for r in records.values())
     live: dict[str, list[dict[str, Any]]] = {fid: [] for fid in accepted}
     for invoice in invoices:
         base = invoice["foreign_id"].split("~r")[0]
@@ -62,17 +62,18 @@ def verify(
 
     report.add("jobs accepted", len(accepted))
     report.add("final states", ", ".join(f"{states[s]} {s}" for s in FINAL if states[s]) or "none")
-    stuck = [fid for fid, r in records.items() if not r or r["state"] not in FINAL]
+    stuck = [fid for fid, r in records.items() if not r or r.state not in FINAL]
     keep = ("state", "attempts", "deferred", "last_error_code", "next_attempt_at", "crashes")
     examples = [
-        {"foreign_id": fid, **{k: (records[fid] or {}).get(k) for k in keep}} for fid in stuck[:3]
+        {"foreign_id": fid, **{k: getattr(records[fid], k, None) for k in keep}}
+        for fid in stuck[:3]
     ]
     report.check(not stuck, f"{len(stuck)} jobs not final (lost or stuck), e.g. {examples}")
     wrong = []
     for fid, record in records.items():
-        if record and record["state"] == "created":
-            ok = len(live[fid]) == 1 and live[fid][0]["url"] == record["url"]
-            ok = ok and Decimal(record["amount"]) == Decimal(accepted[fid])
+        if record and record.state == "created":
+            ok = len(live[fid]) == 1 and live[fid][0]["url"] == record.url
+            ok = ok and Decimal(str(record.amount)) == Decimal(accepted[fid])
             if not ok:
                 wrong.append(fid)
         elif live[fid]:
@@ -96,9 +97,9 @@ def verify(
     done = [r for r in records.values() if r]
     calls = sum(create_calls.values())
     report.add("provider create calls", f"{calls} ({calls / max(1, len(accepted)):.2f} per job)")
-    report.add("retries (attempts beyond the first)", sum(r.get("attempts", 1) - 1 for r in done))
-    report.add("orphans cancelled and recreated", sum(1 for r in done if r.get("generation")))
-    report.add("redeliveries after a crash mid-job", sum(r.get("crashes", 0) for r in done))
+    report.add("retries (attempts beyond the first)", sum(r.attempts - 1 for r in done))
+    report.add("orphans cancelled and recreated", sum(1 for r in done if r.generation))
+    report.add("redeliveries after a crash mid-job", sum(r.crashes for r in done))
     stats = store.redis.hgetall(store.stats)
     report.add("messages re-sent by the sweeper", stats.get("resent", 0))
     report.add("circuit opened", stats.get("circuit_opened", 0))
@@ -108,7 +109,7 @@ def verify(
     report.add("wall time", f"{wall:.1f} s")
     report.add("throughput", f"{len(accepted) / wall:.1f} jobs/s")
 
-    dumped = json.dumps(done) + json.dumps([e for _, e in store.events()])
+    dumped = json.dumps([r.to_dict() for r in done]) + json.dumps([e for _, e in store.events()])
     leaks = [
         name for name, found in (
             ("API secret in logs/records/events", secret in logs or secret in dumped),

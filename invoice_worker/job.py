@@ -153,7 +153,7 @@ class InvoiceJob:
             case ClaimStatus.POISON | ClaimStatus.EXPIRE | ClaimStatus.CLAIMED:
                 assert claim.record is not None
                 attempt = _Attempt(self, message, claim.record, task_id, owner)
-                return attempt.start(claim.status)
+                return attempt.start(claim.status, claim.reason)
             case ClaimStatus.MISSING:
                 raise RuntimeError("the claim asked for the message copy twice")
             case _:
@@ -234,7 +234,7 @@ class _Attempt:
         self.report = Report()  # what the last provider call said about the provider
         self.fenced_at = time.monotonic()  # the claim renewed the lease just now
 
-    def start(self, status: ClaimStatus) -> Outcome:
+    def start(self, status: ClaimStatus, reason: str = "") -> Outcome:
         provider_id = self.record.provider_foreign_id or self.foreign_id
         ambiguous = self.record.ambiguous
         if status is ClaimStatus.POISON:
@@ -246,7 +246,7 @@ class _Attempt:
         if status is ClaimStatus.EXPIRE:
             return self._end(
                 JobState.EXPIRED, ambiguous, error_code=ErrorCode.DEADLINE_PASSED,
-                error="deadline passes before the provider may be called",
+                error=f"deadline passes before the provider may be called ({reason})",
             )  # fmt: skip
         if self._past_deadline():
             return self._give_up(

@@ -19,6 +19,7 @@ import logging
 import threading
 
 from celery import Celery
+from kombu.exceptions import ChannelError
 
 from invoice_worker.client import ProviderClient
 from invoice_worker.config import Settings
@@ -39,8 +40,15 @@ CLEANUP_BACKOFF_CAP = 900.0
 def broker_queue_depth(app: Celery, queue: str) -> int:
     """Messages waiting in ``queue``, asked of the broker itself (Redis list or RabbitMQ
     queue), wherever the job store lives."""
-    with app.connection_for_read() as conn:
-        ok = conn.default_channel.queue_declare(queue=queue, passive=True)
+    with app.connection_for_read() as conn, conn.channel() as channel:
+        try:
+            ok = channel.queue_declare(queue=queue, passive=True)
+        except ChannelError as exc:
+            # No such queue: on Redis an empty queue is no key at all, so this is the common
+            # case of a drained queue (and on RabbitMQ an undeclared queue holds nothing).
+            if str(exc.reply_code) == "404":
+                return 0
+            raise
         return int(ok.message_count)
 
 

@@ -126,7 +126,7 @@ def test_bad_settings(
     monkeypatch.setenv("INVOICE_READ_TIMEOUT", "-1")
     code, _, err = run(capsys, "status", "x")
     assert code == cli.EXIT_CONFIG
-    assert "read_timeout" in err
+    assert "INVOICE_READ_TIMEOUT" in err  # settings errors now name the variable
 
 
 def test_check_with_password_redis_never_prints_it(

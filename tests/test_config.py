@@ -20,8 +20,10 @@ def test_defaults() -> None:
 
 def test_state_url_follows_redis_broker_only() -> None:
     assert Settings(_env_file=None, broker_url="rediss://r:6380/2").state_url == "rediss://r:6380/2"
-    amqp = Settings(_env_file=None, broker_url="amqp://guest@localhost//")
-    assert amqp.state_url == "redis://localhost:6379/0"
+    # Changed in the restructure: a non-Redis broker no longer falls back to the local Redis;
+    # INVOICE_REDIS_URL is required with it.
+    with pytest.raises(ValidationError, match="INVOICE_REDIS_URL is required"):
+        Settings(_env_file=None, broker_url="amqp://guest@localhost//")
     explicit = Settings(_env_file=None, broker_url="amqp://x//", redis_url="redis://state:6379/3")
     assert explicit.state_url == "redis://state:6379/3"
 
@@ -67,7 +69,7 @@ def test_timing_is_ordered() -> None:
 
 
 def test_lease_shorter_than_two_calls_is_refused() -> None:
-    with pytest.raises(ValidationError, match="lease_seconds"):
+    with pytest.raises(ValidationError, match="LEASE_SECONDS"):
         Settings(_env_file=None, connect_timeout=1, read_timeout=4, lease_seconds=9)
 
 

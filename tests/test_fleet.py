@@ -15,6 +15,7 @@ from invoice_worker.config import Settings
 from invoice_worker.constants import Circuit, ErrorCode, JobState
 from invoice_worker.fleet import provider_status
 from invoice_worker.job import InvoiceJob
+from invoice_worker.models import JobRecord
 from invoice_worker.producer import Producer
 from invoice_worker.sandbox import Faults, Sandbox
 from tests.conftest import KEY, SECRET, job_kwargs, make_job, make_settings, request_data
@@ -30,13 +31,13 @@ def test_rate_limit_defers_with_spaced_slots_and_no_attempt(
     job = make_job(settings.replace(provider_rate_limit=2, provider_burst=1))
     jobs = [job_kwargs() for _ in range(4)]
     outcomes = [run(job, kwargs) for kwargs in jobs]
-    assert outcomes[0].record["state"] == JobState.CREATED
+    assert outcomes[0].record.state == JobState.CREATED
     waits = [o.retry_in for o in outcomes[1:]]
     # Each turned-away job holds its own slot, one interval (0.5 s) after the previous one.
     assert waits == pytest.approx([0.5, 1.0, 1.5], abs=0.1)
     record = job.store.get(jobs[3]["request"]["foreign_id"])
     assert record is not None
-    assert (record["state"], record["attempts"], record["deferred"]) == (
+    assert (record.state, record.attempts, record.deferred) == (
         JobState.RETRYING,
         0,
         "rate_limited",
@@ -44,7 +45,7 @@ def test_rate_limit_defers_with_spaced_slots_and_no_attempt(
     assert sum(sandbox.create_calls(k["request"]["foreign_id"]) for k in jobs) == 1
     # Coming back at its slot, a job is admitted without queueing again.
     time.sleep(0.55)
-    assert run(job, jobs[1]).record["state"] == JobState.CREATED
+    assert run(job, jobs[1]).record.state == JobState.CREATED
 
 
 def test_429_pauses_the_whole_fleet(settings: Settings, sandbox: Sandbox) -> None:
@@ -72,13 +73,13 @@ def test_circuit_opens_probes_and_closes(settings: Settings, sandbox: Sandbox) -
     outcome = run(job, blocked)
     assert outcome.retry_in is not None
     assert sandbox.create_calls(blocked["request"]["foreign_id"]) == 0
-    assert job.store.get(blocked["request"]["foreign_id"])["deferred"] == "circuit_open"  # type: ignore[index]
+    assert job.store.get(blocked["request"]["foreign_id"]).deferred == "circuit_open"  # type: ignore[union-attr]
     # After the cool-down one probe goes through; the others keep waiting
     time.sleep(0.55)
     probe, waiting = job_kwargs(), job_kwargs()
-    assert run(job, probe).record["state"] == JobState.CREATED
+    assert run(job, probe).record.state == JobState.CREATED
     assert provider_status(job.store, job.settings)["circuit"] == Circuit.CLOSED
-    assert run(job, waiting).record["state"] == JobState.CREATED
+    assert run(job, waiting).record.state == JobState.CREATED
 
 
 def test_failed_probe_reopens(settings: Settings, sandbox: Sandbox) -> None:
@@ -102,11 +103,11 @@ def test_deadline_still_applies_while_circuit_open(settings: Settings, sandbox: 
     late = job_kwargs(deadline=time.time() + 2)
     outcome = run(job, late)
     assert outcome.record is not None
-    assert (outcome.record["state"], outcome.record["error_code"]) == (
+    assert (outcome.record.state, outcome.record.error_code) == (
         JobState.EXPIRED,
         ErrorCode.DEADLINE_PASSED,
     )
-    assert "circuit_open" in outcome.record["error"]
+    assert "circuit_open" in str(outcome.record.error)
     assert sandbox.create_calls(late["request"]["foreign_id"]) == 0
 
 
@@ -148,14 +149,14 @@ def fleet(redis_server: Any, start_worker: Any) -> Iterator[Any]:
         producer.close()
 
 
-def wait_all(producer: Producer, ids: list[str], timeout: float) -> list[dict[str, Any]]:
+def wait_all(producer: Producer, ids: list[str], timeout: float) -> list[JobRecord | None]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         states = producer.store.states(ids)
         if all(s in c.FINAL_STATES for s in states):
             break
         time.sleep(0.2)
-    return [producer.get(fid) or {} for fid in ids]
+    return [producer.get(fid) for fid in ids]
 
 
 @pytestmark_slow
@@ -166,7 +167,7 @@ def test_fleet_rate_never_exceeds_limit(fleet: Any) -> None:
         producer.enqueue_many(jobs)
         records = wait_all(producer, [j["foreign_id"] for j in jobs], timeout=60)
         per_second = sandbox.stats()["per_second"]
-    assert all(r.get("state") == JobState.CREATED for r in records)
+    assert all(getattr(r, "state", None) == JobState.CREATED for r in records)
     print("calls per second:", sorted(per_second.items()))
     assert sum(per_second.values()) == 150
     assert max(per_second.values()) <= 25 + 5, per_second
@@ -188,8 +189,8 @@ def test_outage_calls_stay_bounded_and_jobs_complete(fleet: Any) -> None:
         sandbox.set_faults(Faults())
         # Then the fleet made a bounded number of calls, and every job completes afterwards
         records = wait_all(producer, [j["foreign_id"] for j in jobs], timeout=60)
-    assert all(r.get("state") == JobState.CREATED for r in records), [
-        r.get("state") for r in records
+    assert all(getattr(r, "state", None) == JobState.CREATED for r in records), [
+        getattr(r, "state", None) for r in records
     ]
     print("calls during outage:", during)
     # The circuit's changes are logged once each, by one worker, not once per job.

@@ -42,12 +42,12 @@ def test_flower_shows_task_without_personal_data(
         # When a job runs
         data = request_data(email_user="private.person@example.com")
         record = producer.enqueue(data)
-        assert producer.wait(data["foreign_id"], 20)["state"] == JobState.CREATED  # type: ignore[index]
+        assert producer.wait(data["foreign_id"], 20).state == JobState.CREATED  # type: ignore[union-attr]
         # Then Flower reports it by name, SUCCESS, and never shows the e-mail address
         info: dict[str, Any] = {}
         while info.get("state") != "SUCCESS":
             assert time.monotonic() < deadline + 30, info
-            info = _get(f"{api}/task/info/{record['task_id']}")
+            info = _get(f"{api}/task/info/{record.task_id}")
             time.sleep(0.2)
         assert info["name"] == c.TASK_NAME
         assert "'email_user': '***'" in info["kwargs"]
@@ -77,7 +77,7 @@ def test_sigterm_lets_running_job_finish(redis_server: EmbeddedRedis, tmp_path: 
         data = request_data()
         producer.enqueue(data)
         deadline = time.monotonic() + 10
-        while (producer.get(data["foreign_id"]) or {}).get("state") != JobState.PROCESSING:
+        while getattr(producer.get(data["foreign_id"]), "state", None) != JobState.PROCESSING:
             assert time.monotonic() < deadline
             time.sleep(0.02)
         # When the platform asks the worker to stop mid-call (Kubernetes, Heroku: SIGTERM)
@@ -88,6 +88,6 @@ def test_sigterm_lets_running_job_finish(redis_server: EmbeddedRedis, tmp_path: 
         record = producer.get(data["foreign_id"])
         producer.close()
         assert record is not None
-        assert record["state"] == JobState.CREATED
+        assert record.state == JobState.CREATED
         assert worker.process.returncode == 0
         assert "Warm shutdown" in worker.log()

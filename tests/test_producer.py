@@ -43,16 +43,16 @@ def test_enqueue_records_and_sends_once(
 ) -> None:
     data = request_data()
     first = producer.enqueue(data)
-    assert (first["state"], first["foreign_id"]) == (JobState.QUEUED, data["foreign_id"])
+    assert (first.state, first.foreign_id) == (JobState.QUEUED, data["foreign_id"])
     again = producer.enqueue(data)
-    assert again["task_id"] == first["task_id"]
-    assert again["state"] == JobState.QUEUED
+    assert again.task_id == first.task_id
+    assert again.state == JobState.QUEUED
     assert len(queued(redis_client, settings)) == 1
     record = producer.get(data["foreign_id"])
     assert record is not None
-    assert record["state"] == JobState.QUEUED
-    assert "email_user" not in record
-    assert data["email_user"] not in json.dumps(record)
+    assert record.state == JobState.QUEUED
+    assert "email_user" not in record.to_dict()
+    assert data["email_user"] not in json.dumps(record.to_dict())
 
 
 def test_message_contract_and_masking(
@@ -106,7 +106,7 @@ def test_stale_queued_job_is_resent(
     producer.enqueue(data)
     messages = queued(redis_client, settings)
     assert len(messages) == 2
-    assert {m["headers"]["id"] for m in messages} == {producer.get(data["foreign_id"])["task_id"]}  # type: ignore[index]
+    assert {m["headers"]["id"] for m in messages} == {producer.get(data["foreign_id"]).task_id}  # type: ignore[union-attr]
 
 
 def test_failed_send_leaves_no_record(settings: Settings) -> None:
@@ -127,7 +127,7 @@ def test_failed_send_leaves_no_record(settings: Settings) -> None:
 def test_deadline_forms(producer: Producer) -> None:
     when = datetime.now(UTC) + timedelta(minutes=5)
     record = producer.enqueue(request_data(), deadline=when)
-    assert record["deadline"] == pytest.approx(when.timestamp())
+    assert record.deadline == pytest.approx(when.timestamp())
     with pytest.raises(ValueError, match="timezone-aware"):
         producer.enqueue(request_data(), deadline=datetime.now())
 
@@ -156,7 +156,7 @@ def test_wait_times_out_on_queued_job(producer: Producer) -> None:
     producer.enqueue(data)
     record = producer.wait(data["foreign_id"], 0.2)
     assert record is not None
-    assert record["state"] == JobState.QUEUED
+    assert record.state == JobState.QUEUED
 
 
 def test_module_functions_read_env_once(
@@ -167,9 +167,9 @@ def test_module_functions_read_env_once(
     monkeypatch.setattr(producer_module, "_default", None)
     data = request_data()
     record = invoice_worker.enqueue_invoice(data)
-    assert record["state"] == JobState.QUEUED
-    assert invoice_worker.get_invoice(data["foreign_id"])["task_id"] == record["task_id"]  # type: ignore[index]
-    assert invoice_worker.wait_for_invoice(data["foreign_id"], 0.05)["state"] == JobState.QUEUED  # type: ignore[index]
+    assert record.state == JobState.QUEUED
+    assert invoice_worker.get_invoice(data["foreign_id"]).task_id == record.task_id  # type: ignore[union-attr]
+    assert invoice_worker.wait_for_invoice(data["foreign_id"], 0.05).state == JobState.QUEUED  # type: ignore[union-attr]
     first = producer_module.default_producer()
     monkeypatch.setenv("INVOICE_QUEUE", "elsewhere")
     assert producer_module.default_producer() is first
@@ -208,8 +208,8 @@ def test_atomic_envelope_matches_kombu(settings: Settings, redis_client: redis.R
 def test_enqueue_many(producer: Producer, settings: Settings, redis_client: redis.Redis) -> None:
     batch = [request_data() for _ in range(50)]
     results = producer.enqueue_many([*batch, batch[0], {**batch[1], "amount": "7"}])
-    assert [r["state"] for r in results[:51]] == [JobState.QUEUED] * 51  # type: ignore[index]
-    assert results[50]["task_id"] == results[0]["task_id"]  # type: ignore[index]
+    assert [r.state for r in results[:51]] == [JobState.QUEUED] * 51  # type: ignore[union-attr]
+    assert results[50].task_id == results[0].task_id  # type: ignore[union-attr]
     assert isinstance(results[51], ConflictError)
     assert len(queued(redis_client, settings)) == 50
 
@@ -233,7 +233,7 @@ def test_enqueue_many_through_celery_when_state_is_elsewhere(
     split.enqueue_many(batch)
     split.enqueue_many(batch)  # all exist now: nothing sent
     assert len(queued(redis_client, settings)) == 20
-    assert split.get(batch[0]["foreign_id"])["state"] == JobState.QUEUED  # type: ignore[index]
+    assert split.get(batch[0]["foreign_id"]).state == JobState.QUEUED  # type: ignore[union-attr]
     split.close()
 
 
@@ -258,4 +258,4 @@ def test_enqueue_any_input_is_queued_or_rejected_cleanly(
     except ConflictError:
         assert field == "foreign_id"  # a generated id that an earlier example already used
     else:
-        assert record["state"] == JobState.QUEUED
+        assert record.state == JobState.QUEUED

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from typing import Any
@@ -20,38 +21,64 @@ def store(settings: Settings) -> JobStore:
     return JobStore.from_settings(settings)
 
 
-def claim(store: JobStore, fid: str, owner: str = "w1", fp: str = "fp", **kw: Any) -> Claim:
-    args: dict[str, Any] = {
-        "lease": 2.0,
-        "max_crashes": 2,
-        "fields": {"task_id": "t1"},
-        "kwargs": "{}",
-    }
+def tuned(store: JobStore, lease: float = 2.0, max_crashes: int = 2) -> JobStore:
+    """The same store with another lease and crash limit (now read from the settings).
+
+    ``model_copy`` skips validation on purpose: these tests use leases far shorter than two
+    provider calls, which Settings rightly refuses for a real worker.
+    """
+    view = copy.copy(store)
+    view.settings = store.settings.model_copy(
+        update={"lease_seconds": lease, "max_redeliveries": max_crashes}
+    )
+    return view
+
+
+def claim(
+    store: JobStore,
+    fid: str,
+    owner: str = "w1",
+    fp: str = "fp",
+    *,
+    lease: float = 2.0,
+    max_crashes: int = 2,
+    **kw: Any,
+) -> Claim:
+    args: dict[str, Any] = {"fields": {"task_id": "t1"}, "kwargs": "{}"}
     args.update(kw)
-    return store.claim(fid, owner, fingerprint=fp, **args)
+    return tuned(store, lease, max_crashes).claim(fid, owner, fingerprint=fp, **args)
 
 
-def one(store: JobStore, fid: str, fp: str = "fp", **fields: Any) -> Enqueued:
-    [result] = store.enqueue([NewJob(fid, fp, fields, "{}")])
+def one(store: JobStore, fid: str, fp: str = "fp", task_id: str = "", **fields: Any) -> Enqueued:
+    [result] = store.enqueue([NewJob(fid, task_id, fp, fields, "{}")])
     return result
 
 
 def test_enqueue_new_then_exists_then_conflict(store: JobStore) -> None:
     fid = new_id()
-    assert one(store, fid, task_id="t1") == Enqueued("new", None, False)
+    first = one(store, fid, task_id="t1")
+    assert (first.new, first.resend) == (True, False)
+    assert first.record is not None
+    assert (first.record.state, first.record.task_id) == (JobState.QUEUED, "t1")
     again = one(store, fid, task_id="t2")
-    assert (again.status, again.resend) == ("exists", False)
+    assert (again.new, again.resend) == (False, False)
     assert again.record is not None
-    assert (again.record["state"], again.record["task_id"]) == (JobState.QUEUED, "t1")
-    assert one(store, fid, "other").status == "conflict"
+    assert (again.record.state, again.record.task_id) == (JobState.QUEUED, "t1")
+    conflict = one(store, fid, "other")
+    assert (conflict.new, conflict.record) == (False, None)
 
 
 def test_enqueue_pushes_message_atomically(store: JobStore, redis_client: redis.Redis) -> None:
     fid, queue = new_id(), f"q-{new_id()}"
-    jobs = [NewJob(fid, "fp", {"task_id": "t1"}, "{}", "message-1", queue)]
-    jobs.append(NewJob(fid, "fp", {"task_id": "t2"}, "{}", "message-2", queue))  # same id twice
-    jobs.append(NewJob(fid, "fp2", {}, "{}", "message-3", queue))
-    assert [r.status for r in store.enqueue(jobs)] == ["new", "exists", "conflict"]
+    jobs = [NewJob(fid, "t1", "fp", {}, "{}", "message-1", queue)]
+    jobs.append(NewJob(fid, "t2", "fp", {}, "{}", "message-2", queue))  # same id twice
+    jobs.append(NewJob(fid, "t3", "fp2", {}, "{}", "message-3", queue))
+    # new / exists / conflict (no record)
+    assert [(r.new, r.record is not None) for r in store.enqueue(jobs)] == [
+        (True, True),
+        (False, True),
+        (False, False),
+    ]
     assert redis_client.lrange(queue, 0, -1) == ["message-1"]
 
 
@@ -87,13 +114,13 @@ def test_claim_creates_missing_record(store: JobStore) -> None:
     assert result.status == "claimed"
     record = store.get(fid)
     assert record is not None
-    assert (record["state"], record["attempts"], record["task_id"]) == (
+    assert (record.state, record.attempts, record.task_id) == (
         JobState.PROCESSING,
         1,
         "t1",
     )
-    assert "lease_owner" not in record
-    assert "fingerprint" not in record
+    assert "lease_owner" not in record.to_dict()
+    assert "fingerprint" not in record.to_dict()
 
 
 def test_lease_excludes_second_worker_until_expiry(store: JobStore) -> None:
@@ -106,9 +133,10 @@ def test_lease_excludes_second_worker_until_expiry(store: JobStore) -> None:
     # The holder vanished mid-attempt: the next claim marks the job ambiguous.
     again = claim(store, fid, "w2")
     assert again.status == "claimed"
-    assert again.record["ambiguous"] is True
-    assert again.record["crashes"] == 1
-    assert again.record["attempts"] == 2
+    assert again.record is not None
+    assert again.record.ambiguous is True
+    assert again.record.crashes == 1
+    assert again.record.attempts == 2
 
 
 def test_poison_after_too_many_crashes(store: JobStore) -> None:
@@ -130,12 +158,12 @@ def test_only_owner_transitions(store: JobStore) -> None:
     fid = new_id()
     claim(store, fid, "w1")
     assert not store.finish(fid, "w2", JobState.CREATED, {"url": "u"})
-    assert store.get(fid)["state"] == JobState.PROCESSING  # type: ignore[index]
+    assert store.get(fid).state == JobState.PROCESSING  # type: ignore[union-attr]
     assert store.transition(fid, "w1", JobState.RETRYING, {"last_error": "x"}, delay=5)
     record = store.get(fid)
     assert record is not None
-    assert record["state"] == JobState.RETRYING
-    assert record["next_attempt_at"] == pytest.approx(time.time() + 5, abs=1)
+    assert record.state == JobState.RETRYING
+    assert record.next_attempt_at == pytest.approx(time.time() + 5, abs=1)
     # Released: the old owner can no longer write.
     assert not store.finish(fid, "w1", JobState.CREATED)
 
@@ -157,7 +185,7 @@ def test_final_transition_writes_one_event_and_is_terminal(store: JobStore) -> N
     assert moved is not None
     record = moved.record
     assert record is not None
-    assert (record["state"], record["invoice_id"], record["url"]) == (
+    assert (record.state, record.invoice_id, record.url) == (
         JobState.CREATED,
         7,
         fields["url"],
@@ -171,7 +199,7 @@ def test_final_transition_writes_one_event_and_is_terminal(store: JobStore) -> N
     assert claim(store, fid, "w3").status == "done"
     record = store.get(fid)
     assert record is not None
-    assert record["invoice_id"] == 7
+    assert record.invoice_id == 7
 
 
 def test_renew_keeps_lease(store: JobStore) -> None:
@@ -202,14 +230,14 @@ def test_wait_returns_when_final_without_polling(store: JobStore) -> None:
     store.finish(fid, "w1", JobState.CREATED, {"url": "u"})
     waiter.join(5)
     assert time.monotonic() - started < 1
-    assert result[0]["state"] == JobState.CREATED  # type: ignore[index]
+    assert result[0].state == JobState.CREATED  # type: ignore[attr-defined]
 
 
 def test_wait_times_out_and_handles_unknown(store: JobStore) -> None:
     fid = new_id()
     claim(store, fid, "w1")
     started = time.monotonic()
-    assert store.wait(fid, 0.3)["state"] == JobState.PROCESSING  # type: ignore[index]
+    assert store.wait(fid, 0.3).state == JobState.PROCESSING  # type: ignore[union-attr]
     assert 0.25 < time.monotonic() - started < 2
     started = time.monotonic()
     assert store.wait(new_id(), 0.2) is None
@@ -222,20 +250,17 @@ def test_claim_retried_by_same_owner_is_idempotent(store: JobStore) -> None:
     first = claim(store, fid, "w1")
     again = claim(store, fid, "w1")
     assert again.status == "claimed"
-    assert again.record["attempts"] == first.record["attempts"] == 1
+    assert again.record is not None
+    assert first.record is not None
+    assert again.record.attempts == first.record.attempts == 1
 
 
 def test_claim_without_record_asks_for_the_message_copy(
     store: JobStore, redis_client: redis.Redis
 ) -> None:
     fid = new_id()
-    assert (
-        store.claim(fid, "w1", lease=2, fingerprint="fp", max_crashes=2, fields={}).status
-        == "missing"
-    )
+    assert store.claim(fid, "w1", fingerprint="fp", fields={}).status == "missing"
     assert store.get(fid) is None
-    claimed = store.claim(
-        fid, "w1", lease=2, fingerprint="fp", max_crashes=2, fields={}, kwargs='{"a": 1}'
-    )
+    claimed = store.claim(fid, "w1", fingerprint="fp", fields={}, kwargs='{"a": 1}')
     assert claimed.status == "claimed"
     assert redis_client.get(store.copy(fid)) == '{"a": 1}'

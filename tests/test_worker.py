@@ -22,6 +22,7 @@ from invoice_worker.config import Settings
 from invoice_worker.constants import ErrorCode, JobState
 from invoice_worker.embedded import EmbeddedRedis
 from invoice_worker.errors import ConflictError
+from invoice_worker.models import JobRecord
 from invoice_worker.processes import worker_process
 from invoice_worker.producer import Producer
 from invoice_worker.sandbox import Faults, Sandbox
@@ -48,10 +49,10 @@ def stack(
     assert max(counts.values()) == 1, [fid for fid, n in counts.items() if n > 1]
 
 
-def final(producer: Producer, fid: str, timeout: float = 20) -> dict[str, Any]:
+def final(producer: Producer, fid: str, timeout: float = 20) -> JobRecord:
     record = producer.wait(fid, timeout)
     assert record is not None
-    assert record["state"] in c.FINAL_STATES, record
+    assert record.state in c.FINAL_STATES, record
     return record
 
 
@@ -59,7 +60,7 @@ def test_duplicate_enqueues_create_once(stack: tuple[Settings, Producer], sandbo
     _, producer = stack
     data = request_data()
     # Given ten web threads enqueueing the same order at once
-    results: list[dict[str, Any]] = []
+    results: list[JobRecord] = []
     threads = [
         threading.Thread(target=lambda: results.append(producer.enqueue(data))) for _ in range(10)
     ]
@@ -68,12 +69,12 @@ def test_duplicate_enqueues_create_once(stack: tuple[Settings, Producer], sandbo
     for t in threads:
         t.join()
     # Then one job, one task, one provider create
-    assert len({r["task_id"] for r in results}) == 1
+    assert len({r.task_id for r in results}) == 1
     record = final(producer, data["foreign_id"])
-    assert record["state"] == JobState.CREATED
+    assert record.state == JobState.CREATED
     assert sandbox.create_calls(data["foreign_id"]) == 1
     # And enqueueing again afterwards returns the finished job
-    assert producer.enqueue(data)["url"] == record["url"]
+    assert producer.enqueue(data).url == record.url
     assert sandbox.create_calls(data["foreign_id"]) == 1
 
 
@@ -84,7 +85,7 @@ def test_conflicting_enqueue_rejected(stack: tuple[Settings, Producer], sandbox:
     with pytest.raises(ConflictError):
         producer.enqueue({**data, "amount": "0.5"})
     record = final(producer, data["foreign_id"])
-    assert record["amount"] == "0.01230000"
+    assert record.amount == "0.01230000"
     assert sandbox.create_calls(data["foreign_id"]) == 1
 
 
@@ -97,8 +98,8 @@ def test_transient_errors_retried_to_success(
     sandbox.script(faults, foreign_id=data["foreign_id"])
     producer.enqueue(data)
     record = final(producer, data["foreign_id"])
-    assert record["state"] == JobState.CREATED
-    assert record["attempts"] == len(faults) + 1
+    assert record.state == JobState.CREATED
+    assert record.attempts == len(faults) + 1
     assert len(live(sandbox, data["foreign_id"])) == 1
 
 
@@ -109,7 +110,7 @@ def test_429_retry_after_is_waited(stack: tuple[Settings, Producer], sandbox: Sa
     started = time.monotonic()
     producer.enqueue(data)
     record = final(producer, data["foreign_id"])
-    assert record["state"] == JobState.CREATED
+    assert record.state == JobState.CREATED
     assert time.monotonic() - started >= sandbox.faults.retry_after * 0.9
 
 
@@ -118,12 +119,12 @@ def test_permanent_error_fails_at_once(stack: tuple[Settings, Producer], sandbox
     data = request_data(amount="0.00001")
     producer.enqueue(data)
     record = final(producer, data["foreign_id"])
-    assert (record["state"], record["attempts"], record["error_code"]) == (
+    assert (record.state, record.attempts, record.error_code) == (
         JobState.FAILED,
         1,
         "validation_error",
     )
-    assert "minimum amount is 10.00 EUR" in record["error"]
+    assert "minimum amount is 10.00 EUR" in str(record.error)
     assert sandbox.create_calls(data["foreign_id"]) == 1
 
 
@@ -134,7 +135,7 @@ def test_deadline_expires_without_provider_call(
     data = request_data()
     producer.enqueue(data, deadline=time.time() - 1)
     record = final(producer, data["foreign_id"])
-    assert (record["state"], record["error_code"]) == (JobState.EXPIRED, ErrorCode.DEADLINE_PASSED)
+    assert (record.state, record.error_code) == (JobState.EXPIRED, ErrorCode.DEADLINE_PASSED)
     assert sandbox.create_calls(data["foreign_id"]) == 0
 
 
@@ -148,9 +149,9 @@ def test_commit_then_fail_recreates(
     sandbox.script([fault], foreign_id=fid)
     producer.enqueue(data)
     record = final(producer, fid)
-    assert record["state"] == JobState.CREATED
+    assert record.state == JobState.CREATED
     [invoice] = live(sandbox, fid)
-    assert (record["url"], record["provider_foreign_id"]) == (invoice["url"], f"{fid}~r1")
+    assert (record.url, record.provider_foreign_id) == (invoice["url"], f"{fid}~r1")
 
 
 def test_callback_task_receives_the_record(
@@ -166,7 +167,7 @@ def test_callback_task_receives_the_record(
     message = json.loads(raw[1])
     assert message["headers"]["task"] == "shop.invoice_ready"
     args, _, _ = json.loads(base64.b64decode(message["body"]))
-    assert args[0]["url"] == record["url"]
+    assert args[0]["url"] == record.url
     assert args[0]["state"] == JobState.CREATED
     assert b"buyer@example.com" not in raw[1]
 
@@ -178,7 +179,7 @@ def test_message_sent_without_the_producer_works(
     data = request_data()
     producer.app.send_task(c.TASK_NAME, kwargs={"request": data}, queue=settings.queue)
     record = final(producer, data["foreign_id"])
-    assert record["state"] == JobState.CREATED
+    assert record.state == JobState.CREATED
     assert sandbox.create_calls(data["foreign_id"]) == 1
 
 
@@ -211,18 +212,18 @@ def test_malformed_messages_recorded_never_retried_worker_survives(
         fid = request.get("foreign_id") if isinstance(request, dict) else None
         # Then each ends failed with a clear code, naming the bad fields
         record = final(producer, fid or f"invalid-message:{sent[name]}")
-        assert (record["state"], record["error_code"]) == (
+        assert (record.state, record.error_code) == (
             JobState.FAILED,
             ErrorCode.INVALID_MESSAGE,
         ), name
-        assert fields <= set(record["errors"]), (name, record["errors"])
-        assert record["attempts"] == 1, name
+        assert fields <= set(record.errors), (name, record.errors)
+        assert record.attempts == 1, name
         if fid:
             assert sandbox.create_calls(fid) == 0
     # And the worker is still serving
     ok = request_data()
     producer.enqueue(ok)
-    assert final(producer, ok["foreign_id"])["state"] == JobState.CREATED
+    assert final(producer, ok["foreign_id"]).state == JobState.CREATED
 
 
 def test_fail_orphan_policy(
@@ -236,7 +237,7 @@ def test_fail_orphan_policy(
     producer.enqueue(data)
     record = final(producer, data["foreign_id"])
     producer.close()
-    assert (record["state"], record["error_code"]) == (JobState.FAILED, ErrorCode.ORPHANED)
+    assert (record.state, record.error_code) == (JobState.FAILED, ErrorCode.ORPHANED)
 
 
 def test_worker_sigkilled_mid_call_creates_exactly_once(
@@ -244,16 +245,18 @@ def test_worker_sigkilled_mid_call_creates_exactly_once(
 ) -> None:
     # Given a provider slow enough to kill the worker while the create is in flight
     with Sandbox(KEY, SECRET, faults=Faults(latency_ms=1500)) as slow:
+        # retry_cap must now fit in half the redelivery delay (max_countdown = 1.5 s here).
         settings = make_settings(
-            redis_server.url, slow.url, read_timeout=3.0, lease_seconds=8.0, visibility_timeout=3
-        )
+            redis_server.url, slow.url, read_timeout=3.0, lease_seconds=8.0, visibility_timeout=3,
+            retry_cap=1.5,
+        )  # fmt: skip
         first = start_worker(settings, pool="solo", concurrency=1)
         producer = Producer(settings)
         data = request_data()
         fid = data["foreign_id"]
         producer.enqueue(data)
         deadline = time.monotonic() + 10
-        while (producer.get(fid) or {}).get("state") != JobState.PROCESSING:
+        while getattr(producer.get(fid), "state", None) != JobState.PROCESSING:
             assert time.monotonic() < deadline
             time.sleep(0.02)
         time.sleep(0.5)
@@ -264,10 +267,10 @@ def test_worker_sigkilled_mid_call_creates_exactly_once(
         # Then another worker takes the redelivered message and finishes the job
         start_worker(settings, pool="threads", concurrency=2)
         record = final(producer, fid, timeout=40)
-        assert record["state"] == JobState.CREATED, record
+        assert record.state == JobState.CREATED, record
         [invoice] = live(slow, fid)
-        assert record["url"] == invoice["url"]
-        assert record["crashes"] == 1
+        assert record.url == invoice["url"]
+        assert record.crashes == 1
         events = [f for _, f in producer.store.events() if f["foreign_id"] == fid]
         assert len(events) == 1
         producer.close()
@@ -307,9 +310,9 @@ def test_core_scenario_on_rabbitmq(
             producer.enqueue(data)
         for data in jobs:
             record = final(producer, data["foreign_id"])
-            assert record["state"] == JobState.CREATED
+            assert record.state == JobState.CREATED
             [invoice] = live(sandbox, data["foreign_id"])
-            assert record["url"] == invoice["url"]
+            assert record.url == invoice["url"]
         assert sandbox.create_calls(jobs[0]["foreign_id"]) == 1
         events = Counter(f["foreign_id"] for _, f in producer.store.events())
         assert all(events[d["foreign_id"]] == 1 for d in jobs)
@@ -330,7 +333,7 @@ def test_json_logs_one_line_per_transition_without_secrets(
     data = request_data(email_user="log.leak@example.com")
     sandbox.script(["502"], foreign_id=data["foreign_id"])
     producer.enqueue(data)
-    assert final(producer, data["foreign_id"])["state"] == JobState.CREATED
+    assert final(producer, data["foreign_id"]).state == JobState.CREATED
     producer.close()
     worker.stop()
     lines = [json.loads(line) for line in worker.log().splitlines() if line.startswith("{")]
@@ -348,7 +351,7 @@ def test_password_protected_redis(sandbox: Sandbox, start_worker: Any) -> None:
         producer = Producer(settings)
         data = request_data()
         producer.enqueue(data)
-        assert final(producer, data["foreign_id"])["state"] == JobState.CREATED
+        assert final(producer, data["foreign_id"]).state == JobState.CREATED
         producer.close()
         worker.stop()
         assert "s3cret-pass" not in worker.log()

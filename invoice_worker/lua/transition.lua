@@ -90,12 +90,14 @@ local function finalize()
   redis.call('PUBLISH', done_channel, new_state)
 end
 
-local held = redis.call('HMGET', record_key, 'lease_owner', 'state', 'last_op')
+local held = redis.call('HMGET', record_key, 'lease_owner', 'state', 'last_op', 'lease_until')
 if held[3] == op and held[1] == owner then  -- a re-run after a lost reply
   if FINAL[held[2]] then return {1, redis.call('HGETALL', record_key), ''} end
   return {1, {}, ''}
 end
 if held[1] ~= owner or not held[2] or FINAL[held[2]] then return {0} end
+-- A released lease (lease_until 0) keeps its owner recorded, but no longer lets it write.
+if tonumber(held[4] or '0') == 0 then return {0} end
 
 redis.call('HSET', record_key, 'state', new_state, 'updated_at', now / 1000, 'last_op', op)
 if #fields > 0 then redis.call('HSET', record_key, unpack(fields)) end
