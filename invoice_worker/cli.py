@@ -29,9 +29,9 @@ from invoice_worker import __version__
 from invoice_worker import constants as c
 from invoice_worker.config import Settings, redact_url
 from invoice_worker.errors import ConfigError, ConflictError, InvalidRequestError
-from invoice_worker.faults import ENV_PREFIX, Faults
-from invoice_worker.provider_rules import parse_number
 from invoice_worker.sandbox import Sandbox
+from invoice_worker.sandbox.faults import ENV_PREFIX, Faults
+from invoice_worker.sandbox.rules import parse_number
 
 EXIT_NOT_CREATED, EXIT_USAGE, EXIT_INVALID, EXIT_CONFLICT = 1, 2, 3, 4
 EXIT_NOT_FOUND, EXIT_UNREACHABLE, EXIT_TIMEOUT, EXIT_CONFIG = 5, 6, 7, 8
@@ -302,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sandbox_arguments(sandbox)
     sandbox.set_defaults(run=lambda args, _settings: run_sandbox(args), no_settings=True)
 
-    from invoice_worker.dev import add_dev_arguments, run_dev
+    from invoice_worker.devstack.dev import add_dev_arguments, run_dev
 
     dev = commands.add_parser(
         "dev", help="run the whole stack locally (Redis, sandbox, worker, Flower)"

@@ -17,7 +17,7 @@ import requests
 from invoice_worker import cli
 from invoice_worker import constants as c
 from invoice_worker.config import Settings
-from invoice_worker.embedded import EmbeddedRedis, free_port
+from invoice_worker.devstack.embedded import EmbeddedRedis, free_port
 from tests.conftest import SECRET, request_data
 
 

@@ -11,8 +11,8 @@ import pytest
 import requests
 
 from invoice_worker import constants as c
-from invoice_worker.embedded import EmbeddedRedis, free_port
-from invoice_worker.processes import flower_process, worker_process
+from invoice_worker.devstack.embedded import EmbeddedRedis, free_port
+from invoice_worker.devstack.processes import flower_process, worker_process
 from invoice_worker.producer import Producer
 from invoice_worker.sandbox import Faults, Sandbox
 from tests.conftest import KEY, SECRET, make_settings, request_data

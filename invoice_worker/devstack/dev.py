@@ -22,9 +22,9 @@ from typing import Any
 
 from invoice_worker import constants as c
 from invoice_worker.config import Settings, redact_url
-from invoice_worker.embedded import EmbeddedRedis, free_port
+from invoice_worker.devstack.embedded import EmbeddedRedis, free_port
+from invoice_worker.devstack.processes import ChildProcess, flower_process, worker_process
 from invoice_worker.errors import ConflictError, InvalidRequestError
-from invoice_worker.processes import ChildProcess, flower_process, worker_process
 from invoice_worker.producer import Producer
 from invoice_worker.sandbox import Sandbox
 

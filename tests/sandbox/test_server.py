@@ -21,8 +21,8 @@ import pytest
 import requests
 
 from invoice_worker.cli import add_sandbox_arguments
-from invoice_worker.faults import Faults
 from invoice_worker.sandbox import Sandbox
+from invoice_worker.sandbox.faults import Faults
 
 KEY = "sandbox-test-key"
 SECRET = "AbCdEfG123456"  # the secret of the provider's official signature vector
