@@ -1,4 +1,4 @@
-"""The ``invoice-worker`` command: enqueue, status, watch, check, sandbox and dev.
+"""The ``invoice-worker`` command: enqueue, status, metrics, watch, check; sandbox and dev.
 
 Exit codes (also in the README):
     0 success; 1 the job ended failed/expired (``--wait``) or ``check`` found a fault;
@@ -9,16 +9,12 @@ Exit codes (also in the README):
 from __future__ import annotations
 
 import argparse
-import contextlib
+import importlib
 import json
-import os
-import secrets
 import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import fields
-from decimal import Decimal
 from typing import Any, TextIO
 
 import redis
@@ -29,13 +25,20 @@ from invoice_worker import __version__
 from invoice_worker import constants as c
 from invoice_worker.config import Settings, redact_url
 from invoice_worker.errors import ConfigError, ConflictError, InvalidRequestError
-from invoice_worker.sandbox import Sandbox
-from invoice_worker.sandbox.faults import ENV_PREFIX, Faults
-from invoice_worker.sandbox.rules import parse_number
 
 EXIT_NOT_CREATED, EXIT_USAGE, EXIT_INVALID, EXIT_CONFLICT = 1, 2, 3, 4
 EXIT_NOT_FOUND, EXIT_UNREACHABLE, EXIT_TIMEOUT, EXIT_CONFIG = 5, 6, 7, 8
 
+# Development tooling, imported only when its command is given (so the product commands and
+# `--help` never load the sandbox or the dev stack): name -> (help, "module:function"), where the
+# function adds the command's options to its parser and sets the parser's ``run`` default.
+TOOLING = {
+    "sandbox": ("serve the local sandbox provider API", "invoice_worker.sandbox.cli:configure"),
+    "dev": (
+        "run the whole stack locally (Redis, sandbox, worker, Flower)",
+        "invoice_worker.devstack.dev:configure",
+    ),
+}
 _REQUEST_FLAGS = (
     "type", "title", "description", "foreign_id", "currency", "sender_currency", "amount",
     "url_success", "url_failed", "email_user",
@@ -195,59 +198,8 @@ def _print_record(record: dict[str, Any], *, as_json: bool, brief: bool = False)
         print(f"{key:<{width}}  {value}")
 
 
-def _amount_arg(text: str) -> Decimal:
-    if (amount := parse_number(text)) is None or amount < 0:
-        raise argparse.ArgumentTypeError(f"not an amount: {text!r}")
-    return amount
-
-
-def add_sandbox_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the sandbox's options; fault flags left unset fall back to INVOICE_SANDBOX_* values."""
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (%(default)s)")
-    parser.add_argument("--port", type=int, default=8080, help="0 picks a free port (%(default)s)")
-    parser.add_argument("--key", help="API key (default: $INVOICE_API_KEY, else generated)")
-    parser.add_argument("--secret", help="API secret (default: $INVOICE_API_SECRET, else made up)")
-    parser.add_argument(
-        "--min-amount", type=_amount_arg, default=Decimal(0), metavar="EUR", help="smallest invoice"
-    )
-    parser.add_argument("--no-admin", dest="admin", action="store_false", help="hide /_sandbox")
-    for f in fields(Faults):
-        kind = int if f.name in ("retry_after", "seed") else float
-        text = f"default: ${ENV_PREFIX}{f.name.upper()}, else {f.default}"
-        flag = f"--{f.name.replace('_', '-')}"
-        parser.add_argument(flag, dest=f"fault_{f.name}", type=kind, metavar="N", help=text)
-
-
-def run_sandbox(args: argparse.Namespace) -> int:
-    """Serve a sandbox set up by `add_sandbox_arguments` options until SIGINT or SIGTERM.
-
-    Returns:
-        0 after a clean shutdown; 2 for bad fault settings or an address that cannot be bound.
-    """
-    flags = {f.name: getattr(args, f"fault_{f.name}") for f in fields(Faults)}
-    key = args.key or os.environ.get("INVOICE_API_KEY") or f"sandbox-{secrets.token_hex(8)}"
-    given_secret = args.secret or os.environ.get("INVOICE_API_SECRET")
-    secret = given_secret or secrets.token_urlsafe(32)
-    options = {"host": args.host, "port": args.port, "admin": args.admin}
-    try:
-        faults = Faults.from_env(os.environ)
-        faults = Faults.from_dict({k: v for k, v in flags.items() if v is not None}, base=faults)
-        sandbox = Sandbox(key, secret, faults=faults, min_amount=args.min_amount, **options)
-    except (ValueError, OSError) as e:
-        print(f"sandbox: {e}", file=sys.stderr)
-        return 2
-    print(f"sandbox provider API at {sandbox.url}\nkey: {key}", flush=True)
-    if not given_secret:  # made up here, so showing it once is the only way to configure a worker
-        print(f"secret: {secret}", flush=True)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM as KeyboardInterrupt
-    with contextlib.suppress(KeyboardInterrupt):
-        sandbox.serve_forever()
-    sandbox.stop()
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every sub-command."""
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser of every sub-command; of the `TOOLING` ones, only `command`'s."""
     parser = argparse.ArgumentParser(
         prog="invoice-worker",
         description=__doc__,
@@ -298,23 +250,20 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     check.set_defaults(run=cmd_check)
 
-    sandbox = commands.add_parser("sandbox", help="serve the local sandbox provider API")
-    add_sandbox_arguments(sandbox)
-    sandbox.set_defaults(run=lambda args, _settings: run_sandbox(args), no_settings=True)
-
-    from invoice_worker.devstack.dev import add_dev_arguments, run_dev
-
-    dev = commands.add_parser(
-        "dev", help="run the whole stack locally (Redis, sandbox, worker, Flower)"
-    )
-    add_dev_arguments(dev)
-    dev.set_defaults(run=run_dev)
+    for name, (text, target) in TOOLING.items():
+        tool = commands.add_parser(name, help=text, description=text)
+        if name == command:
+            module, _, function = target.partition(":")
+            getattr(importlib.import_module(module), function)(tool)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # The command is the first word: the top-level options (--help, --version) take no value.
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
     try:
         settings = Settings()
     except ValidationError as exc:

@@ -164,6 +164,16 @@ def test_check(
     assert "INVOICE_API_SECRET must be set" in out
 
 
+def test_tooling_commands_load_on_demand(capsys: pytest.CaptureFixture[str]) -> None:
+    for command, option in (("sandbox", "--error-502 N"), ("dev", "--demo N")):
+        with pytest.raises(SystemExit) as exited:
+            cli.main([command, "--help"])
+        assert exited.value.code == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: invoice-worker {command} ")
+        assert option in out
+
+
 def test_sandbox_command_serves(tmp_path: Path) -> None:
     port = free_port()
     cmd = [sys.executable, "-m", "invoice_worker.cli", "sandbox", "--port", str(port)]

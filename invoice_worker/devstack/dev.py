@@ -49,6 +49,12 @@ def add_dev_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Make `parser` the ``invoice-worker dev`` command: its options and its ``run``."""
+    add_dev_arguments(parser)
+    parser.set_defaults(run=run_dev)
+
+
 def run_dev(args: argparse.Namespace, settings: Settings) -> int:
     """Start the stack; with ``--demo`` run it and exit, else serve until Ctrl-C."""
     with ExitStack() as stack:

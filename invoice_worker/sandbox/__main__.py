@@ -1,7 +1,5 @@
 """``python -m invoice_worker.sandbox [options]``: serve the sandbox provider."""
 
-import sys
+from invoice_worker.sandbox.cli import main
 
-from invoice_worker import cli
-
-raise SystemExit(cli.main(["sandbox", *sys.argv[1:]]))
+raise SystemExit(main())
