@@ -1,4 +1,4 @@
-"""The ``invoice-worker`` command: enqueue, status, metrics, watch, check; sandbox and dev.
+"""The ``invoice-worker`` command: enqueue, status, metrics, watch, check, flower; sandbox, dev.
 
 Exit codes (also in the README):
     0 success; 1 the job ended failed/expired (``--wait``) or ``check`` found a fault;
@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
+import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TextIO
 
 import redis
@@ -39,6 +41,7 @@ TOOLING = {
         "invoice_worker.devstack.dev:configure",
     ),
 }
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _REQUEST_FLAGS = (
     "type", "title", "description", "foreign_id", "currency", "sender_currency", "amount",
     "url_success", "url_failed", "email_user",
@@ -178,6 +181,55 @@ def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_CONFIG if not results[0][0] else EXIT_UNREACHABLE
 
 
+def cmd_flower(args: argparse.Namespace, settings: Settings) -> int:
+    """Exec ``celery -A invoice_worker.worker flower`` with the other arguments, if it asks for a
+    login (see `flower_argv`); never returns otherwise.
+
+    Raises:
+        ConfigError: Flower is not installed, or it would serve without authentication.
+    """
+    if importlib.util.find_spec("flower") is None:
+        raise ConfigError("Flower is not installed: pip install 'invoice-worker[flower]'")
+    argv = flower_argv(args.extra, os.environ, dev_no_auth=args.dev_no_auth)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(argv[0], argv)  # noqa: S606 - our argv; Flower takes this process (signals)
+
+
+def flower_argv(
+    flower_args: Sequence[str], environ: Mapping[str, str], *, dev_no_auth: bool = False
+) -> list[str]:
+    """The ``celery flower`` command line for `flower_args`, if Flower will ask for a login.
+
+    Flower reads ``FLOWER_<OPTION>`` variables, then ``--option=value`` arguments (which win);
+    a login is basic auth (``user:password`` entries) or OAuth (``--auth``). A flowerconfig.py
+    is not read here, so it cannot be the only place that sets one.
+
+    Raises:
+        ConfigError: no login is configured and not `dev_no_auth`; or `dev_no_auth` with an
+            address other than loopback (it binds 127.0.0.1 when none is given).
+    """
+    given = {
+        k.removeprefix("FLOWER_").lower(): v for k, v in environ.items() if k.startswith("FLOWER_")
+    }
+    for arg in flower_args:
+        name, _, value = arg.lstrip("-").partition("=")
+        given[name.replace("-", "_")] = value
+    argv = [sys.executable, "-m", "celery", "-A", "invoice_worker.worker", "flower", *flower_args]
+    if dev_no_auth:
+        if (address := given.get("address", "127.0.0.1")) not in _LOOPBACK:
+            raise ConfigError(f"--dev-no-auth serves on loopback only, not on {address!r}")
+        return argv if "address" in given else [*argv, "--address=127.0.0.1"]
+    logins = [entry.partition(":") for entry in given.get("basic_auth", "").split(",")]
+    if all(user and password for user, _, password in logins) or given.get("auth"):
+        return argv
+    raise ConfigError(
+        "Flower refuses to serve without authentication: set FLOWER_BASIC_AUTH=user:password "
+        "(or --basic-auth=user:password, or --auth=... with Flower's OAuth settings); "
+        "--dev-no-auth is for a local stack only"
+    )
+
+
 def _print_record(record: dict[str, Any], *, as_json: bool, brief: bool = False) -> None:
     if as_json:
         print(json.dumps(record, indent=2, sort_keys=True, default=str))
@@ -250,6 +302,18 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )  # fmt: skip
     check.set_defaults(run=cmd_check)
 
+    flower = commands.add_parser(
+        "flower", help="serve Flower, never without a login", allow_abbrev=False,
+        description="Run celery -A invoice_worker.worker flower with the other options (--port=N,"
+        " --address=A, ...) once a login is configured: FLOWER_BASIC_AUTH=user:password,"
+        " --basic-auth=user:password, or --auth=... with Flower's OAuth settings.",
+    )  # fmt: skip
+    flower.add_argument(
+        "--dev-no-auth", action="store_true",
+        help="development only: no login, bound to 127.0.0.1 (any other --address is refused)",
+    )  # fmt: skip
+    flower.set_defaults(run=cmd_flower, pass_through=True)
+
     for name, (text, target) in TOOLING.items():
         tool = commands.add_parser(name, help=text, description=text)
         if name == command:
@@ -263,7 +327,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     # The command is the first word: the top-level options (--help, --version) take no value.
     command = next((arg for arg in argv if not arg.startswith("-")), None)
-    args = build_parser(command).parse_args(argv)
+    parser = build_parser(command)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "pass_through", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra  # the options `flower` hands on
     try:
         settings = Settings()
     except ValidationError as exc:

@@ -1,0 +1,126 @@
+"""The demo of ``invoice-worker dev --demo N``: sample invoices, duplicates, faults, a report."""
+
+from __future__ import annotations
+
+import secrets
+import sys
+import time
+from typing import Any
+
+from invoice_worker import constants as c
+from invoice_worker.devstack.processes import ChildProcess
+from invoice_worker.errors import ConflictError, InvalidRequestError
+from invoice_worker.producer import Producer
+from invoice_worker.sandbox import Sandbox
+
+# Faults the demo injects (by job number) when it runs its own sandbox.
+DEMO_FAULTS = {3: ["503"], 5: ["429"], 8: ["502", "500"], 11: ["commit_then_502"]}
+
+
+def demo_request(run: str, n: int) -> dict[str, Any]:
+    """The n-th sample invoice of a demo run."""
+    return {
+        "timer": n % 2 == 0,
+        "title": f"Demo order {n}",
+        "foreign_id": f"demo-{run}-{n:03d}",
+        "currency": "BTC",
+        "amount": f"0.00{100 + n}",
+        "url_success": "https://shop.example.com/paid",
+        "url_failed": "https://shop.example.com/failed",
+        "email_user": f"buyer{n}@example.com",
+    }
+
+
+class Demo:
+    """Enqueue N invoices (with duplicates, one invalid, some faults) and show them settle."""
+
+    def __init__(self, producer: Producer, sandbox: Sandbox | None, worker: ChildProcess) -> None:
+        self.producer = producer
+        self.sandbox = sandbox
+        self.worker = worker
+        self.run_id = secrets.token_hex(3)
+        self.tty = sys.stdout.isatty()
+
+    def run(self, count: int, *, timeout: float) -> int:
+        ids, duplicates = self._enqueue(count)
+        records = self._follow(ids, timeout)
+        self._report(records, duplicates)
+        return 0 if all(r["state"] in c.FINAL_STATES for r in records.values()) else 1
+
+    def _enqueue(self, count: int) -> tuple[list[str], int]:
+        print(f"\ndemo: enqueueing {count} invoices (every 4th twice; faults injected into some)")
+        ids, duplicates = [], 0
+        for n in range(1, count + 1):
+            data = demo_request(self.run_id, n)
+            if self.sandbox is not None and n in DEMO_FAULTS:
+                self.sandbox.script(DEMO_FAULTS[n], foreign_id=data["foreign_id"])
+            first = self.producer.enqueue(data)
+            ids.append(first["foreign_id"])
+            if n % 4 == 0:
+                again = self.producer.enqueue(data)
+                duplicates += again["task_id"] == first["task_id"]
+        bad = {
+            **demo_request(self.run_id, 0),
+            "foreign_id": "order-jane@example.com",
+            "amount": "-1",
+        }
+        try:
+            self.producer.enqueue(bad)
+        except InvalidRequestError as exc:
+            print(f"demo: rejected one invalid request, as it should be:\n      {exc}")
+        try:
+            self.producer.enqueue({**demo_request(self.run_id, 1), "amount": "9.99"})
+        except ConflictError as exc:
+            print(f"demo: rejected a conflicting reuse of a foreign_id: {exc}")
+        return ids, duplicates
+
+    def _follow(self, ids: list[str], timeout: float) -> dict[str, dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        last = ""
+        while True:
+            # One pipelined read of the states per refresh; the records only once, at the end.
+            counts = {
+                s: 0 for s in (c.QUEUED, c.PROCESSING, c.RETRYING, c.CREATED, c.FAILED, c.EXPIRED)
+            }
+            for state in self.producer.store.states(ids):
+                counts[state or "?"] = counts.get(state or "?", 0) + 1
+            done = sum(counts[s] for s in c.FINAL_STATES)
+            bar = "#" * (30 * done // len(ids)) + "." * (30 - 30 * done // len(ids))
+            line = f"[{bar}] {done}/{len(ids)}  " + "  ".join(
+                f"{k} {v}" for k, v in counts.items() if v
+            )
+            if line != last:
+                print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", flush=True)
+                last = line
+            if done == len(ids) or time.monotonic() > deadline or not self.worker.alive:
+                if self.tty:
+                    print()
+                return {fid: self.producer.get(fid) or {"state": "?"} for fid in ids}
+            time.sleep(0.1)
+
+    def _report(self, records: dict[str, dict[str, Any]], duplicates: int) -> None:
+        print(f"\n{'foreign_id':<22} {'state':<8} {'tries':>5}  url / error")
+        for fid, r in records.items():
+            detail = r.get("url") or f"{r.get('error_code')}: {r.get('error')}"
+            print(f"{fid:<22} {r['state']:<8} {r.get('attempts', 0):>5}  {detail}")
+        states = [r["state"] for r in records.values()]
+        summary = ", ".join(
+            f"{states.count(s)} {s}" for s in (c.CREATED, c.FAILED, c.EXPIRED) if states.count(s)
+        )
+        print(
+            f"\nsummary: {len(records)} jobs: {summary}; {duplicates} duplicate enqueues absorbed"
+        )
+        retries = sum(r.get("attempts", 1) - 1 for r in records.values())
+        recreated = sum(1 for r in records.values() if r.get("generation"))
+        line = f"         {retries} retries, {recreated} orphaned invoices cancelled and recreated"
+        if self.sandbox is not None:
+            calls = sum(self.sandbox.create_calls(f) for f in records)
+            live = sum(
+                1
+                for i in self.sandbox.invoices()
+                if i["foreign_id"].startswith(f"demo-{self.run_id}") and not i["cancelled"]
+            )
+            line += (
+                f"; provider: {calls} create calls, {live} live invoices for {len(records)} orders"
+            )
+        print(line)
