@@ -1,4 +1,4 @@
-"""The ``invoice-worker`` command, in-process (and ``dev`` / ``sandbox`` as real subprocesses)."""
+"""The ``invoice-worker`` command, in-process (and ``sandbox`` / ``metrics`` as subprocesses)."""
 
 from __future__ import annotations
 

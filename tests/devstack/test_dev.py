@@ -80,7 +80,7 @@ def test_dev_without_redis_server_or_fakeredis_names_the_extra(tmp_path: Path) -
     # When the dev stack starts
     proc = dev(
         tmp_path, "--demo", "1", "--no-flower", PATH=path_without_redis_server(),
-        PYTHONPATH=str(shadow),
+        PYTHONPATH=os.pathsep.join([str(shadow), os.environ.get("PYTHONPATH", "")]),
     )  # fmt: skip
     # Then it stops at once with the way out, and no traceback
     assert proc.returncode == 8, proc.stdout + proc.stderr
