@@ -19,8 +19,8 @@ from typing import Any
 import redis
 
 from invoice_worker.config import Settings
-from invoice_worker.embedded import EmbeddedRedis, free_port
-from invoice_worker.processes import ChildProcess, child_env, worker_process
+from invoice_worker.devstack.embedded import EmbeddedRedis, free_port
+from invoice_worker.devstack.processes import ChildProcess, child_env, worker_process
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "bench-key"

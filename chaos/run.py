@@ -26,9 +26,9 @@ import requests
 from chaos.proxy import Proxy
 from chaos.verify import Report, verify
 from invoice_worker.config import Settings
-from invoice_worker.embedded import EmbeddedRedis, free_port
+from invoice_worker.devstack.embedded import EmbeddedRedis, free_port
+from invoice_worker.devstack.processes import ChildProcess, worker_process
 from invoice_worker.errors import ConflictError
-from invoice_worker.processes import ChildProcess, worker_process
 from invoice_worker.producer import Producer
 
 KEY, SECRET = "chaos-key", "chaos-secret-never-logged"

@@ -1,4 +1,4 @@
-"""The ``invoice-worker`` command: enqueue, status, watch, check, sandbox and dev.
+"""The ``invoice-worker`` command: enqueue, status, metrics, watch, check, flower; sandbox, dev.
 
 Exit codes (also in the README):
     0 success; 1 the job ended failed/expired (``--wait``) or ``check`` found a fault;
@@ -9,16 +9,14 @@ Exit codes (also in the README):
 from __future__ import annotations
 
 import argparse
-import contextlib
+import importlib
+import importlib.util
 import json
 import os
-import secrets
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import fields
-from decimal import Decimal
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TextIO
 
 import redis
@@ -28,14 +26,22 @@ from invoice_worker import __version__
 from invoice_worker.config import Settings
 from invoice_worker.constants import JobState
 from invoice_worker.errors import ConfigError, ConflictError, InvalidRequestError
-from invoice_worker.faults import ENV_PREFIX, Faults
 from invoice_worker.privacy import escape_controls, redact_url
-from invoice_worker.provider_rules import parse_number
-from invoice_worker.sandbox import Sandbox
 
 EXIT_NOT_CREATED, EXIT_USAGE, EXIT_INVALID, EXIT_CONFLICT = 1, 2, 3, 4
 EXIT_NOT_FOUND, EXIT_UNREACHABLE, EXIT_TIMEOUT, EXIT_CONFIG = 5, 6, 7, 8
 
+# Development tooling, imported only when its command is given (so the product commands and
+# `--help` never load the sandbox or the dev stack): name -> (help, "module:function"), where the
+# function adds the command's options to its parser and sets the parser's ``run`` default.
+TOOLING = {
+    "sandbox": ("serve the local sandbox provider API", "invoice_worker.sandbox.cli:configure"),
+    "dev": (
+        "run the whole stack locally (Redis, sandbox, worker, Flower)",
+        "invoice_worker.devstack.dev:configure",
+    ),
+}
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _REQUEST_FLAGS = (
     "type", "title", "description", "foreign_id", "currency", "sender_currency", "amount",
     "url_success", "url_failed", "email_user",
@@ -188,6 +194,55 @@ def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_CONFIG if not results[0][0] else EXIT_UNREACHABLE
 
 
+def cmd_flower(args: argparse.Namespace, settings: Settings) -> int:
+    """Exec ``celery -A invoice_worker.worker flower`` with the other arguments, if it asks for a
+    login (see `flower_argv`); never returns otherwise.
+
+    Raises:
+        ConfigError: Flower is not installed, or it would serve without authentication.
+    """
+    if importlib.util.find_spec("flower") is None:
+        raise ConfigError("Flower is not installed: pip install 'invoice-worker[flower]'")
+    argv = flower_argv(args.extra, os.environ, dev_no_auth=args.dev_no_auth)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(argv[0], argv)  # noqa: S606 - our argv; Flower takes this process (signals)
+
+
+def flower_argv(
+    flower_args: Sequence[str], environ: Mapping[str, str], *, dev_no_auth: bool = False
+) -> list[str]:
+    """The ``celery flower`` command line for `flower_args`, if Flower will ask for a login.
+
+    Flower reads ``FLOWER_<OPTION>`` variables, then ``--option=value`` arguments (which win);
+    a login is basic auth (``user:password`` entries) or OAuth (``--auth``). A flowerconfig.py
+    is not read here, so it cannot be the only place that sets one.
+
+    Raises:
+        ConfigError: no login is configured and not `dev_no_auth`; or `dev_no_auth` with an
+            address other than loopback (it binds 127.0.0.1 when none is given).
+    """
+    given = {
+        k.removeprefix("FLOWER_").lower(): v for k, v in environ.items() if k.startswith("FLOWER_")
+    }
+    for arg in flower_args:
+        name, _, value = arg.lstrip("-").partition("=")
+        given[name.replace("-", "_")] = value
+    argv = [sys.executable, "-m", "celery", "-A", "invoice_worker.worker", "flower", *flower_args]
+    if dev_no_auth:
+        if (address := given.get("address", "127.0.0.1")) not in _LOOPBACK:
+            raise ConfigError(f"--dev-no-auth serves on loopback only, not on {address!r}")
+        return argv if "address" in given else [*argv, "--address=127.0.0.1"]
+    logins = [entry.partition(":") for entry in given.get("basic_auth", "").split(",")]
+    if all(user and password for user, _, password in logins) or given.get("auth"):
+        return argv
+    raise ConfigError(
+        "Flower refuses to serve without authentication: set FLOWER_BASIC_AUTH=user:password "
+        "(or --basic-auth=user:password, or --auth=... with Flower's OAuth settings); "
+        "--dev-no-auth is for a local stack only"
+    )
+
+
 def _print_record(record: dict[str, Any], *, as_json: bool, brief: bool = False) -> None:
     if as_json:
         print(json.dumps(record, indent=2, sort_keys=True, default=str))
@@ -208,59 +263,8 @@ def _print_record(record: dict[str, Any], *, as_json: bool, brief: bool = False)
         print(f"{key:<{width}}  {value}")
 
 
-def _amount_arg(text: str) -> Decimal:
-    if (amount := parse_number(text)) is None or amount < 0:
-        raise argparse.ArgumentTypeError(f"not an amount: {text!r}")
-    return amount
-
-
-def add_sandbox_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the sandbox's options; fault flags left unset fall back to INVOICE_SANDBOX_* values."""
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (%(default)s)")
-    parser.add_argument("--port", type=int, default=8080, help="0 picks a free port (%(default)s)")
-    parser.add_argument("--key", help="API key (default: $INVOICE_API_KEY, else generated)")
-    parser.add_argument("--secret", help="API secret (default: $INVOICE_API_SECRET, else made up)")
-    parser.add_argument(
-        "--min-amount", type=_amount_arg, default=Decimal(0), metavar="EUR", help="smallest invoice"
-    )
-    parser.add_argument("--no-admin", dest="admin", action="store_false", help="hide /_sandbox")
-    for f in fields(Faults):
-        kind = int if f.name in ("retry_after", "seed") else float
-        text = f"default: ${ENV_PREFIX}{f.name.upper()}, else {f.default}"
-        flag = f"--{f.name.replace('_', '-')}"
-        parser.add_argument(flag, dest=f"fault_{f.name}", type=kind, metavar="N", help=text)
-
-
-def run_sandbox(args: argparse.Namespace) -> int:
-    """Serve a sandbox set up by `add_sandbox_arguments` options until SIGINT or SIGTERM.
-
-    Returns:
-        0 after a clean shutdown; 2 for bad fault settings or an address that cannot be bound.
-    """
-    flags = {f.name: getattr(args, f"fault_{f.name}") for f in fields(Faults)}
-    key = args.key or os.environ.get("INVOICE_API_KEY") or f"sandbox-{secrets.token_hex(8)}"
-    given_secret = args.secret or os.environ.get("INVOICE_API_SECRET")
-    secret = given_secret or secrets.token_urlsafe(32)
-    options = {"host": args.host, "port": args.port, "admin": args.admin}
-    try:
-        faults = Faults.from_env(os.environ)
-        faults = Faults.from_dict({k: v for k, v in flags.items() if v is not None}, base=faults)
-        sandbox = Sandbox(key, secret, faults=faults, min_amount=args.min_amount, **options)
-    except (ValueError, OSError) as e:
-        print(f"sandbox: {e}", file=sys.stderr)
-        return 2
-    print(f"sandbox provider API at {sandbox.url}\nkey: {key}", flush=True)
-    if not given_secret:  # made up here, so showing it once is the only way to configure a worker
-        print(f"secret: {secret}", flush=True)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM as KeyboardInterrupt
-    with contextlib.suppress(KeyboardInterrupt):
-        sandbox.serve_forever()
-    sandbox.stop()
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every sub-command."""
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser of every sub-command; of the `TOOLING` ones, only `command`'s."""
     parser = argparse.ArgumentParser(
         prog="invoice-worker",
         description=__doc__,
@@ -311,23 +315,36 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     check.set_defaults(run=cmd_check)
 
-    sandbox = commands.add_parser("sandbox", help="serve the local sandbox provider API")
-    add_sandbox_arguments(sandbox)
-    sandbox.set_defaults(run=lambda args, _settings: run_sandbox(args), no_settings=True)
+    flower = commands.add_parser(
+        "flower", help="serve Flower, never without a login", allow_abbrev=False,
+        description="Run celery -A invoice_worker.worker flower with the other options (--port=N,"
+        " --address=A, ...) once a login is configured: FLOWER_BASIC_AUTH=user:password,"
+        " --basic-auth=user:password, or --auth=... with Flower's OAuth settings.",
+    )  # fmt: skip
+    flower.add_argument(
+        "--dev-no-auth", action="store_true",
+        help="development only: no login, bound to 127.0.0.1 (any other --address is refused)",
+    )  # fmt: skip
+    flower.set_defaults(run=cmd_flower, pass_through=True)
 
-    from invoice_worker.dev import add_dev_arguments, run_dev
-
-    dev = commands.add_parser(
-        "dev", help="run the whole stack locally (Redis, sandbox, worker, Flower)"
-    )
-    add_dev_arguments(dev)
-    dev.set_defaults(run=run_dev)
+    for name, (text, target) in TOOLING.items():
+        tool = commands.add_parser(name, help=text, description=text)
+        if name == command:
+            module, _, function = target.partition(":")
+            getattr(importlib.import_module(module), function)(tool)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # The command is the first word: the top-level options (--help, --version) take no value.
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    parser = build_parser(command)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "pass_through", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra  # the options `flower` hands on
     try:
         settings = Settings.load()
     except ConfigError as exc:

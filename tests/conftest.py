@@ -17,11 +17,11 @@ import redis
 
 from invoice_worker.client import ProviderClient
 from invoice_worker.config import Settings
-from invoice_worker.embedded import EmbeddedRedis
+from invoice_worker.devstack.embedded import EmbeddedRedis
+from invoice_worker.devstack.processes import ChildProcess, worker_process
 from invoice_worker.job import InvoiceJob
 from invoice_worker.message import TaskMessage
 from invoice_worker.models import parse_request
-from invoice_worker.processes import ChildProcess, worker_process
 from invoice_worker.sandbox import Sandbox
 from invoice_worker.store import JobStore
 

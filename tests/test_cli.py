@@ -1,7 +1,8 @@
-"""The ``invoice-worker`` command, in-process (and ``dev`` / ``sandbox`` as real subprocesses)."""
+"""The ``invoice-worker`` command, in-process (and ``sandbox`` / ``metrics`` as subprocesses)."""
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -17,7 +18,7 @@ import requests
 from invoice_worker import cli
 from invoice_worker.config import Settings
 from invoice_worker.constants import JobState
-from invoice_worker.embedded import EmbeddedRedis, free_port
+from invoice_worker.devstack.embedded import EmbeddedRedis, free_port
 from tests.conftest import SECRET, request_data
 
 
@@ -164,6 +165,16 @@ def test_check(
     assert "INVOICE_API_SECRET must be set" in out
 
 
+def test_tooling_commands_load_on_demand(capsys: pytest.CaptureFixture[str]) -> None:
+    for command, option in (("sandbox", "--error-502 N"), ("dev", "--demo N")):
+        with pytest.raises(SystemExit) as exited:
+            cli.main([command, "--help"])
+        assert exited.value.code == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: invoice-worker {command} ")
+        assert option in out
+
+
 def test_sandbox_command_serves(tmp_path: Path) -> None:
     port = free_port()
     cmd = [sys.executable, "-m", "invoice_worker.cli", "sandbox", "--port", str(port)]
@@ -182,33 +193,6 @@ def test_sandbox_command_serves(tmp_path: Path) -> None:
         out = proc.communicate(timeout=10)[0].decode()
     assert proc.returncode == 0
     assert f"127.0.0.1:{port}" in out
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("redis_kind", ["redis-server", "fakeredis"])
-def test_dev_demo(redis_kind: str, tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INVOICE_")}
-    cmd = [
-        sys.executable,
-        "-m",
-        "invoice_worker.cli",
-        "dev",
-        "--demo",
-        "12",
-        "--no-flower",
-        "--timeout",
-        "90",
-    ]
-    if redis_kind == "fakeredis":
-        cmd.append("--fakeredis")
-    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=150)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    out = proc.stdout
-    assert f"(embedded {redis_kind})" in out
-    assert "summary: 12 jobs: 12 created; 3 duplicate enqueues absorbed" in out
-    assert "rejected one invalid request" in out
-    assert "12 live invoices for 12 orders" in out
-    assert "buyer1@example.com" not in out
 
 
 def test_metrics_command_serves_and_stops(env: Settings, tmp_path: Path) -> None:
@@ -239,3 +223,99 @@ def test_metrics_command_serves_and_stops(env: Settings, tmp_path: Path) -> None
         proc.terminate()
         proc.communicate(timeout=10)
     assert proc.returncode == 0
+
+
+class Exec(Exception):
+    """What the fake os.execv raises, with the argv it was given."""
+
+
+@pytest.fixture
+def flower_env(env: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No FLOWER_* variables, and an os.execv that raises Exec(argv) instead of replacing us."""
+    for name in [k for k in os.environ if k.startswith("FLOWER_")]:
+        monkeypatch.delenv(name)
+
+    def execv(path: str, argv: list[str]) -> None:
+        assert path == argv[0]
+        raise Exec(argv)
+
+    monkeypatch.setattr(os, "execv", execv)
+
+
+FLOWER = [sys.executable, "-m", "celery", "-A", "invoice_worker.worker", "flower"]
+
+
+@pytest.mark.parametrize(
+    ("environ", "argv"),
+    [
+        ({}, ["--port=5555", "--address=0.0.0.0"]),
+        ({"FLOWER_BASIC_AUTH": ""}, []),
+        ({"FLOWER_BASIC_AUTH": "ops:"}, []),
+        ({"FLOWER_BASIC_AUTH": "ops:s3cret,admin"}, []),
+        ({"FLOWER_BASIC_AUTH": "ops:s3cret"}, ["--basic-auth="]),  # the argument wins
+        ({}, ["--basic_auth=ops"]),
+        ({}, ["--dev-no-auth", "--address=0.0.0.0"]),
+        ({"FLOWER_ADDRESS": "0.0.0.0"}, ["--dev-no-auth"]),  # noqa: S104 - refused
+        ({}, ["--dev-no-auth", "--address="]),  # Flower's "" is every interface
+    ],
+)
+def test_flower_refuses_to_start_without_a_login(
+    flower_env: None,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    environ: dict[str, str],
+    argv: list[str],
+) -> None:
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    code, out, err = run(capsys, "flower", *argv)
+    assert (code, out) == (cli.EXIT_CONFIG, "")
+    assert "FLOWER_BASIC_AUTH" in err or "loopback only" in err
+
+
+@pytest.mark.parametrize(
+    ("environ", "argv", "expected"),
+    [
+        ({"FLOWER_BASIC_AUTH": "ops:s3cret"}, ["--port=5555", "--address=0.0.0.0"], None),
+        ({}, ["--basic-auth=ops:s3cret,admin:pw", "--port=1"], None),
+        (
+            {},
+            ["--auth=.*@example\\.com", "--auth_provider=flower.views.auth.GithubLoginHandler"],
+            None,
+        ),
+        ({"FLOWER_AUTH": ".*@example\\.com"}, [], None),
+        ({}, ["--dev-no-auth", "--port=1"], ["--port=1", "--address=127.0.0.1"]),
+        ({}, ["--dev-no-auth", "--address=localhost"], ["--address=localhost"]),
+    ],
+)
+def test_flower_execs_celery_flower_with_a_login(
+    flower_env: None,
+    monkeypatch: pytest.MonkeyPatch,
+    environ: dict[str, str],
+    argv: list[str],
+    expected: list[str] | None,
+) -> None:
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(Exec) as executed:
+        cli.main(["flower", *argv])
+    assert executed.value.args[0] == [*FLOWER, *(argv if expected is None else expected)]
+
+
+def test_flower_needs_flower_installed(
+    flower_env: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FLOWER_BASIC_AUTH", "ops:s3cret")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    code, _, err = run(capsys, "flower")
+    assert code == cli.EXIT_CONFIG
+    assert "pip install 'invoice-worker[flower]'" in err
+
+
+def test_unknown_options_are_refused_outside_flower(
+    env: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["status", "x", "--port=5555"])
+    assert exited.value.code == cli.EXIT_USAGE
+    assert "unrecognized arguments: --port=5555" in capsys.readouterr().err

@@ -18,7 +18,7 @@ from invoice_worker.client import (
     sign,
     verify_signature,
 )
-from invoice_worker.embedded import free_port
+from invoice_worker.devstack.embedded import free_port
 from invoice_worker.models import parse_request
 from invoice_worker.sandbox import Sandbox
 from tests.conftest import KEY, SECRET, new_id, request_data

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
+from invoice_worker import cli
 from invoice_worker.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,6 +35,10 @@ def test_compose_services() -> None:
     assert services["sandbox"]["profiles"] == ["sandbox"]
     assert "sandbox" in services["sandbox"]["command"]
     assert services["flower"]["environment"]["FLOWER_BASIC_AUTH"]
+    # Required, with no default password to forget.
+    assert services["flower"]["environment"]["FLOWER_BASIC_AUTH"].startswith(
+        "${FLOWER_BASIC_AUTH:?"
+    )
 
 
 def test_compose_variables_are_settings() -> None:
@@ -54,6 +62,47 @@ def test_procfile() -> None:
     processes = procfile()
     assert set(processes) == {"worker", "flower"}
     assert "--port=$PORT" in processes["flower"]
+
+
+def flower_commands() -> dict[str, list[str]]:
+    """The deployed Flower command lines, with $PORT as the platform would set it."""
+    return {
+        "Procfile": shlex.split(procfile()["flower"].replace("$PORT", "5555")),
+        "docker-compose.yml": compose()["services"]["flower"]["command"],
+    }
+
+
+def test_deployed_flower_goes_through_the_login_check() -> None:
+    for where, command in flower_commands().items():
+        assert command[:2] == ["invoice-worker", "flower"], where
+        assert "--dev-no-auth" not in command, where
+        assert not [arg for arg in command if "auth" in arg], where  # the login is in the env
+
+
+class Exec(Exception):
+    """What the fake os.execv raises, with the argv it was given."""
+
+
+def test_deployed_flower_refuses_without_login_and_starts_with_one(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no stray .env
+    for name in [k for k in os.environ if k.startswith(("INVOICE_", "FLOWER_"))]:
+        monkeypatch.delenv(name)
+
+    def execv(path: str, argv: list[str]) -> None:
+        raise Exec(argv)
+
+    monkeypatch.setattr(os, "execv", execv)
+    for where, command in flower_commands().items():
+        monkeypatch.delenv("FLOWER_BASIC_AUTH", raising=False)
+        assert cli.main(command[1:]) == cli.EXIT_CONFIG, where
+        assert "FLOWER_BASIC_AUTH" in capsys.readouterr().err
+        monkeypatch.setenv("FLOWER_BASIC_AUTH", "ops:s3cret")
+        with pytest.raises(Exec) as executed:
+            cli.main(command[1:])
+        celery = [sys.executable, "-m", "celery", "-A", "invoice_worker.worker", "flower"]
+        assert executed.value.args[0] == [*celery, *command[2:]], where
 
 
 def test_dockerfile_is_slim_non_root_with_healthcheck() -> None:

@@ -100,7 +100,8 @@ def test_worker_records_a_message_with_bad_options(
     kwargs = {**job_kwargs(), **options}
     fid = kwargs["request"]["foreign_id"]
     outcome = job.run(kwargs, task_id="t-opts", owner="w1")
-    assert outcome.record is not None and outcome.finished
+    assert outcome.record is not None
+    assert outcome.finished
     assert outcome.record.state is JobState.FAILED
     assert outcome.record.error_code == ErrorCode.INVALID_MESSAGE
     assert sandbox.create_calls(fid) == 0
@@ -144,7 +145,8 @@ def test_email_foreign_id_is_recorded_under_the_task_id(
     keys = [k for k in redis_client.scan_iter(f"{settings.key_prefix}*")]
     assert not [k for k in keys if "jane" in k]
     events = job.store.events()
-    assert events and "jane" not in repr(events)
+    assert events
+    assert "jane" not in repr(events)
     assert "jane" not in caplog.text
     assert "jane" not in repr(outcome.record)
 
@@ -208,15 +210,19 @@ def test_stalled_worker_sends_nothing_and_cannot_touch_the_recorded_invoice(
     # When another worker takes the job over once the lease has expired, and creates it
     time.sleep(settings.lease + 0.2)
     other = make_job(settings).run(kwargs, task_id="t1", owner="other")
-    assert other.record is not None and other.record.state is JobState.CREATED
+    assert other.record is not None
+    assert other.record.state is JobState.CREATED
     thread.join(timeout=30)
     # Then the stalled worker sent nothing, wrote nothing, and one live invoice remains
-    assert results and results[0].record is None
+    assert results
+    assert results[0].record is None
     assert sandbox.create_calls(fid) == 1
     invoices = live(sandbox, fid)
-    assert len(invoices) == 1 and invoices[0]["url"] == other.record.url
+    assert len(invoices) == 1
+    assert invoices[0]["url"] == other.record.url
     record = make_job(settings).store.get(fid)
-    assert record is not None and record.state is JobState.CREATED
+    assert record is not None
+    assert record.state is JobState.CREATED
     assert record.url == other.record.url
 
 
@@ -276,7 +282,8 @@ def test_failed_cancel_leaves_a_pending_cleanup_that_the_sweeper_settles(
     finally:
         sandbox.set_faults(Faults())
     # Then the job is final with a pending cleanup, and the invoice is still live
-    assert outcome.record is not None and outcome.record.state is JobState.EXPIRED
+    assert outcome.record is not None
+    assert outcome.record.state is JobState.EXPIRED
     assert outcome.record.orphan is Cleanup.PENDING
     assert len(live(sandbox, fid)) == 1
     # And the sweeper's next pass cancels it and records that
@@ -285,7 +292,8 @@ def test_failed_cancel_leaves_a_pending_cleanup_that_the_sweeper_settles(
     while time.monotonic() < deadline and not sweeper.clean_up():
         time.sleep(0.2)
     record = job.store.get(fid)
-    assert record is not None and record.orphan is Cleanup.CANCELLED
+    assert record is not None
+    assert record.orphan is Cleanup.CANCELLED
     assert live(sandbox, fid) == []
 
 
@@ -339,7 +347,8 @@ def test_settings_that_break_a_guarantee_are_refused(values: dict[str, Any], nam
         Settings.load(_env_file=None, api_secret=secret, **values)
     text = str(info.value)
     assert named in text, text
-    assert secret not in text and secret[-20:] not in text
+    assert secret not in text
+    assert secret[-20:] not in text
 
 
 def test_keys_are_stripped() -> None:
@@ -378,9 +387,10 @@ def test_final_transition_rerun_returns_the_first_result(settings: Settings) -> 
         calls.append(first)
         return args(**kw)  # what redis-py's retry does after a lost reply
 
-    store._transition = twice  # type: ignore[method-assign]
+    store._transition = twice  # type: ignore[assignment]
     moved = store.finish(fid, "w1", JobState.CREATED, {"url": "https://pay.example.com/x"})
-    assert moved is not None and moved.record is not None
+    assert moved is not None
+    assert moved.record is not None
     assert moved.record.state is JobState.CREATED
     assert calls[0][0] == 1
     assert len(store.events()) >= 1

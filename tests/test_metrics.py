@@ -5,7 +5,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from invoice_worker.client import ProviderClient
 from invoice_worker.config import Settings
-from invoice_worker.embedded import free_port
+from invoice_worker.devstack.embedded import free_port
 from invoice_worker.job import InvoiceJob
 from invoice_worker.message import TaskMessage
 from invoice_worker.metrics import serve

@@ -21,7 +21,7 @@ from invoice_worker import constants as c
 from invoice_worker import producer as producer_module
 from invoice_worker.config import Settings
 from invoice_worker.constants import JobState
-from invoice_worker.embedded import free_port
+from invoice_worker.devstack.embedded import free_port
 from invoice_worker.errors import ConflictError, InvalidRequestError
 from invoice_worker.producer import Producer
 from tests.conftest import request_data

@@ -20,10 +20,10 @@ import redis
 from invoice_worker import constants as c
 from invoice_worker.config import Settings
 from invoice_worker.constants import ErrorCode, JobState
-from invoice_worker.embedded import EmbeddedRedis
+from invoice_worker.devstack.embedded import EmbeddedRedis
+from invoice_worker.devstack.processes import worker_process
 from invoice_worker.errors import ConflictError
 from invoice_worker.models import JobRecord
-from invoice_worker.processes import worker_process
 from invoice_worker.producer import Producer
 from invoice_worker.sandbox import Faults, Sandbox
 from tests.conftest import KEY, SECRET, live, make_settings, request_data

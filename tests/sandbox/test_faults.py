@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from invoice_worker.faults import OUTCOMES, REPLIES, Faults
+from invoice_worker.sandbox.faults import OUTCOMES, REPLIES, Faults
 
 RATES = (
     "error_500", "error_502", "error_503", "rate_limit", "rate_limit_bare", "timeout",

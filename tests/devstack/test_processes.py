@@ -12,8 +12,8 @@ import requests
 
 from invoice_worker import constants as c
 from invoice_worker.constants import JobState
-from invoice_worker.embedded import EmbeddedRedis, free_port
-from invoice_worker.processes import flower_process, worker_process
+from invoice_worker.devstack.embedded import EmbeddedRedis, free_port
+from invoice_worker.devstack.processes import flower_process, worker_process
 from invoice_worker.producer import Producer
 from invoice_worker.sandbox import Faults, Sandbox
 from tests.conftest import KEY, SECRET, make_settings, request_data
@@ -61,6 +61,23 @@ def test_flower_shows_task_without_personal_data(
     finally:
         producer.close()
         worker.stop()
+        flower.stop()
+
+
+def test_dev_flower_serves_loopback_only_without_login(
+    redis_server: EmbeddedRedis, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    settings = make_settings(redis_server.url, sandbox.url)
+    port = free_port()
+    flower = flower_process(settings, tmp_path, port=port)  # as `invoice-worker dev` starts it
+    assert "--dev-no-auth" in flower.argv
+    try:
+        flower.start(ready="Visit me at")
+        # The pages need no login (its API still does, unless FLOWER_UNAUTHENTICATED_API is set)
+        response = requests.get(f"http://127.0.0.1:{port}/workers", timeout=5)
+        assert response.status_code == 200
+        assert f"Visit me at http://127.0.0.1:{port}" in flower.log()
+    finally:
         flower.stop()
 
 

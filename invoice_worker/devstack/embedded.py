@@ -1,5 +1,6 @@
 """An embedded Redis for dev mode and tests: a private ``redis-server`` on a free loopback
-port when the binary is on PATH, else the fakeredis TCP server in this process."""
+port when the binary is on PATH, else the fakeredis TCP server in this process (fakeredis comes
+with the ``devstack`` extra, not with a production install)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,10 @@ from types import TracebackType
 from typing import Any
 
 import redis
+
+from invoice_worker.errors import ConfigError
+
+INSTALL_HINT = "pip install 'invoice-worker[devstack]'"
 
 
 def free_port() -> int:
@@ -42,6 +47,7 @@ class EmbeddedRedis:
         use_binary: bool = True,
         port: int | None = None,
     ) -> None:
+        self.use_binary = use_binary
         self.binary = shutil.which("redis-server") if use_binary else None
         self.kind = "redis-server" if self.binary else "fakeredis"
         self.appendonly = appendonly
@@ -58,14 +64,22 @@ class EmbeddedRedis:
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> EmbeddedRedis:
-        """Start the server and wait until it answers PING."""
-        if self.binary:
-            self.process = subprocess.Popen(  # noqa: S603 - our own argv, no shell
-                self._command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-            )
-        else:
-            self._start_fake()
-        self._wait_ready()
+        """Start the server and wait until it answers PING.
+
+        Raises:
+            ConfigError: no redis-server is used and fakeredis is not installed.
+        """
+        try:
+            if self.binary:
+                self.process = subprocess.Popen(  # noqa: S603 - our own argv, no shell
+                    self._command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                )
+            else:
+                self._start_fake()
+            self._wait_ready()
+        except BaseException:
+            self.kill()  # `with` never reaches __exit__ when __enter__ raises; the log stays
+            raise
         return self
 
     def _command(self) -> list[str]:
@@ -78,7 +92,11 @@ class EmbeddedRedis:
         return cmd
 
     def _start_fake(self) -> None:
-        from fakeredis import TcpFakeServer
+        try:
+            from fakeredis import TcpFakeServer
+        except ImportError:
+            missing = "no redis-server on PATH and " if self.use_binary else ""
+            raise ConfigError(f"{missing}fakeredis is not installed: {INSTALL_HINT}") from None
 
         class NoDelayServer(TcpFakeServer):
             # Nagle's algorithm stalls every small reply by ~40 ms: ~11 jobs/s instead of ~600.

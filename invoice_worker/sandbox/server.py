@@ -1,7 +1,7 @@
 """A local stand-in for the CoinsPaid / CryptoProcessing merchant API v2 (tests, dev, benchmarks).
 
 It speaks the real wire format (HMAC-SHA512 signed bodies, the provider's 400/403 bodies and
-Laravel-style field messages from `provider_rules`) and gives every create or cancel call one of
+Laravel-style field messages from `rules`) and gives every create or cancel call one of
 the outcomes in `faults`: from a script queue (the call's foreign_id first, then the global
 queue), else from one random draw against the `Faults` rates. Unauthenticated admin API, for
 loopback use: GET /_sandbox/invoices, GET|PUT /_sandbox/faults, POST /_sandbox/script,
@@ -27,10 +27,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import unquote
 
-from invoice_worker.faults import OUTCOMES, REPLIES, Faults
-from invoice_worker.provider_rules import foreign_id_of, parse_body, sender_amount, validate
+from invoice_worker.sandbox.faults import OUTCOMES, REPLIES, Faults
+from invoice_worker.sandbox.rules import foreign_id_of, parse_body, sender_amount, validate
 
-__all__ = ["Faults", "Sandbox"]  # Faults too, so callers need one import to set faults up
 _TIMER_SECONDS = 900  # the provider fixes the rate for 15 minutes
 _OPEN = ("created", "pending", "processing")  # the states a cancel may leave
 _BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -391,9 +390,3 @@ class Sandbox(ThreadingHTTPServer):
             self._state.cancelled.add(foreign_id)
             view = _view(invoice)
         return 200, _json({"data": view})
-
-
-if __name__ == "__main__":
-    from invoice_worker import cli  # here, not above: cli imports this module
-
-    raise SystemExit(cli.main(["sandbox", *sys.argv[1:]]))

@@ -2,27 +2,20 @@
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import hmac
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 
-from invoice_worker.cli import add_sandbox_arguments
-from invoice_worker.faults import Faults
 from invoice_worker.sandbox import Sandbox
+from invoice_worker.sandbox.faults import Faults
 
 KEY = "sandbox-test-key"
 SECRET = "AbCdEfG123456"  # the secret of the provider's official signature vector
@@ -38,7 +31,6 @@ BAD_SIGNATURE = {"error": "Bad signature header", "code": "bad_header_signature"
 BAD_FORMAT = {"error": "Bad content format", "code": "bad_content_format"}
 TOO_MANY = {"error": "Too Many Attempts.", "code": "too_many_requests"}
 MISSING = object()
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -46,12 +38,6 @@ def sandbox() -> Iterator[Sandbox]:
     """A fresh sandbox per test (this module's tests count calls and reset state)."""
     with Sandbox(KEY, SECRET) as server:
         yield server
-
-
-@pytest.fixture
-def http() -> Iterator[requests.Session]:
-    with requests.Session() as session:
-        yield session
 
 
 def sign(body: bytes, secret: str = SECRET) -> str:
@@ -605,40 +591,3 @@ def test_reset(sandbox: Sandbox, http: requests.Session) -> None:
     assert sandbox.faults == Faults()
     assert sandbox.stats() == {"create_calls": 0, "responses": {}, "per_second": {}}
     assert create(http, sandbox).status_code == 200  # neither the script nor the invoice remain
-
-
-# Command line
-
-
-def test_arguments() -> None:
-    parser = argparse.ArgumentParser()
-    add_sandbox_arguments(parser)
-    args = parser.parse_args(["--port", "0", "--error-502", "0.5", "--seed", "3", "--no-admin"])
-    assert (args.port, args.fault_error_502, args.fault_seed, args.admin) == (0, 0.5, 3, False)
-    assert args.fault_latency_ms is None  # so INVOICE_SANDBOX_LATENCY_MS can apply
-    assert parser.parse_args(["--min-amount", "10.5"]).min_amount == Decimal("10.5")
-    with pytest.raises(SystemExit):
-        parser.parse_args(["--min-amount", "ten"])
-
-
-@pytest.mark.parametrize("secret_from_env", [False, True])
-def test_command_line(http: requests.Session, secret_from_env: bool) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INVOICE_")}
-    env |= {"INVOICE_SANDBOX_ERROR_503": "1", "INVOICE_API_KEY": "cli-key"}
-    if secret_from_env:
-        env["INVOICE_API_SECRET"] = "cli-secret"
-    command = [sys.executable, "-m", "invoice_worker.sandbox", "--port", "0", "--error-503", "0"]
-    with subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True) as proc:
-        assert proc.stdout is not None
-        url = proc.stdout.readline().split()[-1]
-        assert proc.stdout.readline() == "key: cli-key\n"
-        secret = "cli-secret" if secret_from_env else proc.stdout.readline().split()[-1]
-        body = json.dumps(invoice()).encode()
-        headers = {"X-Processing-Key": "cli-key", "X-Processing-Signature": sign(body, secret)}
-        headers["Content-Type"] = "application/json"
-        # The flag (0) beats the environment (1) for error_503.
-        response = http.post(f"{url}/invoices/create", data=body, headers=headers, timeout=5)
-        assert response.status_code == 200
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=5) == 0
-        assert proc.stdout.read() == ""  # nothing more, in particular no secret from the env

@@ -98,17 +98,16 @@ def worker_process(
 def flower_process(
     settings: Settings, log_dir: Path, *, port: int, basic_auth: str | None = None
 ) -> ChildProcess:
-    """Flower on loopback ``port``, reading the same broker (needs the ``flower`` extra)."""
-    argv = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        APP,
-        "flower",
-        f"--port={port}",
-        "--address=127.0.0.1",
-    ]
+    """Flower on loopback ``port`` through ``invoice-worker flower`` (needs the ``flower`` extra).
+
+    With ``basic_auth`` (``user:password``, passed in the environment, not on the command line)
+    it asks for that login; without, it runs with the wrapper's dev-only ``--dev-no-auth``.
+    """
+    argv = [sys.executable, "-m", "invoice_worker.cli", "flower", f"--port={port}"]
+    argv.append("--address=127.0.0.1")
+    env = child_env(settings)
     if basic_auth:
-        argv.append(f"--basic-auth={basic_auth}")
-    return ChildProcess(f"flower-{port}", argv, child_env(settings), log_dir)
+        env["FLOWER_BASIC_AUTH"] = basic_auth
+    else:
+        argv.append("--dev-no-auth")
+    return ChildProcess(f"flower-{port}", argv, env, log_dir)

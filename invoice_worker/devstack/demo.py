@@ -1,117 +1,21 @@
-"""``invoice-worker dev``: the whole stack on one machine, with nothing installed beforehand.
-
-Redis: ``INVOICE_BROKER_URL`` / ``INVOICE_REDIS_URL`` when set, else an embedded one.
-Provider: ``INVOICE_API_URL`` when set, else the sandbox with generated keys.
-Then a worker, Flower when installed, and with ``--demo N`` a scripted run of N invoices.
-"""
+"""The demo of ``invoice-worker dev --demo N``: sample invoices, duplicates, faults, a report."""
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import secrets
-import signal
 import sys
-import tempfile
-import threading
 import time
-from contextlib import ExitStack
-from pathlib import Path
-from types import FrameType
 from typing import Any
 
-from invoice_worker.config import Settings
 from invoice_worker.constants import FINAL_STATES, JobState
-from invoice_worker.embedded import EmbeddedRedis, free_port
+from invoice_worker.devstack.processes import ChildProcess
 from invoice_worker.errors import ConflictError, InvalidRequestError
 from invoice_worker.models import JobRecord
-from invoice_worker.privacy import redact_url
-from invoice_worker.processes import ChildProcess, flower_process, worker_process
 from invoice_worker.producer import Producer
 from invoice_worker.sandbox import Sandbox
 
 # Faults the demo injects (by job number) when it runs its own sandbox.
 DEMO_FAULTS = {3: ["503"], 5: ["429"], 8: ["502", "500"], 11: ["commit_then_502"]}
-
-
-def add_dev_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``invoice-worker dev``."""
-    parser.add_argument(
-        "--demo", type=int, metavar="N", help="enqueue N sample invoices, show them, exit"
-    )
-    parser.add_argument(
-        "--pool", default="threads", choices=["threads", "prefork", "solo", "gevent"]
-    )
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--flower-port", type=int, default=5555)
-    parser.add_argument("--no-flower", dest="flower", action="store_false")
-    parser.add_argument("--timeout", type=float, default=120, help="--demo gives up after this")
-    parser.add_argument(
-        "--fakeredis", action="store_true", help="embed fakeredis even if redis-server exists"
-    )
-
-
-def run_dev(args: argparse.Namespace, settings: Settings) -> int:
-    """Start the stack; with ``--demo`` run it and exit, else serve until Ctrl-C."""
-    with ExitStack() as stack:
-        log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="invoice-dev-")))
-        settings, sandbox = _start_services(settings, stack, use_binary=not args.fakeredis)
-        worker = worker_process(settings, log_dir, pool=args.pool, concurrency=args.concurrency)
-        stack.callback(worker.stop)
-        worker.start(ready="ready.")
-        print(f"worker     {args.pool} x {args.concurrency} on queue {settings.queue!r}")
-        print(f"           log: {worker.log_path}")
-        if args.flower and importlib.util.find_spec("flower") is not None:
-            flower = flower_process(settings, log_dir, port=args.flower_port)
-            stack.callback(flower.stop)
-            flower.start()
-            print(f"flower     http://127.0.0.1:{args.flower_port}/")
-        elif args.flower:
-            print("flower     not installed (pip install 'invoice-worker[flower]')")
-        producer = Producer(settings)
-        stack.callback(producer.close)
-        if args.demo:
-            return Demo(producer, sandbox, worker).run(args.demo, timeout=args.timeout)
-        print("\nready: enqueue with  invoice-worker enqueue --file request.json --wait 30")
-        print(
-            "        (in another shell, with the INVOICE_* variables printed above); Ctrl-C stops"
-        )
-        _wait_for_signal()
-        print("\nstopping...")
-    return 0
-
-
-def _start_services(
-    settings: Settings, stack: ExitStack, *, use_binary: bool
-) -> tuple[Settings, Sandbox | None]:
-    given = settings.model_fields_set
-    if "broker_url" in given or "redis_url" in given:
-        print(f"redis      {redact_url(settings.state_url)} (from INVOICE_*)")
-    else:
-        redis_server = stack.enter_context(EmbeddedRedis(use_binary=use_binary))
-        settings = settings.replace(broker_url=redis_server.url, redis_url=redis_server.url)
-        print(f"redis      {redis_server.url} (embedded {redis_server.kind})")
-    sandbox = None
-    if "api_url" in given:
-        print(f"provider   {settings.api_url} (from INVOICE_API_URL)")
-    else:
-        key, secret = f"dev-{secrets.token_hex(6)}", secrets.token_urlsafe(24)
-        sandbox = stack.enter_context(Sandbox(key, secret, port=free_port()))
-        settings = settings.replace(api_url=sandbox.url, api_key=key, api_secret=secret)
-        print(f"provider   {sandbox.url} (sandbox; admin at {sandbox.admin_url})")
-    print(f"\nexport INVOICE_BROKER_URL={settings.broker_url} INVOICE_API_URL={settings.api_url}")
-    return settings, sandbox
-
-
-def _wait_for_signal() -> None:
-    stop = threading.Event()
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-    stop.wait()
 
 
 def demo_request(run: str, n: int) -> dict[str, Any]:

@@ -6,7 +6,7 @@ from decimal import Decimal
 
 import pytest
 
-from invoice_worker.provider_rules import (
+from invoice_worker.sandbox.rules import (
     foreign_id_of,
     parse_body,
     parse_number,

@@ -1,0 +1,64 @@
+"""The sandbox's command line: its options, ``python -m invoice_worker.sandbox``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+import requests
+
+from invoice_worker.sandbox.cli import add_arguments
+from tests.sandbox.test_server import invoice, sign
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+def test_arguments() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--port", "0", "--error-502", "0.5", "--seed", "3", "--no-admin"])
+    assert (args.port, args.fault_error_502, args.fault_seed, args.admin) == (0, 0.5, 3, False)
+    assert args.fault_latency_ms is None  # so INVOICE_SANDBOX_LATENCY_MS can apply
+    assert parser.parse_args(["--min-amount", "10.5"]).min_amount == Decimal("10.5")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--min-amount", "ten"])
+
+
+@pytest.mark.parametrize("secret_from_env", [False, True])
+def test_command_line(http: requests.Session, secret_from_env: bool) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INVOICE_")}
+    env |= {"INVOICE_SANDBOX_ERROR_503": "1", "INVOICE_API_KEY": "cli-key"}
+    if secret_from_env:
+        env["INVOICE_API_SECRET"] = "cli-secret"
+    command = [sys.executable, "-m", "invoice_worker.sandbox", "--port", "0", "--error-503", "0"]
+    with subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().split()[-1]
+        assert proc.stdout.readline() == "key: cli-key\n"
+        secret = "cli-secret" if secret_from_env else proc.stdout.readline().split()[-1]
+        body = json.dumps(invoice()).encode()
+        headers = {"X-Processing-Key": "cli-key", "X-Processing-Signature": sign(body, secret)}
+        headers["Content-Type"] = "application/json"
+        # The flag (0) beats the environment (1) for error_503.
+        response = http.post(f"{url}/invoices/create", data=body, headers=headers, timeout=5)
+        assert response.status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=5) == 0
+        assert proc.stdout.read() == ""  # nothing more, in particular no secret from the env
+
+
+def test_module_help_runs_the_package_once() -> None:
+    # -W error: runpy warns (here: fails) when the package had already imported its __main__.
+    command = [sys.executable, "-W", "error", "-m", "invoice_worker.sandbox", "--help"]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert proc.stdout.startswith("usage: python -m invoice_worker.sandbox")
+    assert "--error-502 N" in proc.stdout
+    assert "--min-amount EUR" in proc.stdout
