@@ -63,6 +63,11 @@ class FleetCollector(Collector):
         for reason in DEFERRALS:
             deferred.add_metric([reason], stats.get(f"deferrals:{reason}", 0.0))
         yield deferred
+        yield CounterMetricFamily(
+            "invoice_dead_letters",
+            "Broker entries set aside undelivered (see <prefix>dead-letter)",
+            value=stats.get("dead_letters", 0.0),
+        )
         yield _latency(stats)
         status = provider_status(self.store, self.settings)
         yield GaugeMetricFamily(
