@@ -13,6 +13,7 @@ from celery import Celery, bootsteps
 from invoice_worker import logs, tasks
 from invoice_worker.config import Settings
 from invoice_worker.constants import TASK_NAME
+from invoice_worker.transport import broker_conf
 
 
 def create_app(settings: Settings) -> Celery:
@@ -58,6 +59,8 @@ def create_app(settings: Settings) -> Celery:
         task_send_sent_event=settings.task_events,
         worker_hijack_root_logger=True,
     )
+    app.conf.update(broker_conf(settings, transport))  # malformed broker entries: set aside
+    app.conf.update(worker_consumer="invoice_worker.consumer:Consumer")  # a path: lazy import
     if settings.log_format == "json":
         logs.use_json_logs()
     app.steps["worker"].add(_preflight_step(settings))

@@ -129,6 +129,9 @@ DONE_CHANNEL = "done:"
 PROVIDER_KEY = "provider"
 #: Counters for metrics (jobs by state, retries, deferrals, latency histogram): a hash.
 STATS_KEY = "stats"
+#: Broker entries the worker could not decode, raw (``invoice_worker.transport``): a capped
+#: list. Like the broker message they may hold ``email_user``.
+DEAD_LETTER_KEY = "dead-letter"
 #: Jobs not yet final, scored by when they must have moved on: a sorted set (the sweeper's).
 DUE_KEY = "due"
 #: The task kwargs of a job not yet final, to send again if its message is lost: a string.

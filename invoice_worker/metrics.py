@@ -66,6 +66,11 @@ class FleetCollector(Collector):
         for reason in DeferReason:
             deferred.add_metric([reason], stats.get(f"deferrals:{reason}", 0.0))
         yield deferred
+        yield CounterMetricFamily(
+            "invoice_dead_letters",
+            "Broker entries set aside undelivered (see <prefix>dead-letter)",
+            value=stats.get("dead_letters", 0.0),
+        )
         yield _latency(stats)
         status = provider_status(self.store, self.settings)
         yield GaugeMetricFamily(
@@ -94,11 +99,6 @@ class FleetCollector(Collector):
         for outcome in (Cleanup.CANCELLED, Cleanup.FINAL, Cleanup.MAY_REMAIN):
             settled.add_metric([outcome], stats.get(f"cleanups:{outcome}", 0.0))
         yield settled
-        yield CounterMetricFamily(
-            "invoice_dead_letters",
-            "Broker entries that could not be decoded (kept aside)",
-            value=stats.get("dead_letters", 0.0),
-        )
 
 
 def _latency(stats: dict[str, float]) -> HistogramMetricFamily:

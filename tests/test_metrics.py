@@ -42,6 +42,8 @@ def test_metrics_reflect_the_fleet(settings: Settings, sandbox: Sandbox) -> None
     sandbox.script(["503"], foreign_id=failing["request"]["foreign_id"])
     job.run(retrying, task_id="b", owner="b")
     job.run(failing, task_id="c", owner="c")
+    # And two broker entries a worker set aside (as invoice_worker.transport counts them)
+    job.store.redis.hincrby(job.store.stats, "dead_letters", 2)
     metrics = scrape(port)
     producer.close()
     # Then
@@ -54,3 +56,4 @@ def test_metrics_reflect_the_fleet(settings: Settings, sandbox: Sandbox) -> None
     assert metrics[("invoice_provider_latency_seconds_bucket", (("le", "+Inf"),))] == 3
     assert metrics[("invoice_circuit_state", ())] == 2  # two failures in a row: open
     assert metrics[("invoice_circuit_opened_total", ())] == 1
+    assert metrics[("invoice_dead_letters_total", ())] == 2
