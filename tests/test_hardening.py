@@ -19,6 +19,7 @@ from invoice_worker.constants import Cleanup, ErrorCode, JobState
 from invoice_worker.errors import ConflictError, InvalidRequestError
 from invoice_worker.job import InvoiceJob
 from invoice_worker.models import InvoiceRequest, parse_request
+from invoice_worker.preflight import require_noeviction, server_settings
 from invoice_worker.producer import Producer
 from invoice_worker.sandbox import Faults, Sandbox
 from invoice_worker.store import JobStore
@@ -360,12 +361,11 @@ def test_keys_are_stripped() -> None:
 def test_an_evicting_job_store_is_refused(settings: Settings, redis_client: redis.Redis) -> None:
     from invoice_worker.errors import ConfigError
 
-    store = JobStore.from_settings(settings)
-    assert "noeviction" in store.server_settings()["maxmemory_policy"]
+    assert server_settings(redis_client)["maxmemory_policy"] == "noeviction"
     redis_client.config_set("maxmemory-policy", "allkeys-lru")
     try:
         with pytest.raises(ConfigError, match="noeviction"):
-            store.require_noeviction()
+            require_noeviction(redis_client)
     finally:
         redis_client.config_set("maxmemory-policy", "noeviction")
 
