@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from typing import Any
 
 import pytest
+import requests
 import responses
 
 from invoice_worker import constants as c
@@ -16,7 +18,9 @@ from invoice_worker.job import InvoiceJob, Outcome, backoff, derived_foreign_id,
 from invoice_worker.message import Message
 from invoice_worker.models import parse_request
 from invoice_worker.sandbox import Sandbox
-from tests.conftest import job_kwargs, live, make_job, request_data
+from invoice_worker.store import JobStore
+from invoice_worker.transport import ProviderAdapter
+from tests.conftest import KEY, SECRET, job_kwargs, live, make_job, request_data
 
 
 @pytest.fixture
@@ -262,27 +266,38 @@ def test_conflicting_message_does_not_touch_the_job(job: InvoiceJob, sandbox: Sa
     assert job.store.get(kwargs["request"]["foreign_id"])["state"] == c.CREATED  # type: ignore[index]
 
 
+class BlowsUpOnce(ProviderAdapter):
+    """Sends for real, then raises once: a bug in our own code after the request went out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.creates: list[str] = []
+
+    def send(self, request: requests.PreparedRequest, *args: Any, **kwargs: Any) -> Any:
+        response = super().send(request, *args, **kwargs)
+        if (request.url or "").endswith("/invoices/create"):
+            self.creates.append(json.loads(request.body or b"{}")["foreign_id"])
+            if len(self.creates) == 1:
+                response.close()
+                raise RuntimeError("bug after the request went out")
+        return response
+
+
 def test_unexpected_error_in_call_is_retried_as_ambiguous(
-    job: InvoiceJob, sandbox: Sandbox
+    settings: Settings, sandbox: Sandbox
 ) -> None:
     kwargs = job_kwargs()
     fid = kwargs["request"]["foreign_id"]
-    real = job.client.create_invoice
-    calls: list[str] = []
-
-    def flaky(request: Any) -> Any:
-        calls.append(request.foreign_id)
-        if len(calls) == 1:
-            real(request)  # the invoice is made, then our own code blows up
-            raise RuntimeError("bug after the request went out")
-        return real(request)
-
-    job.client.create_invoice = flaky  # type: ignore[method-assign]
+    adapter = BlowsUpOnce()
+    session = requests.Session()
+    session.mount("http://", adapter)
+    client = ProviderClient(settings.api_url, KEY, SECRET, session=session)
+    job = InvoiceJob(JobStore.from_settings(settings), client, settings, rand=lambda: 0.0)
     outcome, runs = drive(job, kwargs)
     assert outcome.record is not None
     assert outcome.record["state"] == c.CREATED
     assert runs == 2
-    assert calls == [fid, fid, f"{fid}~r1"]
+    assert adapter.creates == [fid, fid, f"{fid}~r1"]
     assert len(live(sandbox, fid)) == 1
 
 
