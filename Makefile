@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install lint format mypy test run chaos bench all clean
+.PHONY: install lint lint-ruff lint-format lint-lua format mypy test run chaos bench all clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -13,9 +13,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-lint: $(STAMP)
+lint: lint-ruff lint-format lint-lua
+
+lint-ruff: $(STAMP)
 	$(BIN)/ruff check .
+
+lint-format: $(STAMP)
 	$(BIN)/ruff format --check .
+
+lint-lua:
 	luacheck -q invoice_worker/lua
 
 format: $(STAMP)
@@ -25,8 +31,9 @@ format: $(STAMP)
 mypy: $(STAMP)
 	$(BIN)/mypy
 
+# Coverage here only: a targeted `pytest tests/test_x.py` stays quick.
 test: lint mypy
-	$(BIN)/pytest
+	$(BIN)/pytest --cov=invoice_worker --cov-report=term-missing:skip-covered
 
 run: $(STAMP)
 	$(BIN)/invoice-worker dev --demo 20
@@ -41,4 +48,4 @@ bench: $(STAMP)
 all: format test
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage .coverage.*

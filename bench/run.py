@@ -84,8 +84,8 @@ def worker_cases(plan: str, args: argparse.Namespace) -> list[WorkerCase]:
             if pool not in pools or (args.only and f"{pool}:{c}" not in args.only):
                 continue
             jobs = job_count(latency, c * procs, SECONDS[plan] * args.scale)
-            one = {"pool": pool, "concurrency": c, "latency_ms": latency, "jobs": jobs}
-            one |= {"workers": procs, "producers": args.producers}
+            one: dict[str, Any] = {"pool": pool, "concurrency": c, "latency_ms": latency}
+            one |= {"jobs": jobs, "workers": procs, "producers": args.producers}
             off = not latency and (pool, c) in EVENTS_OFF[plan] and procs == args.workers
             for events in (True, False) if off else (True,):
                 cases += [WorkerCase(kind, events=events, **one) for kind in KINDS]
@@ -125,7 +125,7 @@ def machine(stack: Stack) -> dict[str, Any]:
         (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
          if line.startswith("model name")), platform.processor(),
     )  # fmt: skip
-    versions = {}
+    versions: dict[str, str | None] = {}
     for name in ("celery", "kombu", "redis", "requests", "gevent", "invoice-worker"):
         try:
             versions[name] = importlib.metadata.version(name)

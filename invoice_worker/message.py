@@ -55,7 +55,7 @@ def _deadline(value: Any) -> Any:
 
 
 def _name(value: str) -> str:
-    if not _NAME_RE.match(value):
+    if not _NAME_RE.fullmatch(value):
         raise ValueError("must be 1-255 printable characters without spaces")
     return value
 

@@ -87,7 +87,7 @@ def _https_domain_url(value: str) -> str:
     labels = host.split(".")
     if host == "localhost" or host.endswith(".localhost") or len(labels) < 2:
         raise ValueError("must use a public domain name (not localhost)")
-    if not all(_LABEL_RE.match(label) for label in labels) or labels[-1].isdigit():
+    if not all(_LABEL_RE.fullmatch(label) for label in labels) or labels[-1].isdigit():
         raise ValueError("must use a valid domain name")
     try:
         parts.port  # noqa: B018 - raises on a malformed port
@@ -124,7 +124,7 @@ class InvoiceRequest(BaseModel):
     @field_validator("currency", "sender_currency")
     @classmethod
     def _ticker(cls, value: str | None) -> str | None:
-        if value is not None and not TICKER_RE.match(value):
+        if value is not None and not TICKER_RE.fullmatch(value):
             raise ValueError("must be an upper-case ticker of 2-10 letters or digits, e.g. BTC")
         return value
 
@@ -146,7 +146,7 @@ class InvoiceRequest(BaseModel):
     @field_validator("email_user")
     @classmethod
     def _email(cls, value: str) -> str:
-        if not EMAIL_RE.match(value):
+        if not EMAIL_RE.fullmatch(value):
             raise ValueError("must be a valid e-mail address")
         return value
 
@@ -184,7 +184,7 @@ def check_foreign_id(value: str) -> str:
     Raises:
         ValueError: naming the rule broken.
     """
-    if not _FOREIGN_ID_RE.match(value):
+    if not _FOREIGN_ID_RE.fullmatch(value):
         raise ValueError("must be printable ASCII without control characters or surrounding spaces")
     if DERIVED_SEPARATOR in value:
         raise ValueError(

@@ -18,6 +18,8 @@ PERSONAL_FIELDS = frozenset({"email_user"})
 TEXT_LIMIT = 500
 #: Longest ``kwargsrepr`` Celery shows.
 REPR_LIMIT = 1024
+# Longest e-mail address (RFC 5321: 64-character local part, "@", 255-character domain).
+_ADDRESS_MAX = 320
 
 _LOCAL_PUNCT = frozenset(".!#$%&'*+/=?^_`{|}~-")
 _DOMAIN_PUNCT = frozenset(".-")
@@ -84,10 +86,17 @@ def escape_controls(text: str) -> str:
 
 
 def redact(text: str, limit: int = TEXT_LIMIT) -> str:
-    """Bound, unmask-proof and log-safe: truncate first, then mask e-mails, escape controls."""
+    """Bound, unmask-proof and log-safe: at most ``limit`` characters before control
+    characters are escaped, e-mail addresses masked.
+
+    A long text is masked over its first ``limit`` characters plus the longest address, then
+    cut: an address the cut runs through is masked whole instead of shown in part.
+    """
     if len(text) > limit:
-        text = text[: limit - 3] + "..."
-    return escape_controls(mask_emails(text))
+        text = mask_emails(text[: limit + _ADDRESS_MAX])[: limit - 3] + "..."
+    else:
+        text = mask_emails(text)
+    return escape_controls(text)
 
 
 def masked(value: Any) -> Any:

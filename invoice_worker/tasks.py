@@ -65,6 +65,7 @@ def register(app: Celery, settings: Settings) -> Task:
 
     @app.task(  # type: ignore[untyped-decorator]
         base=InvoiceTask,
+        shared=False,  # this app only: a shared task is registered on every app built later
         name=TASK_NAME,
         bind=True,
         # Late ack is safe only because the job is idempotent (claim + lease + foreign_id).

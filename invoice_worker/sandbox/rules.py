@@ -74,27 +74,45 @@ def _is_public_https(url: Any) -> bool:
 def _check(name: str, value: Any, currency: Any, min_amount: Decimal) -> tuple[str, Any]:
     """Return ("", clean value) or (message template, None) for a present value of a field."""
     if name == "timer":
-        # Laravel's boolean rule (the provider's) also takes 0, 1, "0" and "1".
-        if type(value) in (bool, int, str) and value in (True, False, "0", "1"):
-            return "", value in (True, "1")
-        return "The :attribute field must be true or false.", None
+        return _check_timer(value)
     if name in _MAX_LENGTH:
-        if not isinstance(value, str):
-            return "The :attribute must be a string.", None
-        if len(value) > (limit := _MAX_LENGTH[name]):
-            return f"The :attribute may not be greater than {limit} characters.", None
-        if name == "foreign_id" and _EMAIL_INSIDE.search(value):  # no personal data allowed
-            return "The :attribute format is invalid.", None
+        return _check_text(name, value)
     if name == "amount":
-        if (amount := parse_number(value)) is None:
-            return "The :attribute must be a number.", None
-        if amount > _MAX_AMOUNT:
-            return f"The :attribute may not be greater than {_MAX_AMOUNT}.", None
-        if (amount := amount.quantize(_Q8)) <= 0:
-            return "The :attribute must be greater than 0.", None
-        if amount * _EUR_RATES.get(currency, _ONE) < min_amount:
-            return f"The amount is too small. The minimum amount is {min_amount:.2f} EUR.", None
-        return "", amount
+        return _check_amount(value, currency, min_amount)
+    return _check_format(name, value)
+
+
+def _check_timer(value: Any) -> tuple[str, Any]:
+    # Laravel's boolean rule (the provider's) also takes 0, 1, "0" and "1".
+    if type(value) in (bool, int, str) and value in (True, False, "0", "1"):
+        return "", value in (True, "1")
+    return "The :attribute field must be true or false.", None
+
+
+def _check_text(name: str, value: Any) -> tuple[str, Any]:
+    if not isinstance(value, str):
+        return "The :attribute must be a string.", None
+    if len(value) > (limit := _MAX_LENGTH[name]):
+        return f"The :attribute may not be greater than {limit} characters.", None
+    if name == "foreign_id" and _EMAIL_INSIDE.search(value):  # no personal data allowed
+        return "The :attribute format is invalid.", None
+    return "", value
+
+
+def _check_amount(value: Any, currency: Any, min_amount: Decimal) -> tuple[str, Any]:
+    if (amount := parse_number(value)) is None:
+        return "The :attribute must be a number.", None
+    if amount > _MAX_AMOUNT:
+        return f"The :attribute may not be greater than {_MAX_AMOUNT}.", None
+    if (amount := amount.quantize(_Q8)) <= 0:
+        return "The :attribute must be greater than 0.", None
+    if amount * _EUR_RATES.get(currency, _ONE) < min_amount:
+        return f"The amount is too small. The minimum amount is {min_amount:.2f} EUR.", None
+    return "", amount
+
+
+def _check_format(name: str, value: Any) -> tuple[str, Any]:
+    """type, currency, sender_currency, url_success, url_failed, email_user."""
     if name == "type" and value not in ("fill_or_kill", "good_until_expired"):
         return "The selected :attribute is invalid.", None
     if "currency" in name and not (isinstance(value, str) and _TICKER.fullmatch(value)):
