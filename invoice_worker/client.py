@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import json
 import time
 from typing import Any, NamedTuple
@@ -22,7 +21,7 @@ from urllib3.exceptions import HTTPError
 from urllib3.util.retry import Retry
 
 from invoice_worker.answers import BODY_LIMIT, answer_problems, error_for_response, transport_error
-from invoice_worker.config import Settings
+from invoice_worker.config import Settings, loopback_host
 from invoice_worker.errors import AmbiguousResponseError, ProviderConnectionError, ProviderError
 from invoice_worker.exchange import Exchange, NotSent, ProviderAdapter, Watchdog, bound
 from invoice_worker.models import Invoice, InvoiceRequest
@@ -261,15 +260,7 @@ def read_capped(response: requests.Response, cap: int) -> tuple[bytes, bool]:
 
 def _is_local_http(api_url: str) -> bool:
     parts = urlsplit(api_url)
-    if parts.scheme != "http":
-        return False
-    host = parts.hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return parts.scheme == "http" and loopback_host(parts.hostname or "")
 
 
 def _own_session(api_url: str, pool_size: int) -> requests.Session:

@@ -107,7 +107,7 @@ class Settings(BaseSettings):
         parts = urlsplit(value)
         if parts.scheme == "https" and parts.hostname:
             return value
-        if parts.scheme == "http" and _loopback(parts.hostname or ""):
+        if parts.scheme == "http" and loopback_host(parts.hostname or ""):
             return value  # the local sandbox: the signature still protects the body
         raise ValueError(
             "must be an https:// URL (plain http:// only to a loopback host, for the sandbox)"
@@ -250,7 +250,8 @@ def settings_errors(exc: ValidationError) -> str:
     return "invalid settings:\n  " + "\n  ".join(lines)
 
 
-def _loopback(host: str) -> bool:
+def loopback_host(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1)."""
     if host == "localhost":
         return True
     try:

@@ -57,7 +57,7 @@ _SAFE_TASK_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 def safe_task_id(task_id: str) -> str:
     """The task id as we log and key it: a hostile producer chooses it, so anything but a
     plain id is replaced by its hash."""
-    if _SAFE_TASK_ID.match(task_id):
+    if _SAFE_TASK_ID.fullmatch(task_id):
         return task_id
     return "sha256-" + hashlib.sha256(task_id.encode()).hexdigest()[:32]
 

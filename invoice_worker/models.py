@@ -70,6 +70,9 @@ def _decimal(value: Any) -> Any:
 def _https_domain_url(value: str) -> str:
     if len(value) > 2048:
         raise ValueError("must be at most 2048 characters")
+    if not value.isprintable() or " " in value:
+        # urlsplit drops tabs and newlines before parsing, but the stored URL would keep them.
+        raise ValueError("must not contain spaces or control characters")
     parts = urlsplit(value)
     if parts.scheme != "https":
         raise ValueError("must use the https scheme")

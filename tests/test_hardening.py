@@ -526,3 +526,12 @@ def test_a_message_whose_kwargs_is_a_list_ends_recorded(
     assert record.error_code == ErrorCode.INVALID_MESSAGE
     assert "kwargs" in record.errors
     assert worker.alive
+
+
+@pytest.mark.parametrize("task_id", ["abc\n", "a b", "t" * 65, "x@example.com", ""])
+def test_task_ids_that_are_not_plain_are_hashed(task_id: str) -> None:
+    from invoice_worker.job import safe_task_id
+
+    safe = safe_task_id(task_id)
+    assert safe.startswith("sha256-")
+    assert safe == safe_task_id(task_id)  # stable: a redelivery finds the same record

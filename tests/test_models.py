@@ -63,6 +63,8 @@ def test_valid_request_round_trips() -> None:
         ("url_failed", "https://user:pw@shop.example.com/failed", "credentials"),
         ("url_failed", "https://shop..example.com/", "valid domain name"),
         ("url_failed", "https://shop.example.com:99999/", "valid port"),
+        ("url_failed", "https://shop.example.com/fai\nled", "control characters"),
+        ("url_success", "https://shop.example.com/a b", "spaces"),
         ("email_user", "not-an-address", "valid e-mail address"),
         ("email_user", "a@b", "valid e-mail address"),
         ("email_user", "jane@example.com\n", "valid e-mail address"),

@@ -7,11 +7,11 @@ Fault flags left unset fall back to ``INVOICE_SANDBOX_<FIELD>`` variables; the k
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import secrets
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import fields
 from decimal import Decimal
@@ -71,9 +71,16 @@ def run(args: argparse.Namespace) -> int:
     print(f"sandbox provider API at {sandbox.url}\nkey: {key}", flush=True)
     if not given_secret:  # made up here, so showing it once is the only way to configure a worker
         print(f"secret: {secret}", flush=True)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM as KeyboardInterrupt
-    with contextlib.suppress(KeyboardInterrupt):
-        sandbox.serve_forever()
+
+    # A signal must not raise inside the accept loop (a KeyboardInterrupt while it starts a
+    # handler thread is swallowed by socketserver and the server keeps serving): the handler
+    # asks another thread to stop the loop, which then returns here.
+    def request_stop(*_: object) -> None:
+        threading.Thread(target=sandbox.stop, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    sandbox.serve_forever()
     sandbox.stop()
     return 0
 
