@@ -38,7 +38,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Seconds kept between the last instant a request may leave and the end of the lease.
+#: Seconds kept between the last instant a request may leave and the end of the lease (at most
+#: a tenth of the lease, so a short lease still lets a call through).
 FENCE_MARGIN = 1.0
 
 
@@ -77,7 +78,14 @@ class Attempt:
     """One claimed attempt: the only code that calls the provider."""
 
     def __init__(
-        self, job: InvoiceJob, message: TaskMessage, record: JobRecord, task_id: str, owner: str
+        self,
+        job: InvoiceJob,
+        message: TaskMessage,
+        record: JobRecord,
+        task_id: str,
+        owner: str,
+        *,
+        fenced_at: float,
     ) -> None:
         self.job = job
         self.settings = job.settings
@@ -90,7 +98,12 @@ class Attempt:
         self.attempts = record.attempts or 1
         self.latency_ms = 0.0
         self.report = Report()  # what the last provider call said about the provider
-        self.fenced_at = time.monotonic()  # the claim renewed the lease just now
+        # Taken before the claim was sent: its lease runs from a moment after this, so a
+        # stall between the claim and this attempt counts against the lease, not past it.
+        self.fenced_at = fenced_at
+        # The record, not the message, is the authority on the deadline: a resent message
+        # (another enqueue of the same request) must not widen it.
+        self.deadline = record.deadline
 
     def start(self, status: ClaimStatus, reason: str = "") -> Outcome:
         provider_id = self.record.provider_foreign_id or self.foreign_id
@@ -125,7 +138,8 @@ class Attempt:
         except TransientProviderError as exc:
             return self._retry(exc, ambiguous=ambiguous or exc.ambiguous, provider_id=provider_id)
         except ProviderError as exc:
-            return self.finish(JobState.FAILED, **exc.to_dict())
+            # After an ambiguous attempt an invoice may exist whatever this answer says.
+            return self._give_up(JobState.FAILED, provider_id, ambiguous, **exc.to_dict())
         if self._past_deadline():
             # Answered after the deadline: the shop has moved on, so this invoice must not live.
             return self._give_up(
@@ -181,7 +195,7 @@ class Attempt:
         retry_after = getattr(exc, "retry_after", None)
         if retry_after is not None:
             delay = min(max(delay, retry_after), settings.retry_cap)
-        deadline = self.message.deadline
+        deadline = self.deadline
         if deadline is not None and time.time() + delay >= deadline:
             return self._give_up(
                 JobState.EXPIRED, provider_id, ambiguous, error_code=ErrorCode.DEADLINE_PASSED,
@@ -235,6 +249,12 @@ class Attempt:
         )
         if moved is None:
             return self._lost()
+        if moved.past_deadline:  # checked by the script itself, on Redis' clock
+            return self._give_up(
+                JobState.EXPIRED, values["provider_foreign_id"], True,
+                error_code=ErrorCode.DEADLINE_PASSED,
+                error="the invoice was created after the deadline, and cancelled",
+            )  # fmt: skip
         self._circuit(moved)
         self._log(state, error_code=values.get("error_code"), orphan=values.get("orphan"))
         return Outcome(moved.record, finished=True)
@@ -257,14 +277,15 @@ class Attempt:
         """The last monotonic instant a request may leave: its whole exchange must end while
         the lease is held, and no create may start after the job's deadline."""
         settings = self.settings
-        send_by = self.fenced_at + settings.lease - settings.exchange_timeout - FENCE_MARGIN
-        deadline = self.message.deadline
+        margin = min(FENCE_MARGIN, settings.lease / 10)
+        send_by = self.fenced_at + settings.lease - settings.exchange_timeout - margin
+        deadline = self.deadline
         if creating and deadline is not None:
             send_by = min(send_by, time.monotonic() + deadline - time.time())
         return send_by
 
     def _past_deadline(self) -> bool:
-        deadline = self.message.deadline
+        deadline = self.deadline
         return deadline is not None and time.time() >= deadline
 
     def _circuit(self, moved: Moved) -> None:

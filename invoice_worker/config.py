@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from invoice_worker.constants import CLEANUP_BACKOFF_CAP, CLEANUP_TRIES
 from invoice_worker.errors import ConfigError
 
 DEFAULT_API_URL = "https://app.cryptoprocessing.com/api/v2"
@@ -191,6 +192,13 @@ class Settings(BaseSettings):
         if self.broker_url.startswith(REDIS_SCHEMES):
             return self.broker_visibility_timeout / 2
         return AMQP_MAX_COUNTDOWN
+
+    @property
+    def cleanup_horizon(self) -> float:
+        """Seconds the tries of one pending cleanup may take (the sweeper's backoff), plus an
+        hour: how long a record with a pending cleanup is kept at least."""
+        base, cap = self.retry_base * 10, CLEANUP_BACKOFF_CAP
+        return sum(min(cap, base * 2.0**n) for n in range(CLEANUP_TRIES)) + 3600
 
     @property
     def exchange_timeout(self) -> float:

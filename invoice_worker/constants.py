@@ -140,6 +140,13 @@ COPY_KEY = "msg:"
 #: Invoices to cancel after a final job (a give-up cancel that failed): a sorted set of
 #: provider ids scored by the next try; the details live in ``<prefix>cleanup:<id>`` hashes.
 CLEANUP_KEY = "cleanup"
+#: A script's answer kept for a short while under ``<prefix>batch:<op>``, so that a re-run after
+#: a lost reply (redis-py re-sends the script) answers what the first run did.
+BATCH_KEY = "batch:"
+#: Cancels tried for one pending cleanup before it is left to a human (about 2 hours), and the
+#: longest wait between two of them.
+CLEANUP_TRIES = 12
+CLEANUP_BACKOFF_CAP = 900.0
 #: Record of a message that could not be decoded and whose foreign_id is not a valid one.
 INVALID_MESSAGE_ID = "invalid-message:"
 

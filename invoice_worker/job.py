@@ -28,6 +28,7 @@ import json
 import logging
 import random
 import re
+import time
 from collections.abc import Callable
 from typing import Any, assert_never
 
@@ -51,7 +52,8 @@ from invoice_worker.store import Claim, JobStore
 
 log = logging.getLogger(__name__)
 
-_SAFE_TASK_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+# Lower case only: records are keyed case-folded, so "T-1" and "t-1" must not meet there.
+_SAFE_TASK_ID = re.compile(r"[a-z0-9._:-]{1,64}")
 
 
 def safe_task_id(task_id: str) -> str:
@@ -92,8 +94,10 @@ class InvoiceJob:
             "callback_task": message.callback_task,
             "callback_queue": message.callback_queue,
         }
+        claimed_at = time.monotonic()
         claim = self._claim(message, owner, fields)
         if claim.status is ClaimStatus.MISSING:  # sent without the producer: keep a copy
+            claimed_at = time.monotonic()
             claim = self._claim(message, owner, fields, json.dumps(message.kwargs()))
         log_circuit(claim.circuit, foreign_id, task_id)
         match claim.status:
@@ -108,7 +112,7 @@ class InvoiceJob:
                 return self._defer(claim, foreign_id, task_id)
             case ClaimStatus.POISON | ClaimStatus.EXPIRE | ClaimStatus.CLAIMED:
                 assert claim.record is not None
-                attempt = Attempt(self, message, claim.record, task_id, owner)
+                attempt = Attempt(self, message, claim.record, task_id, owner, fenced_at=claimed_at)
                 return attempt.start(claim.status, claim.reason)
             case ClaimStatus.MISSING:
                 raise RuntimeError("the claim asked for the message copy twice")

@@ -24,7 +24,7 @@ from pydantic import (
     field_validator,
 )
 
-from invoice_worker.constants import DERIVED_SEPARATOR, Cleanup, JobState
+from invoice_worker.constants import DERIVED_SEPARATOR, INVALID_MESSAGE_ID, Cleanup, JobState
 from invoice_worker.errors import InvalidRequestError
 from invoice_worker.privacy import contains_email
 
@@ -189,6 +189,8 @@ def check_foreign_id(value: str) -> str:
     """
     if not _FOREIGN_ID_RE.fullmatch(value):
         raise ValueError("must be printable ASCII without control characters or surrounding spaces")
+    if value.lower().startswith(INVALID_MESSAGE_ID):
+        raise ValueError(f"must not start with {INVALID_MESSAGE_ID!r}: it names invalid messages")
     if DERIVED_SEPARATOR in value:
         raise ValueError(
             f"must not contain {DERIVED_SEPARATOR!r}: it is reserved for the ids of re-created "

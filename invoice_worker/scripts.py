@@ -14,10 +14,12 @@ from importlib import resources
 from typing import Any
 
 from invoice_worker import constants as c
+from invoice_worker.config import Settings
 
 #: Record fields a claimed attempt reads (the claim returns only these, not the whole record).
 ATTEMPT_FIELDS = (
     "foreign_id", "state", "task_id", "attempts", "provider_foreign_id", "ambiguous", "generation",
+    "deadline",
 )  # fmt: skip
 
 
@@ -51,6 +53,27 @@ def load(name: str, conf: Mapping[str, str | float]) -> str:
     )
     lua = resources.files("invoice_worker") / "lua"
     return header + (lua / "_lib.lua").read_text() + (lua / f"{name}.lua").read_text()
+
+
+def script_conf(settings: Settings) -> dict[str, str | float]:
+    """A store's settings as its scripts read them (``CONF`` in their header)."""
+    rate = settings.provider_rate_limit
+    return {
+        "prefix": settings.key_prefix,
+        "ttl_s": settings.record_ttl,
+        "due_after_ms": settings.broker_visibility_timeout * 1000,
+        "lease_ms": int(settings.lease * 1000),
+        "max_crashes": settings.max_redeliveries,
+        "max_wait_ms": int(settings.max_countdown * 1000),
+        "interval_ms": 1000 / rate if rate else 0,
+        "burst": settings.provider_burst,
+        "threshold": settings.circuit_threshold,
+        "window_ms": int(settings.circuit_window * 1000),
+        "cooldown_ms": int(settings.circuit_cooldown * 1000),
+        "probes": settings.circuit_probes,
+        "stream_maxlen": settings.events_maxlen,
+        "cleanup_horizon_s": int(settings.cleanup_horizon),
+    }
 
 
 def argv(args: Any) -> list[Any]:

@@ -25,7 +25,7 @@ from invoice_worker import constants as c
 from invoice_worker.config import Settings
 from invoice_worker.constants import CallReport, Circuit, ClaimStatus, JobState
 from invoice_worker.models import JobRecord
-from invoice_worker.scripts import ClaimArgs, EnqueueArgs, TransitionArgs, argv, load
+from invoice_worker.scripts import ClaimArgs, EnqueueArgs, TransitionArgs, argv, load, script_conf
 
 #: What a job's event carries (the stream schema; the README documents it).
 EVENT_FIELDS = ("url", "invoice_id", "error_code", "error", "task_id", "attempts", "orphan")
@@ -79,6 +79,8 @@ class Moved:
 
     record: JobRecord | None
     circuit: Circuit | None = None
+    #: A ``created`` final refused by the script: the record's deadline had passed.
+    past_deadline: bool = False
 
 
 @dataclass(frozen=True)
@@ -108,28 +110,14 @@ class JobStore:
         self.stats = f"{self.prefix}{c.STATS_KEY}"
         self.due = f"{self.prefix}{c.DUE_KEY}"
         self.cleanups = f"{self.prefix}{c.CLEANUP_KEY}"
-        rate = settings.provider_rate_limit
-        conf: dict[str, str | float] = {
-            "prefix": self.prefix,
-            "ttl_s": self.ttl,
-            "due_after_ms": self.requeue_after_ms,
-            "lease_ms": int(settings.lease * 1000),
-            "max_crashes": settings.max_redeliveries,
-            "max_wait_ms": int(settings.max_countdown * 1000),
-            "interval_ms": 1000 / rate if rate else 0,
-            "burst": settings.provider_burst,
-            "threshold": settings.circuit_threshold,
-            "window_ms": int(settings.circuit_window * 1000),
-            "cooldown_ms": int(settings.circuit_cooldown * 1000),
-            "probes": settings.circuit_probes,
-            "stream_maxlen": settings.events_maxlen,
-        }
+        conf = script_conf(settings)
         self._enqueue = client.register_script(load("enqueue", conf))
         self._claim = client.register_script(load("claim", conf))
         self._transition = client.register_script(load("transition", conf))
         self._discard = client.register_script(load("discard", conf))
         self._sweep = client.register_script(load("sweep", conf))
         self._cleanup = client.register_script(load("cleanup", conf))
+        self._mark = client.register_script(load("mark", conf))
 
     @classmethod
     def from_settings(cls, settings: Settings) -> JobStore:
@@ -203,29 +191,34 @@ class JobStore:
         returned is not returned again for another broker redelivery delay.
         """
         args: list[str | int] = [limit, queue_depth]
-        reply = self._sweep(keys=[self.due, self.stats], args=args)
+        reply = self._sweep(keys=[self.due, self.stats, self._batch()], args=args)
         return [(reply[i], reply[i + 1], json.loads(reply[i + 2])) for i in range(0, len(reply), 3)]
 
     def take_cleanups(self, retry_after: float, limit: int = 20) -> list[tuple[str, str, int]]:
         """Due pending cleanups, each held for ``retry_after`` seconds by this caller:
         (foreign_id, provider_foreign_id, tries so far)."""
-        args: list[str | int] = ["take", int(retry_after * 1000), limit]
-        reply = self._cleanup(keys=[self.cleanups, self.stats], args=args)
+        args: list[str | int] = ["take", uuid.uuid4().hex, int(retry_after * 1000), limit]
+        reply = self._cleanup(keys=[self.cleanups, self.stats, self._batch()], args=args)
         return [(reply[i], reply[i + 1], int(reply[i + 2])) for i in range(0, len(reply), 3)]
 
     def settle_cleanup(
         self, foreign_id: str, outcome: c.Cleanup, *, retry_after: float, max_tries: int
     ) -> c.Cleanup:
         """Record how a cleanup's cancel went; returns the job's new ``orphan`` value."""
-        args: list[str | int] = ["settle", int(retry_after * 1000)]
+        args: list[str | int] = ["settle", uuid.uuid4().hex, int(retry_after * 1000)]
         args += [self.member(foreign_id), str(outcome), max_tries]
-        reply = self._cleanup(keys=[self.cleanups, self.stats], args=args)
+        reply = self._cleanup(keys=[self.cleanups, self.stats, self._batch()], args=args)
         return c.Cleanup(reply)
 
+    def _batch(self) -> str:
+        """A fresh key for one script call's answer (kept for a re-run after a lost reply)."""
+        return f"{self.prefix}{c.BATCH_KEY}{uuid.uuid4().hex}"
+
     def get(self, foreign_id: str) -> JobRecord | None:
-        """Return the record of ``foreign_id``, or None."""
+        """Return the record of ``foreign_id``, or None (also for a hash without a state,
+        which no script writes but a stray HSET after expiry could)."""
         raw: dict[str, str] = self.redis.hgetall(self.key(foreign_id))  # type: ignore[assignment]
-        return JobRecord.from_redis(raw) if raw else None
+        return JobRecord.from_redis(raw) if raw.get("state") else None
 
     def claim(
         self,
@@ -331,13 +324,16 @@ class JobStore:
         reply = self._transition(keys=keys, args=argv(args))
         if not reply[0]:
             return None
+        if reply[0] == 2:
+            return Moved(None, past_deadline=True)
         return Moved(
             _record(reply[1]) if reply[1] else None, Circuit(reply[2]) if reply[2] else None
         )
 
-    def mark(self, foreign_id: str, **fields: Any) -> None:
-        """Set bookkeeping fields that need no lease (e.g. ``callback_sent`` after a final)."""
-        self.redis.hset(self.key(foreign_id), mapping=dict(_pairs(fields)))
+    def mark(self, foreign_id: str, **fields: Any) -> bool:
+        """Set bookkeeping fields that need no lease (e.g. ``callback_sent`` after a final);
+        False when the record no longer exists (nothing is written then)."""
+        return bool(self._mark(keys=[self.key(foreign_id)], args=list(_flatten(fields))))
 
     def events(
         self, after: str = "0", *, count: int | None = None, block_ms: int | None = None

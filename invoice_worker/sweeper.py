@@ -24,17 +24,12 @@ from kombu.exceptions import ChannelError
 from invoice_worker.attempt import backoff
 from invoice_worker.client import ProviderClient
 from invoice_worker.config import Settings
-from invoice_worker.constants import TASK_NAME, Cleanup
+from invoice_worker.constants import CLEANUP_BACKOFF_CAP, CLEANUP_TRIES, TASK_NAME, Cleanup
 from invoice_worker.errors import InvoiceNotFoundError, InvoiceStateError, ProviderError
 from invoice_worker.privacy import escape_controls, kwargs_repr
 from invoice_worker.store import JobStore
 
 log = logging.getLogger(__name__)
-
-#: Cancels tried for one pending cleanup before it is left to a human (about 2 hours).
-CLEANUP_TRIES = 12
-#: Longest wait between two tries of one cleanup.
-CLEANUP_BACKOFF_CAP = 900.0
 
 
 def broker_queue_depth(app: Celery, queue: str) -> int:

@@ -1,16 +1,29 @@
 -- Pending cleanups: invoices that an ambiguous attempt may have created and whose cancel has
 -- not succeeded yet, although their job is final. ``take`` hands the due ones to one sweeper
 -- (pushing their time back by retry_ms, a lease); ``settle`` records how a cancel went.
+-- Re-run after a lost reply (same op): answers what the first run did, writes nothing.
 -- take returns {foreign_id, provider_foreign_id, tries, ...}; settle returns the new orphan value.
 local cleanup_key = KEYS[1]
 local stats_key = KEYS[2]
+local batch_key = KEYS[3]  -- take: its answer, kept for a re-run
 local action = ARGV[1]  -- take | settle
-local retry_ms = tonumber(ARGV[2])
+local op = ARGV[2]  -- unique per call
+local retry_ms = tonumber(ARGV[3])
 local prefix = CONF.prefix
+local ttl_s = CONF.ttl_s
+local horizon_s = CONF.cleanup_horizon_s  -- how long the tries of one cleanup may take
 
 local now = now_ms()
-if action == 'take' then
-  local limit = ARGV[3]
+
+-- A record whose cleanup is pending must outlive it: its memory is what the cancel needs.
+local function keep(record_key)
+  if redis.call('TTL', record_key) < horizon_s then
+    redis.call('EXPIRE', record_key, math.max(ttl_s, horizon_s))
+  end
+end
+
+local function take(limit)
+  if redis.call('EXISTS', batch_key) == 1 then return redis.call('LRANGE', batch_key, 0, -1) end
   local out = {}
   local due = redis.call('ZRANGEBYSCORE', cleanup_key, '-inf', now, 'LIMIT', 0, limit)
   for _, member in ipairs(due) do
@@ -18,7 +31,9 @@ if action == 'take' then
     local foreign_id, provider_id, tries = unpack(redis.call('HMGET', record_key,
       'foreign_id', 'provider_foreign_id', 'cleanup_tries'))
     if not foreign_id then
-      redis.call('ZREM', cleanup_key, member)  -- the record expired: nothing left to settle
+      -- The record is gone, and with it which id to cancel: a human must look.
+      redis.call('ZREM', cleanup_key, member)
+      redis.call('HINCRBY', stats_key, 'cleanups:may_remain', 1)
     else
       redis.call('ZADD', cleanup_key, now + retry_ms, member)
       out[#out + 1] = foreign_id
@@ -26,20 +41,37 @@ if action == 'take' then
       out[#out + 1] = tries or '0'
     end
   end
+  if #out > 0 then
+    redis.call('RPUSH', batch_key, unpack(out))
+    redis.call('PEXPIRE', batch_key, retry_ms)
+  end
   return out
 end
 
-local member = ARGV[3]
-local outcome = ARGV[4]  -- cancelled | final | pending (the cancel failed again)
-local max_tries = tonumber(ARGV[5])
-local record_key = prefix .. JOB_KEY .. member
-local tries = redis.call('HINCRBY', record_key, 'cleanup_tries', 1)
-if outcome == 'pending' and tries >= max_tries then outcome = 'may_remain' end
-redis.call('HSET', record_key, 'orphan', outcome)
-if outcome == 'pending' then
-  redis.call('ZADD', cleanup_key, now + retry_ms, member)
-else
-  redis.call('ZREM', cleanup_key, member)
-  redis.call('HINCRBY', stats_key, 'cleanups:' .. outcome, 1)
+local function settle(member, outcome, max_tries)
+  local record_key = prefix .. JOB_KEY .. member
+  local known = redis.call('HMGET', record_key, 'state', 'cleanup_op', 'orphan')
+  if known[2] == op then return known[3] end  -- a re-run after a lost reply
+  if not known[1] then
+    -- The record expired during the cancel: write nothing (a hash without a state would
+    -- outlive it), and count what remains.
+    redis.call('ZREM', cleanup_key, member)
+    if outcome == 'pending' then outcome = 'may_remain' end
+    redis.call('HINCRBY', stats_key, 'cleanups:' .. outcome, 1)
+    return outcome
+  end
+  local tries = redis.call('HINCRBY', record_key, 'cleanup_tries', 1)
+  if outcome == 'pending' and tries >= max_tries then outcome = 'may_remain' end
+  redis.call('HSET', record_key, 'orphan', outcome, 'cleanup_op', op)
+  if outcome == 'pending' then
+    redis.call('ZADD', cleanup_key, now + retry_ms, member)
+    keep(record_key)
+  else
+    redis.call('ZREM', cleanup_key, member)
+    redis.call('HINCRBY', stats_key, 'cleanups:' .. outcome, 1)
+  end
+  return outcome
 end
-return outcome
+
+if action == 'take' then return take(ARGV[4]) end
+return settle(ARGV[4], ARGV[5], tonumber(ARGV[6]))

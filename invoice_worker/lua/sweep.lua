@@ -4,15 +4,18 @@
 -- may still hold the message: messages wait in line, so only a drained queue proves it gone),
 -- the message was lost. Record and copy keys are derived from the prefix, so this script needs
 -- a single Redis, not a cluster.
+-- Re-run after a lost reply (same batch key): answers what the first run did.
 -- Returns {foreign_id, task_id, kwargs, ...} to send again.
 local due_key = KEYS[1]
 local stats_key = KEYS[2]
+local batch_key = KEYS[3]  -- this call's answer, kept for a re-run after a lost reply
 local limit = ARGV[1]
 local queue_depth = tonumber(ARGV[2])  -- read from the broker by the caller
 local prefix = CONF.prefix
 local due_after_ms = CONF.due_after_ms
 
 local out = {}
+if redis.call('EXISTS', batch_key) == 1 then return redis.call('LRANGE', batch_key, 0, -1) end
 if queue_depth > 0 then return out end
 local now = now_ms()
 for _, member in ipairs(redis.call('ZRANGEBYSCORE', due_key, '-inf', now, 'LIMIT', 0, limit)) do
@@ -31,5 +34,9 @@ for _, member in ipairs(redis.call('ZRANGEBYSCORE', due_key, '-inf', now, 'LIMIT
     out[#out + 1] = task_id or ''
     out[#out + 1] = body
   end
+end
+if #out > 0 then
+  redis.call('RPUSH', batch_key, unpack(out))
+  redis.call('PEXPIRE', batch_key, due_after_ms)
 end
 return out

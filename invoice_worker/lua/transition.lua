@@ -2,8 +2,8 @@
 -- until a retry, or make it final (with its one event and announcement). Also records what
 -- the attempt said about the provider, for the whole fleet.
 -- Re-run after a lost reply (same op): answers what the first run did, writes nothing.
--- Returns {1, final record or {}, circuit_change}, or {0} when the caller no longer holds the
--- job (nothing is written then).
+-- Returns {1, final record or {}, circuit_change}, {0} when the caller no longer holds the
+-- job, or {2} for a ``created`` final past the record's deadline (nothing is written then).
 local record_key = KEYS[1]
 local stream_key = KEYS[2]
 local provider_key = KEYS[3]
@@ -86,6 +86,8 @@ local function finalize()
   redis.call('DEL', copy_key)
   if cleanup_in_ms >= 0 then
     redis.call('ZADD', cleanup_key, now + cleanup_in_ms, due_member)
+    -- The record must outlive the cleanup's tries: it holds the id to cancel.
+    redis.call('EXPIRE', record_key, math.max(ttl_s, CONF.cleanup_horizon_s))
   end
   redis.call('PUBLISH', done_channel, new_state)
 end
@@ -98,6 +100,11 @@ end
 if held[1] ~= owner or not held[2] or FINAL[held[2]] then return {0} end
 -- A released lease (lease_until 0) keeps its owner recorded, but no longer lets it write.
 if tonumber(held[4] or '0') == 0 then return {0} end
+-- A job never reports ``created`` past its deadline: checked here, atomically, on Redis' clock.
+if new_state == 'created' then
+  local deadline = tonumber(redis.call('HGET', record_key, 'deadline') or '')
+  if deadline and now >= deadline * 1000 then return {2} end
+end
 
 redis.call('HSET', record_key, 'state', new_state, 'updated_at', now / 1000, 'last_op', op)
 if #fields > 0 then redis.call('HSET', record_key, unpack(fields)) end
