@@ -3,6 +3,7 @@ real Redis, real HTTP to the sandbox, the job function called as a worker calls 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
@@ -411,11 +412,15 @@ class ReplyDroppingProxy:
                     self.dropped += 1
                     for sock in (src, dst):
                         sock.shutdown(socket.SHUT_RDWR)  # wakes the other pump and the client
-                        sock.close()
                     return
                 dst.sendall(data)
         except OSError:
             pass
+        finally:
+            # Either side ending ends the pair; each pump closes the socket it reads.
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_RDWR)
+            src.close()
 
     def close(self) -> None:
         self.listener.close()
@@ -499,6 +504,7 @@ def test_a_lost_reply_to_enqueue_sends_one_message_and_reports_the_job(
     assert record.foreign_id == data["foreign_id"]
     assert direct.llen(settings.queue) == before + 1
     producer.close()
+    direct.close()
 
 
 @pytest.mark.slow
@@ -535,3 +541,27 @@ def test_task_ids_that_are_not_plain_are_hashed(task_id: str) -> None:
     safe = safe_task_id(task_id)
     assert safe.startswith("sha256-")
     assert safe == safe_task_id(task_id)  # stable: a redelivery finds the same record
+
+
+def test_a_lost_reply_to_a_stale_enqueue_still_resends(redis_server: Any, sandbox: Sandbox) -> None:
+    from tests.conftest import make_settings
+
+    proxy = ReplyDroppingProxy(int(redis_server.url.rsplit(":", 1)[1].split("/")[0]))
+    url = f"redis://127.0.0.1:{proxy.port}/0"
+    settings = make_settings(url, sandbox.url, visibility_timeout=1, retry_cap=0.5)
+    producer = Producer(settings)
+    direct = redis.Redis.from_url(redis_server.url)
+    # Given a job whose message was lost, still queued past its redelivery delay
+    data = request_data()
+    producer.enqueue(data)
+    direct.delete(settings.queue)
+    time.sleep(1.1)
+    # When it is enqueued again and the reply to that enqueue is lost
+    proxy.armed.set()
+    producer.enqueue(data)
+    proxy.close()
+    # Then the re-run still says "stale", and the message is sent again, once
+    assert proxy.dropped == 1
+    assert direct.llen(settings.queue) == 1
+    producer.close()
+    direct.close()

@@ -17,14 +17,18 @@ local ttl_s = CONF.ttl_s
 local due_after_ms = CONF.due_after_ms
 
 local now = now_ms()
-local known = redis.call('HMGET', record_key, 'fingerprint', 'task_id', 'state', 'enqueued_ms')
+local known = redis.call('HMGET', record_key,
+  'fingerprint', 'task_id', 'state', 'enqueued_ms', 'resent_by')
 if known[1] then
   if known[1] ~= fingerprint then return {'conflict'} end
   if known[2] == task_id then return {'new', redis.call('HGETALL', record_key)} end
-  -- Still queued long after it was sent: its message may be lost; the caller sends again.
+  -- Still queued long after it was sent: its message may be lost; the caller sends again
+  -- (and a re-run of this same call, after a lost reply, is told so again).
   local stale = 0
-  if known[3] == 'queued' and now - tonumber(known[4] or '0') > due_after_ms then
-    redis.call('HSET', record_key, 'enqueued_ms', now)
+  if known[5] == task_id then
+    stale = 1
+  elseif known[3] == 'queued' and now - tonumber(known[4] or '0') > due_after_ms then
+    redis.call('HSET', record_key, 'enqueued_ms', now, 'resent_by', task_id)
     stale = 1
   end
   return {'exists', redis.call('HGETALL', record_key), stale}
