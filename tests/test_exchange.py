@@ -354,7 +354,9 @@ def test_the_watchdog_thread_stops_when_idle_and_comes_back() -> None:
     watchdog = Watchdog(idle=0.1)
     with bound(watchdog, 5.0, None):
         assert watchdog.running
-    time.sleep(0.5)
+    deadline = time.monotonic() + 10  # idle 0.1 s: generous for a loaded machine
+    while watchdog.running and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert not watchdog.running
     left, right = socket.socketpair()
     with left, right, bound(watchdog, 0.2, None) as exchange:
