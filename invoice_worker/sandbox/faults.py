@@ -13,7 +13,7 @@ The outcomes, as the sandbox plays them:
 and, for a call the sandbox processed (the invoice is created or cancelled), answers that are not
 what a client should accept; a call that fails (e.g. a duplicate foreign_id) gets its real answer:
 
-    answer_wrong_id        a 200 naming another invoice's foreign_id
+    answer_wrong_id        a 200 showing another invoice (another foreign_id, url, amount)
     answer_bad_url         a 200 whose url is `javascript:alert(1)`
     answer_wrong_amount    a 200 whose amount is 1 more than the invoice's
     answer_wrong_currency  a 200 in another currency
@@ -147,17 +147,18 @@ class Faults:
         return "ok"
 
 
-def hostile(outcome: str, data: dict[str, Any], other_id: str) -> dict[str, Any]:
+def hostile(outcome: str, data: dict[str, Any], other: dict[str, Any] | None) -> dict[str, Any]:
     """Return the invoice `data` of a 200 answer as the HOSTILE `outcome` shows it.
 
-    `other_id` is the foreign_id `answer_wrong_id` names instead of the invoice's.
+    `answer_wrong_id` shows `other` (another invoice, as a mixed-up cache or proxy would), or
+    `data` under a made-up foreign_id if there is no other invoice.
 
     Raises:
         ValueError: if `outcome` is not in HOSTILE.
     """
     match outcome:
         case "answer_wrong_id":
-            return {**data, "foreign_id": other_id}
+            return other or {**data, "foreign_id": f"{data['foreign_id']}-other"}
         case "answer_bad_url":
             return {**data, "url": BAD_URL}
         case "answer_wrong_amount":

@@ -143,7 +143,7 @@ class Handler(BaseHTTPRequestHandler):
                 self._trickle(self._head(status, len(reply)) + reply, faults.trickle_seconds)
             case _ if outcome in HOSTILE:
                 data = json.loads(reply)["data"]
-                other = self.server.other_id(data["foreign_id"])
+                other = self.server.other_invoice(data["foreign_id"])
                 self._send(200, json_bytes({"data": hostile(outcome, data, other)}))
             case _:
                 raise ValueError(f"outcome {outcome!r} has no answer")

@@ -233,11 +233,12 @@ class Sandbox(ThreadingHTTPServer):
             if outcome is not None:
                 self._state.outcomes[outcome] += 1
 
-    def other_id(self, foreign_id: str) -> str:
-        """The foreign_id of another invoice (the newest), or a made-up one if there is none."""
+    def other_invoice(self, foreign_id: str) -> dict[str, Any] | None:
+        """The newest invoice but `foreign_id`'s, as the API shows it; None if there is none."""
         with self._lock:
-            newest = (k for k in reversed(self._state.invoices) if k != foreign_id)
-            return next(newest, f"{foreign_id}-other")
+            invoices = self._state.invoices
+            newest = next((k for k in reversed(invoices) if k != foreign_id), None)
+            return None if newest is None else _view(invoices[newest])
 
     def plan(self, payload: dict[str, Any] | None, *, create: bool) -> tuple[str, float, Faults]:
         """Count a call; return its outcome, its latency in seconds and the faults in force."""

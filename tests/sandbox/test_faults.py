@@ -76,19 +76,21 @@ DATA = {
 @pytest.mark.parametrize(
     ("outcome", "changed"),
     [
-        ("answer_wrong_id", {"foreign_id": "b"}),
+        ("answer_wrong_id", {"foreign_id": "a-other"}),
         ("answer_bad_url", {"url": "javascript:alert(1)"}),
         ("answer_wrong_amount", {"amount": "1.01230000"}),
         ("answer_wrong_currency", {"currency": "ETH"}),
     ],
 )
 def test_a_hostile_answer_changes_one_field(outcome: str, changed: dict[str, str]) -> None:
-    assert hostile(outcome, DATA, "b") == {**DATA, **changed}
+    assert hostile(outcome, DATA, None) == {**DATA, **changed}
     assert outcome in HOSTILE
 
 
 def test_hostile_answers_are_the_four_small_ones() -> None:
-    assert hostile("answer_wrong_currency", {**DATA, "currency": "ETH"}, "b")["currency"] == "BTC"
+    other = {**DATA, "foreign_id": "b", "url": "https://x.example/i/2"}
+    assert hostile("answer_wrong_id", DATA, other) == other
+    assert hostile("answer_wrong_currency", {**DATA, "currency": "ETH"}, None)["currency"] == "BTC"
     assert {"answer_huge", "trickle"} & HOSTILE == set()
     with pytest.raises(ValueError, match="trickle"):
-        hostile("trickle", DATA, "b")
+        hostile("trickle", DATA, other)
