@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import redis
 from celery import Celery, bootsteps
 
 from invoice_worker import logs, tasks
 from invoice_worker.config import Settings
 from invoice_worker.constants import TASK_NAME
+from invoice_worker.preflight import require_noeviction
 from invoice_worker.transport import broker_conf
 
 
@@ -91,14 +93,9 @@ def _preflight_step(settings: Settings) -> type[bootsteps.Step]:
         credentials, or a job store that may evict records (not fail at the first job)."""
 
         def __init__(self, parent: Any, **kwargs: Any) -> None:
-            from invoice_worker.store import JobStore
-
             settings.require_credentials()
-            store = JobStore.from_settings(settings)
-            try:
-                store.require_noeviction()
-            finally:
-                store.redis.close()
+            with redis.Redis.from_url(settings.state_url, socket_timeout=5) as client:
+                require_noeviction(client)
             super().__init__(parent, **kwargs)
 
     return Preflight

@@ -146,7 +146,6 @@ def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
     from invoice_worker.app import create_app
     from invoice_worker.client import ProviderClient
-    from invoice_worker.store import JobStore
 
     results: list[tuple[bool, str, str]] = []
 
@@ -169,13 +168,12 @@ def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
         lambda: redis.Redis.from_url(settings.state_url, socket_timeout=3).ping(),
     )
 
+    from invoice_worker.preflight import require_noeviction, server_settings
+
     def job_store() -> str:
-        store = JobStore.from_settings(settings)
-        try:
-            found = store.server_settings()
-            store.require_noeviction()
-        finally:
-            store.redis.close()
+        with redis.Redis.from_url(settings.state_url, socket_timeout=3) as client:
+            found = server_settings(client)
+            require_noeviction(client)
         return " ".join(f"{k}={v}" for k, v in found.items())
 
     probe("job store", "eviction policy and persistence", job_store)

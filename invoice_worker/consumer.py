@@ -35,6 +35,7 @@ from kombu.utils.json import dumps
 from invoice_worker import logfilter
 from invoice_worker.envelope import task_problem
 from invoice_worker.logfilter import field
+from invoice_worker.privacy import REPR_LIMIT, kwargs_repr, masked, redact
 from invoice_worker.transport import Channel
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
             problem = task_problem(message)
             if problem:
                 return self.on_malformed_task(message, problem)
+            mask_reprs(message)
             return handle(message)
 
         return on_task_received
@@ -100,6 +102,21 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
         # Celery's handler also rejects it, reports the failure and sends task_unknown; the
         # dump it logs first is dropped by the filter.
         super().on_unknown_task(body, message, exc)
+
+
+def mask_reprs(message: Any) -> None:
+    """Mask personal fields in the ``argsrepr`` / ``kwargsrepr`` a producer sent: Celery shows
+    them in the worker's task events (Flower) and logs, and Celery's own ``send_task`` writes
+    them unmasked (``saferepr`` of the arguments) unless the producer passes its own."""
+    headers = message.headers
+    if not isinstance(headers, dict):
+        return
+    shown = f"{headers.get('argsrepr', '')}{headers.get('kwargsrepr', '')}"
+    if "@" not in shown:  # nothing shaped like an address: keep the producer's text
+        return
+    args, kwargs, _ = message.decode()  # memoized by kombu: Celery reuses it
+    headers["argsrepr"] = redact(repr(masked(args)), REPR_LIMIT)
+    headers["kwargsrepr"] = kwargs_repr(kwargs)
 
 
 def _queue(message: Any) -> str:

@@ -11,12 +11,10 @@ the provider (rate limit, 429 pause, circuit breaker) and the counters behind th
 from __future__ import annotations
 
 import json
-import logging
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
-from importlib import resources
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -26,96 +24,11 @@ from redis.retry import Retry
 from invoice_worker import constants as c
 from invoice_worker.config import Settings
 from invoice_worker.constants import CallReport, Circuit, ClaimStatus, JobState
-from invoice_worker.errors import ConfigError
 from invoice_worker.models import JobRecord
-
-log = logging.getLogger(__name__)
+from invoice_worker.scripts import ClaimArgs, EnqueueArgs, TransitionArgs, argv, load
 
 #: What a job's event carries (the stream schema; the README documents it).
 EVENT_FIELDS = ("url", "invoice_id", "error_code", "error", "task_id", "attempts", "orphan")
-
-
-def _load(name: str) -> str:
-    """A script as Redis runs it: a header with the names from constants.py, the shared
-    functions, then the script itself."""
-    finals = ", ".join(f"{state}=true" for state in sorted(c.FINAL_STATES))
-    header = (
-        f"local FINAL = {{{finals}}}\nlocal JOB_KEY, COPY_KEY = '{c.JOB_KEY}', '{c.COPY_KEY}'\n"
-    )
-    lua = resources.files("invoice_worker") / "lua"
-    return header + (lua / "_lib.lua").read_text() + (lua / f"{name}.lua").read_text()
-
-
-def _argv(args: Any) -> list[Any]:
-    """A script's ARGV from its dataclass: fields in order, a trailing tuple spread out."""
-    out: list[Any] = []
-    for f in fields(args):
-        value = getattr(args, f.name)
-        out.extend(value) if isinstance(value, tuple) else out.append(value)
-    return out
-
-
-@dataclass(frozen=True)
-class EnqueueArgs:
-    """ARGV of enqueue.lua, in order."""
-
-    fingerprint: str
-    task_id: str
-    ttl_s: int
-    due_after_ms: int
-    broker_message: str
-    task_kwargs: str
-    due_member: str
-    new_fields: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class ClaimArgs:
-    """ARGV of claim.lua, in order."""
-
-    owner: str
-    lease_ms: int
-    fingerprint: str
-    max_crashes: int
-    ttl_s: int
-    gated: int
-    interval_ms: float
-    burst: int
-    threshold: int
-    cooldown_ms: int
-    probes: int
-    due_after_ms: int
-    due_member: str
-    task_kwargs: str
-    max_wait_ms: int
-    new_fields: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class TransitionArgs:
-    """ARGV of transition.lua, in order."""
-
-    owner: str
-    op: str
-    new_state: str
-    mode: str
-    lease_ms: int
-    delay_ms: int
-    ttl_s: int
-    stream_maxlen: int
-    done_channel: str
-    report: str
-    pause_ms: int
-    threshold: int
-    window_ms: int
-    cooldown_ms: int
-    latency_bucket: str
-    latency_ms: float
-    due_after_ms: int
-    due_member: str
-    cleanup_in_ms: int
-    n_fields: int
-    fields_and_event: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -195,12 +108,12 @@ class JobStore:
         self.stats = f"{self.prefix}{c.STATS_KEY}"
         self.due = f"{self.prefix}{c.DUE_KEY}"
         self.cleanups = f"{self.prefix}{c.CLEANUP_KEY}"
-        self._enqueue = client.register_script(_load("enqueue"))
-        self._claim = client.register_script(_load("claim"))
-        self._transition = client.register_script(_load("transition"))
-        self._discard = client.register_script(_load("discard"))
-        self._sweep = client.register_script(_load("sweep"))
-        self._cleanup = client.register_script(_load("cleanup"))
+        self._enqueue = client.register_script(load("enqueue"))
+        self._claim = client.register_script(load("claim"))
+        self._transition = client.register_script(load("transition"))
+        self._discard = client.register_script(load("discard"))
+        self._sweep = client.register_script(load("sweep"))
+        self._cleanup = client.register_script(load("cleanup"))
 
     @classmethod
     def from_settings(cls, settings: Settings) -> JobStore:
@@ -215,41 +128,6 @@ class JobStore:
             health_check_interval=30,
         )
         return cls(client, settings)
-
-    def server_settings(self) -> dict[str, str]:
-        """The Redis settings the guarantees depend on: eviction policy and persistence."""
-        info: dict[str, Any] = {}
-        try:
-            info.update(self.redis.info("memory"))
-            info.update(self.redis.info("persistence"))
-        except redis.ResponseError:  # INFO is not served everywhere (fakeredis, some proxies)
-            pass
-        out = {"maxmemory_policy": str(info.get("maxmemory_policy", "unknown"))}
-        out["aof_enabled"] = str(info.get("aof_enabled", "unknown"))
-        try:
-            conf: dict[str, str] = self.redis.config_get("appendfsync")  # type: ignore[assignment]
-            out["appendfsync"] = conf.get("appendfsync", "unknown")
-        except redis.ResponseError:  # CONFIG is often disabled on managed Redis
-            out["appendfsync"] = "unknown"
-        return out
-
-    def require_noeviction(self) -> None:
-        """Refuse a job store that may evict keys: an evicted record forgets a job (and an
-        ambiguous attempt) silently.
-
-        Raises:
-            ConfigError: the policy is not ``noeviction``.
-        """
-        try:
-            policy = self.server_settings()["maxmemory_policy"]
-        except redis.ConnectionError:
-            log.warning("could not read the job store's eviction policy: Redis unreachable")
-            return
-        if policy not in ("noeviction", "unknown"):
-            raise ConfigError(
-                f"the job store Redis evicts keys (maxmemory-policy {policy}); set "
-                "maxmemory-policy noeviction: an evicted record forgets its job"
-            )
 
     @staticmethod
     def member(foreign_id: str) -> str:
@@ -282,7 +160,7 @@ class JobStore:
                 job.kwargs, self.member(job.foreign_id), _flatten(job.fields),
             )  # fmt: skip
             keys = [self.key(job.foreign_id), job.queue, self.stats, self.due]
-            self._enqueue(keys=[*keys, self.copy(job.foreign_id)], args=_argv(args), client=pipe)
+            self._enqueue(keys=[*keys, self.copy(job.foreign_id)], args=argv(args), client=pipe)
         out = []
         for reply in pipe.execute():
             record = _record(reply[1]) if len(reply) > 1 else None
@@ -357,7 +235,7 @@ class JobStore:
             _flatten({"foreign_id": foreign_id, **fields}),
         )  # fmt: skip
         keys = [self.key(foreign_id), self.provider, self.stats, self.due, self.copy(foreign_id)]
-        status, raw, wait_ms, reason, circuit = self._claim(keys=keys, args=_argv(args))
+        status, raw, wait_ms, reason, circuit = self._claim(keys=keys, args=argv(args))
         return Claim(
             ClaimStatus(status),
             _record(raw) if raw else None,
@@ -437,7 +315,7 @@ class JobStore:
         )  # fmt: skip
         keys = [self.key(foreign_id), self.stream, self.provider, self.stats, self.due]
         keys += [self.copy(foreign_id), self.cleanups]
-        reply = self._transition(keys=keys, args=_argv(args))
+        reply = self._transition(keys=keys, args=argv(args))
         if not reply[0]:
             return None
         return Moved(

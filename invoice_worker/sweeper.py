@@ -21,11 +21,11 @@ import threading
 from celery import Celery
 from kombu.exceptions import ChannelError
 
+from invoice_worker.attempt import backoff
 from invoice_worker.client import ProviderClient
 from invoice_worker.config import Settings
 from invoice_worker.constants import TASK_NAME, Cleanup
 from invoice_worker.errors import InvoiceNotFoundError, InvoiceStateError, ProviderError
-from invoice_worker.job import backoff
 from invoice_worker.privacy import escape_controls, kwargs_repr
 from invoice_worker.store import JobStore
 

@@ -10,10 +10,11 @@ from typing import Any
 import redis
 from celery import Celery, Task
 
+from invoice_worker.attempt import backoff, full_jitter
 from invoice_worker.client import ProviderClient
 from invoice_worker.config import Settings
 from invoice_worker.constants import TASK_NAME
-from invoice_worker.job import InvoiceJob, backoff, full_jitter, safe_task_id
+from invoice_worker.job import InvoiceJob, safe_task_id
 from invoice_worker.models import JobRecord
 from invoice_worker.privacy import kwargs_repr
 from invoice_worker.store import JobStore

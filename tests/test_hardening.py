@@ -4,6 +4,7 @@ real Redis, real HTTP to the sandbox, the job function called as a worker calls 
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from invoice_worker.constants import Cleanup, ErrorCode, JobState
 from invoice_worker.errors import ConflictError, InvalidRequestError
 from invoice_worker.job import InvoiceJob
 from invoice_worker.models import InvoiceRequest, parse_request
+from invoice_worker.preflight import require_noeviction, server_settings
 from invoice_worker.producer import Producer
 from invoice_worker.sandbox import Faults, Sandbox
 from invoice_worker.store import JobStore
@@ -360,12 +362,11 @@ def test_keys_are_stripped() -> None:
 def test_an_evicting_job_store_is_refused(settings: Settings, redis_client: redis.Redis) -> None:
     from invoice_worker.errors import ConfigError
 
-    store = JobStore.from_settings(settings)
-    assert "noeviction" in store.server_settings()["maxmemory_policy"]
+    assert server_settings(redis_client)["maxmemory_policy"] == "noeviction"
     redis_client.config_set("maxmemory-policy", "allkeys-lru")
     try:
         with pytest.raises(ConfigError, match="noeviction"):
-            store.require_noeviction()
+            require_noeviction(redis_client)
     finally:
         redis_client.config_set("maxmemory-policy", "noeviction")
 
@@ -373,25 +374,128 @@ def test_an_evicting_job_store_is_refused(settings: Settings, redis_client: redi
 # -- 15. every script is idempotent for its caller -----------------------------------------------
 
 
-def test_final_transition_rerun_returns_the_first_result(settings: Settings) -> None:
+class ReplyDroppingProxy:
+    """A TCP proxy to Redis that, when armed, lets one request through and drops its reply
+    (closing the connection), as a network cut between Redis' write and our read does."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.armed = threading.Event()
+        self.dropped = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            doomed = threading.Event()  # this connection's next reply is to be dropped
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(
+                    target=self._pump, args=(src, dst, src is client, doomed), daemon=True
+                ).start()
+
+    def _pump(
+        self, src: socket.socket, dst: socket.socket, to_redis: bool, doomed: threading.Event
+    ) -> None:
+        try:
+            while data := src.recv(65536):
+                if to_redis and b"EVALSHA" in data and self.armed.is_set():
+                    self.armed.clear()
+                    doomed.set()
+                elif not to_redis and doomed.is_set():
+                    self.dropped += 1
+                    for sock in (src, dst):
+                        sock.shutdown(socket.SHUT_RDWR)  # wakes the other pump and the client
+                        sock.close()
+                    return
+                dst.sendall(data)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_lost_reply_to_the_final_transition_is_answered_by_the_rerun(
+    redis_server: Any, sandbox: Sandbox
+) -> None:
+    from tests.conftest import make_settings
+
+    # Given the job store reached through a proxy that will drop one reply
+    proxy = ReplyDroppingProxy(int(redis_server.url.rsplit(":", 1)[1].split("/")[0]))
+    url = f"redis://127.0.0.1:{proxy.port}/0"
+    settings = make_settings(url, sandbox.url)
+    store = JobStore.from_settings(settings)
+    kwargs = job_kwargs()
+    fid = kwargs["request"]["foreign_id"]
+    fp = parse_request(kwargs["request"]).fingerprint()
+    claim = store.claim(fid, "w1", fingerprint=fp, fields={"task_id": "t1"}, kwargs="{}")
+    assert claim.status == "claimed"
+    # When the reply to the final transition is lost (redis-py re-sends the script; loaded
+    # first, so the reply dropped is the script's, not a NOSCRIPT)
+    store.redis.script_load(store._transition.script)
+    proxy.armed.set()
+    moved = store.finish(fid, "w1", JobState.CREATED, {"url": "https://pay.example.com/x"})
+    proxy.close()
+    # Then the re-run answers what the first run did: the final record, and one event
+    assert proxy.dropped == 1
+    assert moved is not None
+    assert moved.record is not None
+    assert moved.record.state is JobState.CREATED
+    assert [f["foreign_id"] for _, f in store.events()].count(fid) == 1
+
+
+def test_a_lost_reply_to_a_retry_transition_keeps_the_job_moving(
+    redis_server: Any, sandbox: Sandbox
+) -> None:
+    from tests.conftest import make_settings
+
+    proxy = ReplyDroppingProxy(int(redis_server.url.rsplit(":", 1)[1].split("/")[0]))
+    settings = make_settings(f"redis://127.0.0.1:{proxy.port}/0", sandbox.url)
     store = JobStore.from_settings(settings)
     kwargs = job_kwargs()
     fid = kwargs["request"]["foreign_id"]
     fp = parse_request(kwargs["request"]).fingerprint()
     store.claim(fid, "w1", fingerprint=fp, fields={"task_id": "t1"}, kwargs="{}")
-    args = store._transition  # the registered script: re-run the very same call
-    calls: list[Any] = []
+    store.redis.script_load(store._transition.script)
+    proxy.armed.set()
+    moved = store.transition(fid, "w1", JobState.RETRYING, {"last_error": "x"}, delay=0.1)
+    proxy.close()
+    assert proxy.dropped == 1
+    assert moved is not None  # not "lease lost": the job is retried, not left to the sweeper
+    record = store.get(fid)
+    assert record is not None
+    assert record.state is JobState.RETRYING
+    assert int(store.redis.hget(store.stats, "retries") or 0) == 1  # counted once
 
-    def twice(**kw: Any) -> Any:
-        first = args(**kw)
-        calls.append(first)
-        return args(**kw)  # what redis-py's retry does after a lost reply
 
-    store._transition = twice  # type: ignore[assignment]
-    moved = store.finish(fid, "w1", JobState.CREATED, {"url": "https://pay.example.com/x"})
-    assert moved is not None
-    assert moved.record is not None
-    assert moved.record.state is JobState.CREATED
-    assert calls[0][0] == 1
-    assert len(store.events()) >= 1
-    assert [f["foreign_id"] for _, f in store.events()].count(fid) == 1
+@pytest.mark.parametrize("atomic", [True, False], ids=["one-redis", "broker-apart"])
+def test_a_lost_reply_to_enqueue_sends_one_message_and_reports_the_job(
+    redis_server: Any, sandbox: Sandbox, atomic: bool
+) -> None:
+    from tests.conftest import make_settings
+
+    proxy = ReplyDroppingProxy(int(redis_server.url.rsplit(":", 1)[1].split("/")[0]))
+    state_url = f"redis://127.0.0.1:{proxy.port}/0"
+    # Apart: the message goes through Celery after the record, to the broker directly.
+    broker = state_url if atomic else redis_server.url
+    settings = make_settings(state_url, sandbox.url, broker_url=broker)
+    producer = Producer(settings)
+    assert producer.atomic is atomic
+    data = request_data()
+    producer.enqueue(request_data())  # loads the script: the reply dropped is the enqueue's
+    direct = redis.Redis.from_url(redis_server.url)
+    before = direct.llen(settings.queue)
+    proxy.armed.set()
+    record = producer.enqueue(data)
+    proxy.close()
+    assert proxy.dropped == 1
+    assert record.state is JobState.QUEUED
+    assert record.foreign_id == data["foreign_id"]
+    assert direct.llen(settings.queue) == before + 1
+    producer.close()

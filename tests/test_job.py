@@ -9,10 +9,11 @@ from typing import Any
 import pytest
 import responses
 
+from invoice_worker.attempt import Outcome, backoff, derived_foreign_id, full_jitter
 from invoice_worker.client import ProviderClient
 from invoice_worker.config import Settings
 from invoice_worker.constants import Cleanup, ErrorCode, JobState
-from invoice_worker.job import InvoiceJob, Outcome, backoff, derived_foreign_id, full_jitter
+from invoice_worker.job import InvoiceJob
 from invoice_worker.message import TaskMessage
 from invoice_worker.models import parse_request
 from invoice_worker.sandbox import Sandbox

@@ -81,6 +81,19 @@ local function fleet_gate()
   return 0, '', change, probe
 end
 
+-- What a claimed attempt reads (ATTEMPT_FIELDS, from scripts.py): not the whole record.
+local function attempt_fields()
+  local values = redis.call('HMGET', record_key, unpack(ATTEMPT_FIELDS))
+  local out = {}
+  for i, name in ipairs(ATTEMPT_FIELDS) do
+    if values[i] then
+      out[#out + 1] = name
+      out[#out + 1] = values[i]
+    end
+  end
+  return out
+end
+
 local function defer(state, wait, reason, change)
   wait = math.min(wait, max_wait_ms)
   redis.call('HSET', record_key, 'state', 'retrying', 'updated_at', now / 1000,
@@ -98,7 +111,7 @@ local function hold(state, status, reason, change)
   redis.call('HDEL', record_key, 'next_attempt_ms', 'next_attempt_at', 'slot_ms', 'deferred')
   redis.call('ZADD', due_key, now + lease_ms + due_after_ms, due_member)
   move(stats_key, state, 'processing')
-  return {status, redis.call('HGETALL', record_key), 0, reason, change}
+  return {status, attempt_fields(), 0, reason, change}
 end
 
 local state = redis.call('HGET', record_key, 'state')
@@ -120,7 +133,7 @@ redis.call('EXPIRE', copy_key, ttl_s)
 local lease = redis.call('HMGET', record_key, 'lease_owner', 'lease_until', 'claim_status')
 if tonumber(lease[2] or '0') > now then
   if lease[1] == owner then  -- a re-run after a lost reply
-    return {lease[3] or 'claimed', redis.call('HGETALL', record_key), 0, '', ''}
+    return {lease[3] or 'claimed', attempt_fields(), 0, '', ''}
   end
   return {'busy', {}, tonumber(lease[2]) - now, '', ''}
 end

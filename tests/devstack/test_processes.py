@@ -52,8 +52,19 @@ def test_flower_shows_task_without_personal_data(
             time.sleep(0.2)
         assert info["name"] == c.TASK_NAME
         assert "'email_user': '***'" in info["kwargs"]
+        # And a message from a producer that did not mask (Celery's plain send_task, which
+        # writes an unmasked kwargsrepr) is masked by the worker before its events leave
+        plain = request_data(email_user="plain.sender@example.com")
+        sent = producer.app.send_task(c.TASK_NAME, kwargs={"request": plain}, queue=settings.queue)
+        info = {}
+        while info.get("state") != "SUCCESS":
+            assert time.monotonic() < deadline + 60, info
+            info = _get(f"{api}/task/info/{sent.id}")
+            time.sleep(0.2)
+        assert "'email_user': '***'" in info["kwargs"]
         everything = str(_get(f"{api}/tasks")) + str(info)
         assert "private.person@example.com" not in everything
+        assert "plain.sender@example.com" not in everything
         assert SECRET not in everything
         metrics = requests.get(
             f"http://127.0.0.1:{port}/metrics", auth=("ops", "s3cret"), timeout=5
