@@ -243,7 +243,7 @@ class Attempt:
         """Renew the lease before a further provider call; False if the job was taken over."""
         started = time.monotonic()
         moved = self.job.store.transition(
-            self.foreign_id, self.owner, JobState.PROCESSING, values, lease=self.settings.lease,
+            self.foreign_id, self.owner, JobState.PROCESSING, values, renew=True,
             report=self.report,
         )  # fmt: skip
         self.report = Report()  # reported once; the next call reports afresh

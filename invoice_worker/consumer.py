@@ -33,9 +33,10 @@ from kombu.exceptions import ContentDisallowed, DecodeError
 from kombu.utils.json import dumps
 
 from invoice_worker import logfilter
+from invoice_worker.constants import TASK_NAME
 from invoice_worker.envelope import task_problem
 from invoice_worker.logfilter import field
-from invoice_worker.privacy import REPR_LIMIT, kwargs_repr, masked, redact
+from invoice_worker.privacy import REPR_LIMIT, redact
 from invoice_worker.transport import Channel
 
 log = logging.getLogger(__name__)
@@ -67,8 +68,10 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
         return on_task_received
 
     def on_malformed_task(self, message: Any, problem: str) -> None:
-        """Set aside (Redis) or reject (other brokers) a message Celery cannot unpack."""
+        """Set aside (Redis) or reject (other brokers) a message Celery cannot unpack; one of
+        ours with a usable task id also ends as a recorded ``invalid_message`` failure."""
         log.error("discarded a malformed task message: %s reason=%s", describe(message), problem)
+        self._record_ours(message)
         channel = message.channel
         if isinstance(channel, Channel):
             raw = dumps(message._raw)  # type: ignore[no-untyped-call]
@@ -77,6 +80,19 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
         else:
             message.reject_log_error(log, self.connection_errors)
         signals.task_rejected.send(sender=self, message=message, exc=None)
+
+    def _record_ours(self, message: Any) -> None:
+        headers = message.headers if isinstance(message.headers, dict) else {}
+        task_id = headers.get("id")
+        task = self.app.tasks.get(TASK_NAME)
+        if headers.get("task") != TASK_NAME or not isinstance(task_id, str) or task is None:
+            return
+        try:
+            body = message.payload
+            kwargs = body[1] if isinstance(body, list) and len(body) > 1 else body
+            task.record_invalid(kwargs, task_id)
+        except Exception:  # the dead-letter copy still holds it; the job store may be away
+            log.warning("could not record the malformed message %s", field(task_id))
 
     def on_unknown_message(self, body: Any, message: Any) -> None:
         log.warning("discarded a message that is not a task message: %s", describe(message, body))
@@ -105,18 +121,17 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
 
 
 def mask_reprs(message: Any) -> None:
-    """Mask personal fields in the ``argsrepr`` / ``kwargsrepr`` a producer sent: Celery shows
+    """Mask e-mail addresses in the ``argsrepr`` / ``kwargsrepr`` a producer sent: Celery shows
     them in the worker's task events (Flower) and logs, and Celery's own ``send_task`` writes
-    them unmasked (``saferepr`` of the arguments) unless the producer passes its own."""
+    them unmasked (``saferepr`` of the arguments) unless the producer passes its own. The text
+    itself is masked (bounded, linear): the body is not decoded here, it may be refused."""
     headers = message.headers
     if not isinstance(headers, dict):
         return
-    shown = f"{headers.get('argsrepr', '')}{headers.get('kwargsrepr', '')}"
-    if "@" not in shown:  # nothing shaped like an address: keep the producer's text
-        return
-    args, kwargs, _ = message.decode()  # memoized by kombu: Celery reuses it
-    headers["argsrepr"] = redact(repr(masked(args)), REPR_LIMIT)
-    headers["kwargsrepr"] = kwargs_repr(kwargs)
+    for name in ("argsrepr", "kwargsrepr"):
+        shown = headers.get(name)
+        if isinstance(shown, str) and "@" in shown:
+            headers[name] = redact(shown, REPR_LIMIT)
 
 
 def _queue(message: Any) -> str:

@@ -8,6 +8,7 @@ are defined in Python and written into each script's header, never spelled twice
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from importlib import resources
 from typing import Any
@@ -20,18 +21,33 @@ ATTEMPT_FIELDS = (
 )  # fmt: skip
 
 
+def lua_value(value: str | float) -> str:
+    """A Lua literal: numbers as they are, strings quoted byte by byte (``\\ddd`` escapes for
+    anything but plain printable ASCII, so no setting can break out of the string)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return repr(value)
+    safe = (
+        chr(b) if 32 <= b < 127 and chr(b) not in '\\"' else f"\\{b:03d}"
+        for b in str(value).encode()
+    )
+    return '"' + "".join(safe) + '"'
+
+
 def _lua_list(names: tuple[str, ...]) -> str:
-    return "{" + ", ".join(f"'{name}'" for name in names) + "}"
+    return "{" + ", ".join(lua_value(name) for name in names) + "}"
 
 
-def load(name: str) -> str:
-    """A script as Redis runs it: the header with the shared names, the shared functions
+def load(name: str, conf: Mapping[str, str | float]) -> str:
+    """A script as Redis runs it: a header with the shared names and this store's settings
+    (``CONF``: constant per store, so calls do not carry them), the shared functions
     (``_lib.lua``), then the script itself."""
     finals = ", ".join(f"{state}=true" for state in sorted(c.FINAL_STATES))
+    settings = ", ".join(f"{key}={lua_value(value)}" for key, value in sorted(conf.items()))
     header = (
         f"local FINAL = {{{finals}}}\n"
         f"local JOB_KEY, COPY_KEY = '{c.JOB_KEY}', '{c.COPY_KEY}'\n"
         f"local ATTEMPT_FIELDS = {_lua_list(ATTEMPT_FIELDS)}\n"
+        f"local CONF = {{{settings}}}\n"
     )
     lua = resources.files("invoice_worker") / "lua"
     return header + (lua / "_lib.lua").read_text() + (lua / f"{name}.lua").read_text()
@@ -52,8 +68,6 @@ class EnqueueArgs:
 
     fingerprint: str
     task_id: str
-    ttl_s: int
-    due_after_ms: int
     broker_message: str
     task_kwargs: str
     due_member: str
@@ -65,20 +79,10 @@ class ClaimArgs:
     """ARGV of claim.lua, in order."""
 
     owner: str
-    lease_ms: int
     fingerprint: str
-    max_crashes: int
-    ttl_s: int
     gated: int
-    interval_ms: float
-    burst: int
-    threshold: int
-    cooldown_ms: int
-    probes: int
-    due_after_ms: int
     due_member: str
     task_kwargs: str
-    max_wait_ms: int
     new_fields: tuple[str, ...]
 
 
@@ -90,19 +94,12 @@ class TransitionArgs:
     op: str
     new_state: str
     mode: str
-    lease_ms: int
     delay_ms: int
-    ttl_s: int
-    stream_maxlen: int
     done_channel: str
     report: str
     pause_ms: int
-    threshold: int
-    window_ms: int
-    cooldown_ms: int
     latency_bucket: str
     latency_ms: float
-    due_after_ms: int
     due_member: str
     cleanup_in_ms: int
     n_fields: int

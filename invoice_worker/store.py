@@ -108,12 +108,28 @@ class JobStore:
         self.stats = f"{self.prefix}{c.STATS_KEY}"
         self.due = f"{self.prefix}{c.DUE_KEY}"
         self.cleanups = f"{self.prefix}{c.CLEANUP_KEY}"
-        self._enqueue = client.register_script(load("enqueue"))
-        self._claim = client.register_script(load("claim"))
-        self._transition = client.register_script(load("transition"))
-        self._discard = client.register_script(load("discard"))
-        self._sweep = client.register_script(load("sweep"))
-        self._cleanup = client.register_script(load("cleanup"))
+        rate = settings.provider_rate_limit
+        conf: dict[str, str | float] = {
+            "prefix": self.prefix,
+            "ttl_s": self.ttl,
+            "due_after_ms": self.requeue_after_ms,
+            "lease_ms": int(settings.lease * 1000),
+            "max_crashes": settings.max_redeliveries,
+            "max_wait_ms": int(settings.max_countdown * 1000),
+            "interval_ms": 1000 / rate if rate else 0,
+            "burst": settings.provider_burst,
+            "threshold": settings.circuit_threshold,
+            "window_ms": int(settings.circuit_window * 1000),
+            "cooldown_ms": int(settings.circuit_cooldown * 1000),
+            "probes": settings.circuit_probes,
+            "stream_maxlen": settings.events_maxlen,
+        }
+        self._enqueue = client.register_script(load("enqueue", conf))
+        self._claim = client.register_script(load("claim", conf))
+        self._transition = client.register_script(load("transition", conf))
+        self._discard = client.register_script(load("discard", conf))
+        self._sweep = client.register_script(load("sweep", conf))
+        self._cleanup = client.register_script(load("cleanup", conf))
 
     @classmethod
     def from_settings(cls, settings: Settings) -> JobStore:
@@ -156,8 +172,8 @@ class JobStore:
         pipe = self.redis.pipeline(transaction=False)
         for job in jobs:
             args = EnqueueArgs(
-                job.fingerprint, job.task_id, self.ttl, self.requeue_after_ms, job.message,
-                job.kwargs, self.member(job.foreign_id), _flatten(job.fields),
+                job.fingerprint, job.task_id, job.message, job.kwargs,
+                self.member(job.foreign_id), _flatten(job.fields),
             )  # fmt: skip
             keys = [self.key(job.foreign_id), job.queue, self.stats, self.due]
             self._enqueue(keys=[*keys, self.copy(job.foreign_id)], args=argv(args), client=pipe)
@@ -186,14 +202,14 @@ class JobStore:
         while the broker queue is empty (``queue_depth``, read from the broker); each one
         returned is not returned again for another broker redelivery delay.
         """
-        args: list[str | int] = [self.prefix, limit, self.requeue_after_ms, queue_depth]
+        args: list[str | int] = [limit, queue_depth]
         reply = self._sweep(keys=[self.due, self.stats], args=args)
         return [(reply[i], reply[i + 1], json.loads(reply[i + 2])) for i in range(0, len(reply), 3)]
 
     def take_cleanups(self, retry_after: float, limit: int = 20) -> list[tuple[str, str, int]]:
         """Due pending cleanups, each held for ``retry_after`` seconds by this caller:
         (foreign_id, provider_foreign_id, tries so far)."""
-        args: list[str | int] = [self.prefix, "take", int(retry_after * 1000), limit]
+        args: list[str | int] = ["take", int(retry_after * 1000), limit]
         reply = self._cleanup(keys=[self.cleanups, self.stats], args=args)
         return [(reply[i], reply[i + 1], int(reply[i + 2])) for i in range(0, len(reply), 3)]
 
@@ -201,7 +217,7 @@ class JobStore:
         self, foreign_id: str, outcome: c.Cleanup, *, retry_after: float, max_tries: int
     ) -> c.Cleanup:
         """Record how a cleanup's cancel went; returns the job's new ``orphan`` value."""
-        args: list[str | int] = [self.prefix, "settle", int(retry_after * 1000)]
+        args: list[str | int] = ["settle", int(retry_after * 1000)]
         args += [self.member(foreign_id), str(outcome), max_tries]
         reply = self._cleanup(keys=[self.cleanups, self.stats], args=args)
         return c.Cleanup(reply)
@@ -225,15 +241,14 @@ class JobStore:
         fleet gate unless ``gated`` is False (no provider call will follow): a 429 pause, an
         open circuit or the rate limit then defer it without using an attempt. ``kwargs``
         (JSON) is kept to send the job again should its message be lost."""
-        s = self.settings
-        rate = s.provider_rate_limit
         args = ClaimArgs(
-            owner, int(s.lease * 1000), fingerprint, s.max_redeliveries, self.ttl, int(gated),
-            1000 / rate if rate else 0, s.provider_burst, s.circuit_threshold,
-            int(s.circuit_cooldown * 1000), s.circuit_probes, self.requeue_after_ms,
-            self.member(foreign_id), kwargs, int(s.max_countdown * 1000),
+            owner,
+            fingerprint,
+            int(gated),
+            self.member(foreign_id),
+            kwargs,
             _flatten({"foreign_id": foreign_id, **fields}),
-        )  # fmt: skip
+        )
         keys = [self.key(foreign_id), self.provider, self.stats, self.due, self.copy(foreign_id)]
         status, raw, wait_ms, reason, circuit = self._claim(keys=keys, args=argv(args))
         return Claim(
@@ -251,18 +266,19 @@ class JobStore:
         state: JobState,
         fields: Mapping[str, Any] | None = None,
         *,
-        lease: float | None = None,
+        renew: bool = False,
         delay: float | None = None,
         report: Report | None = None,
     ) -> Moved | None:
         """Move an owned job to a non-final ``state``; None if the caller no longer holds it.
 
-        ``lease`` renews the lease (the job stays held: also the fence before a provider
-        call); otherwise it is released, and ``delay`` sets ``next_attempt_at``.
+        ``renew`` renews the lease for ``settings.lease`` (the job stays held: also the fence
+        before a provider call); otherwise it is released, and ``delay`` sets
+        ``next_attempt_at``.
         """
         assert not state.final, "use finish()"
-        mode = "renew" if lease is not None else "release"
-        return self._run(foreign_id, owner, state, mode, fields, lease, delay, report, None)
+        mode = "renew" if renew else "release"
+        return self._run(foreign_id, owner, state, mode, fields, delay, report, None)
 
     def finish(
         self,
@@ -283,7 +299,7 @@ class JobStore:
             written then).
         """
         assert state.final, state
-        return self._run(foreign_id, owner, state, "final", fields, None, None, report, cleanup_in)
+        return self._run(foreign_id, owner, state, "final", fields, None, report, cleanup_in)
 
     def _run(
         self,
@@ -292,26 +308,23 @@ class JobStore:
         state: JobState,
         mode: str,
         fields: Mapping[str, Any] | None,
-        lease: float | None,
         delay: float | None,
         report: Report | None,
         cleanup_in: float | None,
     ) -> Moved | None:
-        s = self.settings
+
         report = report or Report()
         values = {k: v for k, v in (fields or {}).items() if v is not None}
         pairs = _flatten(values)
         event = _event(foreign_id, state, values) if mode == "final" else ()
         latency = report.latency
         args = TransitionArgs(
-            owner, uuid.uuid4().hex, str(state), mode, int((lease or 0) * 1000),
-            -1 if delay is None else int(delay * 1000), self.ttl, s.events_maxlen,
-            self.channel(foreign_id), str(report.outcome), int(report.pause * 1000),
-            s.circuit_threshold, int(s.circuit_window * 1000), int(s.circuit_cooldown * 1000),
+            owner, uuid.uuid4().hex, str(state), mode,
+            -1 if delay is None else int(delay * 1000), self.channel(foreign_id),
+            str(report.outcome), int(report.pause * 1000),
             "" if latency is None else _bucket(latency), (latency or 0) * 1000,
-            self.requeue_after_ms, self.member(foreign_id),
-            -1 if cleanup_in is None else int(cleanup_in * 1000), len(pairs) // 2,
-            (*pairs, *event),
+            self.member(foreign_id), -1 if cleanup_in is None else int(cleanup_in * 1000),
+            len(pairs) // 2, (*pairs, *event),
         )  # fmt: skip
         keys = [self.key(foreign_id), self.stream, self.provider, self.stats, self.due]
         keys += [self.copy(foreign_id), self.cleanups]

@@ -49,14 +49,19 @@ def register(app: Celery, settings: Settings) -> Task:
     runtime = Runtime(settings)
 
     class InvoiceTask(Task):  # type: ignore[misc]
+        def record_invalid(self, kwargs: Any, task_id: str) -> None:
+            """Record a message of ours that Celery cannot even call the task with (its kwargs
+            not an object): ``failed`` / ``invalid_message``, like any invalid message."""
+            owner = f"consumer:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+            runtime.job.run(kwargs, task_id=task_id or "unknown", owner=owner)
+
         def on_failure(
             self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
         ) -> None:
             # Celery calls ``run(*args, **kwargs)`` itself, so a body whose kwargs is not an
-            # object fails before our code runs: record it here, like any invalid message.
+            # object fails before our code runs (where the consumer did not catch it first).
             if not isinstance(kwargs, dict) or not isinstance(args, list | tuple):
-                owner = f"{self.request.hostname}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
-                runtime.job.run(kwargs, task_id=task_id or "unknown", owner=owner)
+                self.record_invalid(kwargs, task_id)
 
     @app.task(  # type: ignore[untyped-decorator]
         base=InvoiceTask,

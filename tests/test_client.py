@@ -1,27 +1,34 @@
 from __future__ import annotations
 
 import hmac
+import json
 import time
+import tracemalloc
 from decimal import Decimal
 from email.utils import formatdate
 from typing import Any
 
 import pytest
 import requests
-import responses
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 
 from invoice_worker import errors as e
-from invoice_worker.client import (
-    ProviderClient,
-    error_for_response,
-    parse_retry_after,
-    sign,
-    verify_signature,
-)
+from invoice_worker.answers import error_for_response, parse_retry_after
+from invoice_worker.client import ProviderClient, sign, verify_signature
 from invoice_worker.devstack.embedded import free_port
 from invoice_worker.models import parse_request
 from invoice_worker.sandbox import Sandbox
 from tests.conftest import KEY, SECRET, new_id, request_data
+from tests.rawhttp import (
+    Canned,
+    Handler,
+    RawServer,
+    canned_session,
+    gzip_bomb,
+    huge,
+    invoice_data,
+)
 
 VECTOR = (
     "03c25fcf7cd35e7d995e402cd5d51edd72d48e1471e865907967809a0c189ba55b90815f20e2bb10f82c7a9e"
@@ -34,13 +41,13 @@ def test_signature_matches_official_vector() -> None:
 
 
 def test_client_signs_the_exact_bytes_it_sends() -> None:
-    client = ProviderClient("https://api.example.com/api/v2", KEY, SECRET)
+    session = canned_session(lambda request: Canned(500, b"x"))
+    client = ProviderClient("https://api.example.com/api/v2", KEY, SECRET, session=session)
     request = parse_request(request_data(amount="0.1"))
-    with responses.RequestsMock() as mock:
-        mock.post("https://api.example.com/api/v2/invoices/create", status=500, body="x")
-        with pytest.raises(e.ProviderServerError):
-            client.create_invoice(request)
-        sent = mock.calls[0].request
+    with pytest.raises(e.ProviderServerError):
+        client.create_invoice(request)
+    sent = session.adapter.sent[0]  # type: ignore[attr-defined]
+    assert sent.url == "https://api.example.com/api/v2/invoices/create"
     assert sent.body == request.to_body()
     assert sent.headers["X-Processing-Signature"] == sign(request.to_body(), SECRET)
     assert sent.headers["X-Processing-Key"] == KEY
@@ -182,29 +189,37 @@ def test_connection_refused_is_not_ambiguous() -> None:
     assert isinstance(info.value.__cause__, requests.ConnectionError)
 
 
-@responses.activate
-def test_tls_error_is_permanent() -> None:
-    responses.post(
-        "https://api.example.com/api/v2/invoices/create",
-        body=requests.exceptions.SSLError("certificate verify failed"),
-    )
-    client = ProviderClient("https://api.example.com/api/v2", KEY, SECRET)
+def test_tls_error_before_sending_is_permanent() -> None:
+    def handshake_fails(request: requests.PreparedRequest) -> Canned:
+        raise requests.exceptions.SSLError("certificate verify failed")
+
+    session = canned_session(handshake_fails)
+    client = ProviderClient("https://api.example.com/api/v2", KEY, SECRET, session=session)
     with pytest.raises(e.ProviderTLSError):
         client.create_invoice(parse_request(request_data()))
 
 
 @pytest.mark.parametrize(
     "body",
-    ["<html>oops</html>", '{"result": "ok"}', '{"data": {"id": 1}}', '{"data": {"id": 1, "url"'],
+    [
+        b"<html>oops</html>",
+        b'{"result": "ok"}',
+        b'{"data": {"id": 1}}',
+        b'{"data": {"id": 1, "url"',
+        b'{"data": null}',
+        b"[1]",
+        b"[" * 100_000 + b"]" * 100_000,  # nesting deeper than the JSON parser recurses
+        b'{"data": ' * 50_000 + b"{}" + b"}" * 50_000,
+    ],
 )
-@responses.activate
-def test_unusable_200_is_ambiguous_never_success(body: str) -> None:
-    responses.post("https://api.example.com/api/v2/invoices/create", body=body, status=200)
-    client = ProviderClient("https://api.example.com/api/v2", KEY, SECRET)
+def test_unusable_200_is_ambiguous_never_success(body: bytes) -> None:
+    session = canned_session(lambda request: Canned(200, body))
+    client = ProviderClient("https://api.example.com/api/v2", KEY, SECRET, session=session)
     with pytest.raises(e.AmbiguousResponseError) as info:
         client.create_invoice(parse_request(request_data()))
     assert info.value.status == 200
     assert info.value.ambiguous
+    assert len(info.value.message) < 300
 
 
 # The retry predicate as a table over status codes (stripe's test_should_retry_on_codes).
@@ -248,14 +263,12 @@ def test_error_shapes_parsed() -> None:
     )  # fmt: skip
     fields = error_for_response(400, '{"errors":{"title":["too long","bad"]}}', {})
     assert fields.errors == {"title": "too long bad"}
-    raw = "<html>\n 502 Bad   Gateway</html>" + "x" * 1000
-    html = error_for_response(502, raw, {})
+    html = error_for_response(502, "<html>\n 502 Bad   Gateway</html>" + "x" * 1000, {})
     assert html.message.startswith("<html> 502 Bad Gateway")
     assert html.body is not None
-    # Changed in the restructure (privacy.redact): the body is cut to 500 characters ("..."
-    # included) and then its control characters are escaped, so the newline adds 3 characters.
-    assert html.body == raw[:497].replace("\n", "\\x0a") + "..."
+    # Bounded to 500 characters, then control characters shown escaped (the newline: 4 more).
     assert len(html.body) == 503
+    assert "\n" not in html.body
 
 
 def test_retry_after_parsing() -> None:
@@ -318,3 +331,272 @@ def test_environment_read_once_at_start(monkeypatch: pytest.MonkeyPatch) -> None
     assert client.session.proxies == {"https": "http://proxy.example.com:3128"}
     assert client.session.verify == "/etc/shop/ca.pem"
     assert client.session.trust_env is False
+
+
+# --- The transport seam (issue 11): a caller's session is used as is. ---
+
+
+def test_a_given_session_is_used_as_is() -> None:
+    session = canned_session(lambda request: Canned(500, b"x"))
+    session.headers["X-Shop"] = "kept"
+    adapters = dict(session.adapters)
+    client = ProviderClient("https://api.example.com/api/v2", KEY, SECRET, session=session)
+    assert client.session is session
+    with pytest.raises(e.ProviderServerError):
+        client.create_invoice(parse_request(request_data()))
+    assert session.adapters == adapters  # nothing mounted over the caller's transport
+    sent = session.adapter.sent[0]  # type: ignore[attr-defined]
+    assert sent.headers["X-Shop"] == "kept"
+    assert sent.headers["User-Agent"] == "invoice-worker"  # ours ride on each request instead
+    client.close()
+    assert session.adapters == adapters  # and close() leaves the caller's session alone
+
+
+@pytest.mark.parametrize(
+    "retries",
+    [1, Retry(total=2), Retry(total=None, connect=1, read=0, status=0, other=0), Retry(None)],
+)
+def test_a_given_session_that_retries_is_refused(retries: int | Retry) -> None:
+    # A silent urllib3 retry of a sent POST could create a second invoice.
+    session = requests.Session()
+    session.mount("https://", HTTPAdapter(max_retries=retries))
+    with pytest.raises(ValueError, match="retries"):
+        ProviderClient("https://api.example.com/api/v2", KEY, SECRET, session=session)
+
+
+def test_a_plain_session_is_accepted(sandbox: Sandbox) -> None:
+    with requests.Session() as session:
+        client = ProviderClient(sandbox.url, KEY, SECRET, session=session)
+        request = parse_request(request_data())
+        assert client.create_invoice(request).foreign_id == request.foreign_id
+
+
+# --- Hostile or broken 200 answers (issue 10 item 6). ---
+
+
+def answering(api_url: str, **changes: Any) -> ProviderClient:
+    """A client whose provider answers every create with a correct invoice, then ``changes``."""
+
+    def handler(request: requests.PreparedRequest) -> Canned:
+        assert isinstance(request.body, bytes)
+        return Canned(200, json.dumps({"data": invoice_data(request.body, **changes)}).encode())
+
+    return ProviderClient(api_url, KEY, SECRET, session=canned_session(handler))
+
+
+HTTPS_API = "https://api.example.com/api/v2"
+BAD_URLS = [
+    "javascript:alert(document.cookie)",
+    "JavaScript:alert(1)",
+    "data:text/html;base64,PHNjcmlwdD5hbGVydCgxKTwvc2NyaXB0Pg==",
+    "http://invoices.sandbox.cryptoprocessing.com/invoice/6rKzdo",
+    "ftp://invoices.example.com/i",
+    "//invoices.example.com/i",
+    "https:///invoice/6rKzdo",
+    "https://invoices.example.com/in voice",
+    "https://invoices.example.com/i\n<script>",
+    "\thttps://invoices.example.com/i",
+    "https://invoices.example.com/i\x00",
+    "https://invoices.example.com/i\x7f",
+    "https://invoices.example.com/\u202eoi",  # right-to-left override
+    "https://invoices.example.com/\u200bi",  # zero-width space
+    "https://invoices.example.com@evil.example/i",
+    "https://user:pass@invoices.example.com/i",
+    "https://[::1/i",
+    "https://invoices.example.com:99999/i",
+    "https://invoices.example.com/" + "a" * 2030,
+]
+
+
+@pytest.mark.parametrize("url", BAD_URLS)
+def test_create_answer_with_a_bad_url_is_ambiguous(url: str) -> None:
+    client = answering(HTTPS_API, url=url)
+    with pytest.raises(e.AmbiguousResponseError) as info:
+        client.create_invoice(parse_request(request_data()))
+    assert "url" in info.value.message
+    assert url.strip() not in info.value.message  # named, never echoed
+    assert len(info.value.message) < 300
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"foreign_id": "order-someone-else"}, "foreign_id"),
+        ({"foreign_id": 123456}, "foreign_id"),
+        ({"amount": "0.01240000"}, "amount"),
+        ({"amount": "0.0123000000001"}, "amount"),
+        ({"amount": "1E+999999999"}, "amount"),
+        ({"amount": "-0.0123"}, "amount"),
+        ({"currency": "ETH"}, "currency"),
+        ({"currency": "btc"}, "currency"),
+    ],
+)
+def test_create_answer_that_disagrees_is_ambiguous(changes: dict[str, Any], field: str) -> None:
+    client = answering(HTTPS_API, **changes)
+    with pytest.raises(e.AmbiguousResponseError) as info:
+        client.create_invoice(parse_request(request_data(amount="0.0123", currency="BTC")))
+    assert field in info.value.message
+    assert info.value.status == 200
+    assert info.value.ambiguous
+
+
+def test_several_disagreements_are_all_named() -> None:
+    client = answering(HTTPS_API, foreign_id="x", url="javascript:1", currency="ETH")
+    with pytest.raises(e.AmbiguousResponseError) as info:
+        client.create_invoice(parse_request(request_data()))
+    for field in ("foreign_id", "url", "currency"):
+        assert field in info.value.message
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"amount": "0.01230000"},  # the provider's 8-decimal formatting
+        {"amount": "0.0123"},
+        {"amount": 0.0123},
+        {"url": "HTTPS://Invoices.Example.com/invoice/6rKzdo"},
+        {"url": "https://invoices.example.com/" + "a" * 2019},  # exactly 2048 characters
+    ],
+)
+def test_create_answer_that_agrees_is_accepted(changes: dict[str, Any]) -> None:
+    client = answering(HTTPS_API, **changes)
+    request = parse_request(request_data(amount="0.0123"))
+    invoice = client.create_invoice(request)
+    assert invoice.foreign_id == request.foreign_id
+
+
+def test_integer_foreign_id_of_older_api_versions_is_accepted() -> None:
+    client = answering(HTTPS_API, foreign_id=987654)
+    invoice = client.create_invoice(parse_request(request_data(foreign_id="987654")))
+    assert invoice.foreign_id == "987654"
+
+
+@pytest.mark.parametrize(
+    ("api_url", "accepted"),
+    [
+        ("http://127.0.0.1:8080/api/v2", True),
+        ("http://localhost:8080/api/v2", True),
+        ("http://[::1]:8080/api/v2", True),
+        ("http://provider.example.com/api/v2", False),
+        ("http://10.0.0.7/api/v2", False),
+        ("https://127.0.0.1:8443/api/v2", False),
+    ],
+)
+def test_plain_http_invoice_url_only_from_a_local_http_provider(
+    api_url: str, accepted: bool
+) -> None:
+    client = answering(api_url, url="http://127.0.0.1:8080/invoice/6rKzdo")
+    request = parse_request(request_data())
+    if accepted:
+        assert client.create_invoice(request).url.startswith("http://")
+    else:
+        with pytest.raises(e.AmbiguousResponseError, match="url"):
+            client.create_invoice(request)
+
+
+def test_cancel_answer_naming_another_invoice_is_ambiguous() -> None:
+    client = answering(HTTPS_API, foreign_id="order-someone-else", status="failed")
+    with pytest.raises(e.AmbiguousResponseError, match="foreign_id"):
+        client.cancel_invoice("order-mine")
+
+
+def test_cancel_answer_is_not_held_to_the_create_rules() -> None:
+    # A cancel answer's url and amount are not used: only the foreign_id is checked.
+    client = answering(HTTPS_API, foreign_id="order-mine", status="failed", url="javascript:1")
+    assert client.cancel_invoice("order-mine").status == "failed"
+
+
+def test_create_against_sandbox_passes_the_checks(client: ProviderClient) -> None:
+    for amount in ("0.0123", "0.01230000", "1", "12.5"):
+        request = parse_request(request_data(amount=amount))
+        assert client.create_invoice(request).amount == Decimal(amount)
+
+
+# --- Error bodies stay bounded before any parsing or masking. ---
+
+
+def test_error_fields_are_bounded() -> None:
+    huge = "x" * 200_000
+    body = json.dumps(
+        {"error": huge, "code": huge, "errors": {f"f{i}": [huge, huge] for i in range(1000)}}
+    )
+    error = error_for_response(400, body, {})
+    assert len(error.message) <= 500
+    assert error.provider_code is not None
+    assert len(error.provider_code) <= 100
+    assert len(error.errors) <= 20
+    assert all(len(k) <= 100 and len(v) <= 500 for k, v in error.errors.items())
+    assert error.body is not None
+    assert len(error.body) <= 500
+
+
+def test_error_body_nested_too_deep_is_mapped_by_status() -> None:
+    error = error_for_response(400, "[" * 100_000, {})
+    assert type(error) is e.PermanentProviderError
+    odd = error_for_response(400, '{"error": {"a": [1]}, "code": [2], "errors": [3]}', {})
+    assert type(odd) is e.PermanentProviderError
+
+
+# --- Answers are read with a size cap (issue 10 item 6). ---
+
+MIB = 1 << 20
+
+
+def read_with_peak(client: ProviderClient, server: RawServer) -> tuple[BaseException, int]:
+    """Create once against ``server``; return the error raised and the peak traced memory."""
+    request = parse_request(request_data())
+    tracemalloc.start()
+    try:
+        with pytest.raises(e.ProviderError) as info:
+            client.create_invoice(request)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return info.value, peak
+
+
+@pytest.mark.parametrize(
+    "handler",
+    [huge(200, 50 * MIB), huge(200, 0, chunked=True), gzip_bomb(50 * MIB)],
+    ids=["50MB", "endless-chunked", "gzip-bomb"],
+)
+def test_huge_200_answer_is_ambiguous_and_not_read_whole(handler: Handler) -> None:
+    with RawServer(handler) as server:
+        client = ProviderClient(server.url(), KEY, SECRET, read_timeout=10)
+        error, peak = read_with_peak(client, server)
+        client.close()
+    assert type(error) is e.AmbiguousResponseError
+    assert error.status == 200
+    assert "1048576 bytes" in error.message
+    assert peak < 8 * MIB
+    assert server.bytes_sent < 20 * MIB  # the cap, plus what socket buffers hold
+
+
+def test_huge_error_answer_is_mapped_by_status_with_the_body_truncated() -> None:
+    with RawServer(huge(500, 50 * MIB)) as server:
+        client = ProviderClient(server.url(), KEY, SECRET, read_timeout=10)
+        error, peak = read_with_peak(client, server)
+        client.close()
+    assert type(error) is e.ProviderServerError
+    assert error.status == 500
+    assert error.body is not None
+    assert len(error.body) <= 500
+    assert peak < 8 * MIB
+    assert server.bytes_sent < 20 * MIB
+
+
+def test_max_response_bytes_is_the_cap(sandbox: Sandbox) -> None:
+    small = ProviderClient(sandbox.url, KEY, SECRET, max_response_bytes=100)
+    request = parse_request(request_data())
+    with pytest.raises(e.AmbiguousResponseError, match="100 bytes"):
+        small.create_invoice(request)
+    assert sandbox.create_calls(request.foreign_id) == 1  # sent: the invoice exists
+    body = json.dumps({"data": invoice_data(request.to_body())}).encode()
+    exact = ProviderClient(
+        HTTPS_API, KEY, SECRET, max_response_bytes=len(body),
+        session=canned_session(lambda r: Canned(200, body)),
+    )  # fmt: skip
+    assert exact.create_invoice(request).foreign_id == request.foreign_id
+    with pytest.raises(ValueError, match="max_response_bytes"):
+        ProviderClient(HTTPS_API, KEY, SECRET, max_response_bytes=0)

@@ -499,3 +499,30 @@ def test_a_lost_reply_to_enqueue_sends_one_message_and_reports_the_job(
     assert record.foreign_id == data["foreign_id"]
     assert direct.llen(settings.queue) == before + 1
     producer.close()
+
+
+@pytest.mark.slow
+def test_a_message_whose_kwargs_is_a_list_ends_recorded(
+    settings: Settings, sandbox: Sandbox, start_worker: Any, redis_client: redis.Redis
+) -> None:
+    import base64
+    import json
+
+    from invoice_worker.message import redis_envelope
+
+    # Given a message for our task whose kwargs is a list (Celery cannot even call the task)
+    worker = start_worker(settings)
+    envelope = json.loads(
+        redis_envelope(create_app(settings), job_kwargs(), "t-list-kwargs", settings.queue)
+    )
+    envelope["body"] = base64.b64encode(json.dumps([[], [1, 2], {}]).encode()).decode()
+    redis_client.lpush(settings.queue, json.dumps(envelope))
+    # When the worker takes it
+    store = JobStore.from_settings(settings)
+    record = store.wait("invalid-message:t-list-kwargs", 20)
+    # Then it ends failed / invalid_message, and the worker goes on
+    assert record is not None
+    assert record.state is JobState.FAILED
+    assert record.error_code == ErrorCode.INVALID_MESSAGE
+    assert "kwargs" in record.errors
+    assert worker.alive

@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from typing import Any
 
 import pytest
+import requests
 import responses
 
 from invoice_worker.attempt import Outcome, backoff, derived_foreign_id, full_jitter
 from invoice_worker.client import ProviderClient
 from invoice_worker.config import Settings
 from invoice_worker.constants import Cleanup, ErrorCode, JobState
+from invoice_worker.exchange import ProviderAdapter
 from invoice_worker.job import InvoiceJob
 from invoice_worker.message import TaskMessage
 from invoice_worker.models import parse_request
 from invoice_worker.sandbox import Sandbox
 from invoice_worker.store import JobStore
-from tests.conftest import job_kwargs, live, make_job, request_data
+from tests.conftest import KEY, SECRET, job_kwargs, live, make_job, request_data
 
 
 @pytest.fixture
@@ -281,27 +284,38 @@ def test_conflicting_message_does_not_touch_the_job(job: InvoiceJob, sandbox: Sa
     assert job.store.get(kwargs["request"]["foreign_id"]).state == JobState.CREATED  # type: ignore[union-attr]
 
 
+class BlowsUpOnce(ProviderAdapter):
+    """Sends for real, then raises once: a bug in our own code after the request went out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.creates: list[str] = []
+
+    def send(self, request: requests.PreparedRequest, *args: Any, **kwargs: Any) -> Any:
+        response = super().send(request, *args, **kwargs)
+        if (request.url or "").endswith("/invoices/create"):
+            self.creates.append(json.loads(request.body or b"{}")["foreign_id"])
+            if len(self.creates) == 1:
+                response.close()
+                raise RuntimeError("bug after the request went out")
+        return response
+
+
 def test_unexpected_error_in_call_is_retried_as_ambiguous(
-    job: InvoiceJob, sandbox: Sandbox
+    settings: Settings, sandbox: Sandbox
 ) -> None:
     kwargs = job_kwargs()
     fid = kwargs["request"]["foreign_id"]
-    real = job.client.create_invoice
-    calls: list[str] = []
-
-    def flaky(request: Any, *, send_by: float | None = None) -> Any:
-        calls.append(request.foreign_id)
-        if len(calls) == 1:
-            real(request, send_by=send_by)  # the invoice is made, then our own code blows up
-            raise RuntimeError("bug after the request went out")
-        return real(request, send_by=send_by)
-
-    job.client.create_invoice = flaky  # type: ignore[method-assign]
+    adapter = BlowsUpOnce()
+    session = requests.Session()
+    session.mount("http://", adapter)
+    client = ProviderClient(settings.api_url, KEY, SECRET, session=session)
+    job = InvoiceJob(JobStore.from_settings(settings), client, settings, rand=lambda: 0.0)
     outcome, runs = drive(job, kwargs)
     assert outcome.record is not None
     assert outcome.record.state == JobState.CREATED
     assert runs == 2
-    assert calls == [fid, fid, f"{fid}~r1"]
+    assert adapter.creates == [fid, fid, f"{fid}~r1"]
     assert len(live(sandbox, fid)) == 1
 
 

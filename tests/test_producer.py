@@ -24,6 +24,7 @@ from invoice_worker.constants import JobState
 from invoice_worker.devstack.embedded import free_port
 from invoice_worker.errors import ConflictError, InvalidRequestError
 from invoice_worker.producer import Producer
+from invoice_worker.store import JobStore
 from tests.conftest import request_data
 
 
@@ -101,7 +102,9 @@ def test_stale_queued_job_is_resent(
 ) -> None:
     data = request_data()
     producer.enqueue(data)
-    producer.store.requeue_after_ms = 0
+    # A redelivery delay of 0 (model_copy: Settings rightly refuses it) makes it stale at once.
+    instant = settings.model_copy(update={"visibility_timeout": 0})
+    producer.store = JobStore(producer.store.redis, instant)
     time.sleep(0.01)
     producer.enqueue(data)
     messages = queued(redis_client, settings)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import threading
 import time
 from typing import Any
@@ -27,11 +26,10 @@ def tuned(store: JobStore, lease: float = 2.0, max_crashes: int = 2) -> JobStore
     ``model_copy`` skips validation on purpose: these tests use leases far shorter than two
     provider calls, which Settings rightly refuses for a real worker.
     """
-    view = copy.copy(store)
-    view.settings = store.settings.model_copy(
+    settings = store.settings.model_copy(
         update={"lease_seconds": lease, "max_redeliveries": max_crashes}
     )
-    return view
+    return JobStore(store.redis, settings)  # the scripts carry these settings: load them anew
 
 
 def claim(
@@ -83,11 +81,11 @@ def test_enqueue_pushes_message_atomically(store: JobStore, redis_client: redis.
 
 
 def test_enqueue_reports_stale_queued_job(settings: Settings) -> None:
-    store = JobStore.from_settings(settings)
-    store.requeue_after_ms = 50
+    # The redelivery delay is baked into the scripts: use the shortest one settings allow.
+    store = JobStore.from_settings(settings.replace(visibility_timeout=1, retry_cap=0.5))
     fid = new_id()
     one(store, fid, task_id="t1")
-    time.sleep(0.1)
+    time.sleep(1.1)
     assert one(store, fid).resend is True
     assert one(store, fid).resend is False  # the resend restarted the clock
 
@@ -208,7 +206,7 @@ def test_final_transition_writes_one_event_and_is_terminal(store: JobStore) -> N
 def test_renew_keeps_lease(store: JobStore) -> None:
     fid = new_id()
     claim(store, fid, "w1", lease=0.2)
-    assert store.transition(fid, "w1", JobState.PROCESSING, {"generation": 1}, lease=5)
+    assert store.transition(fid, "w1", JobState.PROCESSING, {"generation": 1}, renew=True)
     time.sleep(0.25)
     assert claim(store, fid, "w2").status == "busy"
 

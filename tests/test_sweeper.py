@@ -91,3 +91,45 @@ def test_worker_finishes_a_job_whose_message_was_lost(fast: Settings, start_work
     producer.close()
     assert record is not None
     assert record.state == JobState.CREATED
+
+
+@pytest.mark.parametrize("broker", ["redis-db-1", "rabbitmq"])
+def test_a_backlog_on_a_broker_apart_is_not_taken_for_lost_messages(
+    fast: Settings, redis_server: Any, broker: str
+) -> None:
+    # Given a broker that is not the job store (another Redis database, or RabbitMQ)
+    if broker == "rabbitmq":
+        import socket
+
+        try:
+            socket.create_connection(("127.0.0.1", 5672), timeout=1).close()
+        except OSError:
+            pytest.skip("no RabbitMQ on 127.0.0.1:5672")
+        broker_url = "amqp://guest:guest@127.0.0.1:5672//"
+    else:
+        broker_url = redis_server.url.rsplit("/", 1)[0] + "/1"
+    settings = fast.replace(broker_url=broker_url, redis_url=fast.state_url)
+    producer = Producer(settings)
+    assert not producer.atomic
+    try:
+        # And a backlog no worker has taken yet, past its due time
+        for _ in range(3):
+            producer.enqueue(request_data())
+        time.sleep(1.1)
+        # When the sweeper runs, it asks the broker itself how many messages wait
+        sweeper = Sweeper(producer.app, settings)
+        assert sweep_depth(sweeper) == 3
+        # Then nothing is sent again: a backlog is not a lost message
+        assert sweeper.sweep() == 0
+    finally:
+        with producer.app.connection_for_write() as conn:
+            conn.default_channel.queue_purge(settings.queue)
+            if broker == "rabbitmq":
+                conn.default_channel.queue_delete(settings.queue)
+        producer.close()
+
+
+def sweep_depth(sweeper: Sweeper) -> int:
+    from invoice_worker.sweeper import broker_queue_depth
+
+    return broker_queue_depth(sweeper.app, sweeper.settings.queue)

@@ -8,21 +8,21 @@ local stats_key = KEYS[3]
 local due_key = KEYS[4]
 local copy_key = KEYS[5]
 local owner = ARGV[1]
-local lease_ms = tonumber(ARGV[2])
-local fingerprint = ARGV[3]
-local max_crashes = tonumber(ARGV[4])
-local ttl_s = ARGV[5]
-local gated = ARGV[6] == '1'  -- 0: no provider call will follow (an invalid message)
-local interval_ms = tonumber(ARGV[7])  -- fleet rate limit; 0 = off
-local burst = tonumber(ARGV[8])
-local threshold = tonumber(ARGV[9])  -- circuit breaker; 0 = off
-local cooldown_ms = tonumber(ARGV[10])
-local probes = tonumber(ARGV[11])
-local due_after_ms = tonumber(ARGV[12])
-local due_member = ARGV[13]
-local task_kwargs = ARGV[14]  -- kept only with a record created here; '' for none
-local max_wait_ms = tonumber(ARGV[15])  -- longest countdown (below the broker's redelivery)
-local new_fields = tail(16)
+local fingerprint = ARGV[2]
+local gated = ARGV[3] == '1'  -- 0: no provider call will follow (an invalid message)
+local due_member = ARGV[4]
+local task_kwargs = ARGV[5]  -- kept only with a record created here; '' for none
+local new_fields = tail(6)
+local lease_ms = CONF.lease_ms
+local max_crashes = CONF.max_crashes
+local ttl_s = CONF.ttl_s
+local interval_ms = CONF.interval_ms  -- fleet rate limit; 0 = off
+local burst = CONF.burst
+local threshold = CONF.threshold  -- circuit breaker; 0 = off
+local cooldown_ms = CONF.cooldown_ms
+local probes = CONF.probes
+local due_after_ms = CONF.due_after_ms
+local max_wait_ms = CONF.max_wait_ms  -- longest countdown (below the broker's redelivery)
 
 local now = now_ms()
 if not gated then interval_ms, threshold = 0, 0 end

@@ -4,13 +4,13 @@
 -- take returns {foreign_id, provider_foreign_id, tries, ...}; settle returns the new orphan value.
 local cleanup_key = KEYS[1]
 local stats_key = KEYS[2]
-local prefix = ARGV[1]
-local action = ARGV[2]  -- take | settle
-local retry_ms = tonumber(ARGV[3])
+local action = ARGV[1]  -- take | settle
+local retry_ms = tonumber(ARGV[2])
+local prefix = CONF.prefix
 
 local now = now_ms()
 if action == 'take' then
-  local limit = ARGV[4]
+  local limit = ARGV[3]
   local out = {}
   local due = redis.call('ZRANGEBYSCORE', cleanup_key, '-inf', now, 'LIMIT', 0, limit)
   for _, member in ipairs(due) do
@@ -29,9 +29,9 @@ if action == 'take' then
   return out
 end
 
-local member = ARGV[4]
-local outcome = ARGV[5]  -- cancelled | final | pending (the cancel failed again)
-local max_tries = tonumber(ARGV[6])
+local member = ARGV[3]
+local outcome = ARGV[4]  -- cancelled | final | pending (the cancel failed again)
+local max_tries = tonumber(ARGV[5])
 local record_key = prefix .. JOB_KEY .. member
 local tries = redis.call('HINCRBY', record_key, 'cleanup_tries', 1)
 if outcome == 'pending' and tries >= max_tries then outcome = 'may_remain' end

@@ -7,10 +7,10 @@
 -- Returns {foreign_id, task_id, kwargs, ...} to send again.
 local due_key = KEYS[1]
 local stats_key = KEYS[2]
-local prefix = ARGV[1]
-local limit = ARGV[2]
-local due_after_ms = tonumber(ARGV[3])
-local queue_depth = tonumber(ARGV[4])  -- read from the broker by the caller
+local limit = ARGV[1]
+local queue_depth = tonumber(ARGV[2])  -- read from the broker by the caller
+local prefix = CONF.prefix
+local due_after_ms = CONF.due_after_ms
 
 local out = {}
 if queue_depth > 0 then return out end
