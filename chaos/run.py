@@ -1,5 +1,6 @@
-"""Chaos run: jobs from several producers through 3 mixed workers, while the provider fails,
-workers are SIGKILLed, Redis is killed and restarted from its AOF, and the provider vanishes.
+"""Chaos run: jobs from several producers through 3 mixed workers, while the provider fails or
+answers with hostile, huge or trickled 200s, workers are SIGKILLed or frozen (SIGSTOP) for longer
+than their lease, Redis is killed and restarted from its AOF, and the provider vanishes.
 
 ``python -m chaos.run --jobs 5000`` (``make chaos``) prints the summary table and exits 1 when an
 invariant broke; ``tests/test_chaos.py`` runs a reduced version inside ``make test``.
@@ -37,7 +38,15 @@ FAULTS = {  # ~10% 5xx, ~5% 429 (half with Retry-After), ~5% commit-then-fail, a
     "error-500": 0.04, "error-502": 0.03, "error-503": 0.03, "rate-limit": 0.025,
     "rate-limit-bare": 0.025, "commit-then-drop": 0.025, "commit-then-502": 0.025,
     "timeout": 0.005, "stall-seconds": 2, "latency-ms": 5, "jitter-ms": 20, "retry-after": 1,
+    # 0.5% each: a committed call answered with a 200 that is not the invoice asked for, ~50 MB
+    # long, or trickled a byte every 0.3 s (far longer than a call's bound).
+    "answer-wrong-id": 0.005, "answer-bad-url": 0.005, "answer-wrong-amount": 0.005,
+    "answer-wrong-currency": 0.005, "answer-huge": 0.005, "trickle": 0.005,
+    "trickle-seconds": 0.3,
 }  # fmt: skip
+# Scripted for the first create call of one job each, so even a short run sees every one.
+SCRIPTED = ("answer_wrong_id", "answer_bad_url", "answer_wrong_amount", "answer_wrong_currency",
+            "answer_huge", "trickle")  # fmt: skip
 
 
 @dataclass
@@ -47,6 +56,7 @@ class Config:
     duplicates: float = 0.20
     conflicts: float = 0.02
     kill_every: float = 2.0
+    freeze_every: float = 10.0
     outage_seconds: float = 6.0
     timeout: float = 240.0
     seed: int = 7
@@ -58,6 +68,7 @@ class Plan:
 
     calls: list[list[dict[str, Any]]]  # one list of requests per producer process
     conflicting: set[str] = field(default_factory=set)
+    scripted: dict[str, str] = field(default_factory=dict)  # foreign_id: its first call's outcome
 
 
 def make_plan(cfg: Config, run_id: str) -> Plan:
@@ -82,6 +93,8 @@ def make_plan(cfg: Config, run_id: str) -> Plan:
             plan.conflicting.add(foreign_id)
     for queue in calls:
         rng.shuffle(queue)
+    for k, outcome in enumerate(SCRIPTED):
+        plan.scripted[f"chaos-{run_id}-{(k + 1) * cfg.jobs // (len(SCRIPTED) + 1):05d}"] = outcome
     return plan
 
 
@@ -121,8 +134,10 @@ class Chaos:
         self.retired: list[ChildProcess] = []
         self.counts: Counter[str] = Counter()
         self.stop = threading.Event()
+        self.lock = threading.Lock()  # around workers and frozen (killer and freezer threads)
+        self.frozen: ChildProcess | None = None
 
-    def start(self) -> Settings:
+    def start(self, plan: Plan) -> Settings:
         self.redis.start()
         port = free_port()
         argv = [sys.executable, "-m", "invoice_worker.sandbox", "--port", str(port), "--key", KEY,
@@ -131,6 +146,9 @@ class Chaos:
         self.sandbox = ChildProcess("sandbox", argv, {}, self.workdir).start()
         _wait_http(f"http://127.0.0.1:{port}/api/v2/ping")
         self.admin = f"http://127.0.0.1:{port}/_sandbox"
+        for foreign_id, outcome in plan.scripted.items():
+            script = {"outcomes": [outcome], "foreign_id": foreign_id}
+            requests.post(f"{self.admin}/script", json=script, timeout=5).raise_for_status()
         self.proxy = Proxy(port)
         self.settings = Settings(
             _env_file=None, api_url=f"http://127.0.0.1:{self.proxy.port}/api/v2", api_key=KEY,
@@ -152,11 +170,13 @@ class Chaos:
         """Kill a worker every few seconds; once kill Redis; once cut the provider off."""
         redis_at, outage_at = started + duration_hint * 0.3, started + duration_hint * 0.55
         while not self.stop.wait(self.cfg.kill_every):
-            victim = self.workers.pop(self.rng.randrange(len(self.workers)))
-            victim.kill(signal.SIGKILL)
-            self.retired.append(victim)
-            self.counts["worker kills"] += 1
-            self._start_worker(*victim.pool)  # type: ignore[attr-defined]
+            with self.lock:  # a frozen worker is left to thaw: its waking up is the test
+                victim = self.rng.choice([w for w in self.workers if w is not self.frozen])
+                self.workers.remove(victim)
+                victim.kill(signal.SIGKILL)
+                self.retired.append(victim)
+                self.counts["worker kills"] += 1
+                self._start_worker(*victim.pool)  # type: ignore[attr-defined]
             now = time.monotonic()
             if now >= redis_at and not self.counts["redis kills"]:
                 self.redis.kill()  # SIGKILL: no shutdown save; the AOF has every write
@@ -170,11 +190,32 @@ class Chaos:
                 self.proxy.restore()
                 self.counts["provider outages"] += 1
 
+    def freeze(self) -> None:
+        """Every few seconds freeze a worker's process group (SIGSTOP, as a paused container or
+        VM) for longer than the lease plus the broker's redelivery delay, so that other workers
+        take its jobs over; then thaw it, to find its leases gone."""
+        settings, rng = self.settings, random.Random(self.cfg.seed + 1)
+        seconds = settings.lease + settings.broker_visibility_timeout
+        while not self.stop.wait(self.cfg.freeze_every):
+            with self.lock:
+                self.frozen = victim = rng.choice(self.workers)
+                victim.signal_group(signal.SIGSTOP)
+            time.sleep(seconds)  # not stop.wait: a frozen worker is always thawed
+            self.thaw()
+            self.counts["worker freezes"] += 1
+
+    def thaw(self) -> None:
+        with self.lock:
+            if self.frozen is not None:
+                self.frozen.signal_group(signal.SIGCONT)
+                self.frozen = None
+
     def logs(self) -> str:
         return "".join(w.log() for w in self.workers + self.retired)
 
     def close(self) -> None:
         self.stop.set()
+        self.thaw()
         for worker in self.workers:
             worker.stop(timeout=10)
         if self.proxy is not None:
@@ -191,7 +232,7 @@ def run(cfg: Config) -> Report:
     with tempfile.TemporaryDirectory(prefix="invoice-chaos-") as tmp:
         chaos = Chaos(cfg, Path(tmp))
         try:
-            settings = chaos.start()
+            settings = chaos.start(plan)
             ctx = multiprocessing.get_context("spawn")
             out = ctx.Queue()
             started = time.monotonic()
@@ -207,6 +248,8 @@ def run(cfg: Config) -> Report:
                 target=chaos.disrupt, args=(started, duration), daemon=True
             )
             disruptor.start()
+            freezer = threading.Thread(target=chaos.freeze, daemon=True)
+            freezer.start()
             results = [out.get(timeout=cfg.timeout) for _ in producers]
             for p in producers:
                 p.join(timeout=30)
@@ -219,13 +262,15 @@ def run(cfg: Config) -> Report:
             wall = time.monotonic() - started
             chaos.stop.set()
             disruptor.join(timeout=cfg.outage_seconds + 30)
+            freezer.join(timeout=settings.lease + settings.broker_visibility_timeout + 30)
             invoices = requests.get(f"{chaos.admin}/invoices", timeout=10).json()
+            outcomes = requests.get(f"{chaos.admin}/stats", timeout=10).json()["outcomes"]
             report = verify(
                 store=store, accepted=accepted, conflicts=conflicts,
                 plan_conflicts=plan.conflicting, invoices=invoices["invoices"],
                 create_calls=invoices["create_calls"],
                 logs=chaos.logs(), secret=SECRET, counts=chaos.counts, wall=wall,
-                producer_retries=sum(r[2] for r in results),
+                producer_retries=sum(r[2] for r in results), outcomes=outcomes,
             )  # fmt: skip
             if report.problems:  # keep the evidence: the work directory goes away
                 kept = Path(tempfile.gettempdir()) / f"invoice-chaos-{run_id}.log"

@@ -9,9 +9,16 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from invoice_worker.constants import DERIVED_SEPARATOR, Cleanup
+from invoice_worker.models import JobRecord
+from invoice_worker.sandbox.faults import HOSTILE
 from invoice_worker.store import JobStore
 
 FINAL = ("created", "failed", "expired")
+# A final job may still have a live invoice while the sweeper retries its cancel, or once it
+# gave up (a human must look): the record says so, and the run reports them apart.
+LEFT_TO_CLEANUP = (Cleanup.PENDING, Cleanup.MAY_REMAIN)
+LEASE_LOST = re.compile(r"\boutcome=lease_lost\b")
 SIGNATURE = re.compile(r"\b[0-9a-f]{128}\b")
 PAYER = re.compile(r"payer\d+@example\.com")
 
@@ -49,13 +56,14 @@ def verify(
     counts: Counter[str],
     wall: float,
     producer_retries: int,
+    outcomes: dict[str, int],
 ) -> Report:
     report = Report()
     records = {fid: store.get(fid) for fid in accepted}
     states = Counter(str(r.state) if r else "missing" for r in records.values())
     live: dict[str, list[dict[str, Any]]] = {fid: [] for fid in accepted}
     for invoice in invoices:
-        base = invoice["foreign_id"].split("~r")[0]
+        base = invoice["foreign_id"].split(DERIVED_SEPARATOR)[0]
         if base in live and not invoice["cancelled"]:
             live[base].append(invoice)
     events = Counter(e["foreign_id"] for _, e in store.events())
@@ -69,19 +77,28 @@ def verify(
         for fid in stuck[:3]
     ]
     report.check(not stuck, f"{len(stuck)} jobs not final (lost or stuck), e.g. {examples}")
-    wrong = []
+    wrong, left = [], []
     for fid, record in records.items():
         if record and record.state == "created":
-            ok = len(live[fid]) == 1 and live[fid][0]["url"] == record.url
-            ok = ok and Decimal(str(record.amount)) == Decimal(accepted[fid])
-            if not ok:
+            if not _holds(record, live[fid], accepted[fid]):
                 wrong.append(fid)
+        elif live[fid] and record and record.orphan in LEFT_TO_CLEANUP:
+            left.append(fid)
         elif live[fid]:
             wrong.append(fid)
+    evidence = [_evidence(fid, records[fid], live[fid]) for fid in wrong[:3]]
     report.check(
-        not wrong, f"{len(wrong)} jobs without exactly one matching live invoice: {wrong[:3]}"
+        not wrong, f"{len(wrong)} jobs without exactly one matching live invoice: {evidence}"
     )
-    report.add("one live invoice per created job, URL and amount match", not wrong)
+    report.add("one matching live invoice per created job, none behind the others", not wrong)
+    pending = Counter(r.orphan for r in records.values() if r and r.orphan in LEFT_TO_CLEANUP)
+    report.add(
+        "cleanups left (orphan=pending / may_remain)",
+        f"{pending[Cleanup.PENDING]} / {pending[Cleanup.MAY_REMAIN]}",
+    )
+    report.add("final jobs whose live invoice is left to a cleanup", len(left))
+    if left:
+        report.add("  e.g.", [_evidence(fid, records[fid], live[fid]) for fid in left[:3]])
     expected = Counter(dict.fromkeys(plan_conflicts, 1))
     report.add("conflicting enqueues rejected", f"{len(conflicts)} of {len(plan_conflicts)}")
     report.check(
@@ -103,8 +120,13 @@ def verify(
     stats = store.redis.hgetall(store.stats)
     report.add("messages re-sent by the sweeper", stats.get("resent", 0))
     report.add("circuit opened", stats.get("circuit_opened", 0))
-    for name in ("worker kills", "redis kills", "provider outages"):
+    for name in ("worker kills", "worker freezes", "redis kills", "provider outages"):
         report.add(name, counts[name])
+    report.add("attempts that found their lease lost", len(LEASE_LOST.findall(logs)))
+    hostile = {name: outcomes.get(name, 0) for name in (*sorted(HOSTILE), "answer_huge")}
+    detail = ", ".join(f"{n.removeprefix('answer_')} {k}" for n, k in hostile.items())
+    report.add("hostile 200 answers injected", f"{sum(hostile.values())} ({detail})")
+    report.add("trickled answers", outcomes.get("trickle", 0))
     report.add("producer retries while Redis was down", producer_retries)
     report.add("wall time", f"{wall:.1f} s")
     report.add("throughput", f"{len(accepted) / wall:.1f} jobs/s")
@@ -120,3 +142,29 @@ def verify(
     report.add("secrets or personal data leaked", ", ".join(leaks) or "none")
     report.check(not leaks, f"leak: {leaks}")
     return report
+
+
+def _holds(record: JobRecord, live: list[dict[str, Any]], amount: str) -> bool:
+    """The record of a created job names its one live invoice, at the amount enqueued."""
+    if len(live) != 1:
+        return False
+    (invoice,) = live
+    return (
+        (record.url, record.invoice_id, record.currency) == (invoice["url"], invoice["id"], "BTC")
+        and invoice["currency"] == "BTC"
+        and Decimal(str(record.amount)) == Decimal(invoice["amount"]) == Decimal(amount)
+    )
+
+
+def _evidence(fid: str, record: JobRecord | None, live: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a reader needs to diagnose a job that broke the invariant (no personal data)."""
+    keep = (
+        "state", "provider_foreign_id", "generation", "invoice_id", "url", "amount", "currency",
+        "attempts", "crashes", "ambiguous", "orphan", "error_code", "error",
+    )  # fmt: skip
+    shown = ("foreign_id", "id", "url", "amount", "currency", "status")
+    return {
+        "foreign_id": fid,
+        "record": {k: getattr(record, k, None) for k in keep},
+        "live": [{k: invoice[k] for k in shown} for invoice in live],
+    }

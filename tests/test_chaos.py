@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from chaos.run import Config, run
@@ -17,6 +19,11 @@ def test_reduced_chaos_run_keeps_every_invariant() -> None:
     rows = dict(report.rows)
     # The disruptions really happened.
     assert int(rows["worker kills"]) >= 3
+    assert int(rows["worker freezes"]) >= 1
     assert rows["redis kills"] == "1"
     assert rows["provider outages"] == "1"
     assert int(rows["orphans cancelled and recreated"]) > 0
+    hostile = dict(re.findall(r"(\w+) (\d+)", rows["hostile 200 answers injected"]))
+    assert sorted(hostile) == ["bad_url", "huge", "wrong_amount", "wrong_currency", "wrong_id"]
+    assert all(int(n) >= 1 for n in hostile.values()), hostile
+    assert int(rows["trickled answers"]) >= 1

@@ -55,6 +55,13 @@ class ChildProcess:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    def signal_group(self, sig: int) -> None:
+        """Send ``sig`` to the whole process group without waiting (SIGSTOP freezes it like a
+        paused container, SIGCONT thaws it)."""
+        if self.alive:
+            assert self.process is not None
+            os.killpg(self.process.pid, sig)
+
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` to the whole process group (prefork children too) and reap it."""
         if self.alive:

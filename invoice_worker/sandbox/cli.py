@@ -17,7 +17,7 @@ from dataclasses import fields
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
-from invoice_worker.sandbox.faults import ENV_PREFIX, Faults
+from invoice_worker.sandbox.faults import ENV_PREFIX, INTEGERS, Faults
 from invoice_worker.sandbox.rules import parse_number
 from invoice_worker.sandbox.server import Sandbox
 
@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-admin", dest="admin", action="store_false", help="hide /_sandbox")
     for f in fields(Faults):
-        kind = int if f.name in ("retry_after", "seed") else float
+        kind = int if f.name in INTEGERS else float
         text = f"default: ${ENV_PREFIX}{f.name.upper()}, else {f.default}"
         flag = f"--{f.name.replace('_', '-')}"
         parser.add_argument(flag, dest=f"fault_{f.name}", type=kind, metavar="N", help=text)

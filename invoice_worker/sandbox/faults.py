@@ -9,12 +9,23 @@ The outcomes, as the sandbox plays them:
                        the client gave up (a stopping sandbox drops the request instead)
     commit_then_drop   create the invoice, then close the connection without a response
     commit_then_502    create the invoice, then answer 502
+
+and, for a call the sandbox processed (the invoice is created or cancelled), answers that are not
+what a client should accept; a call that fails (e.g. a duplicate foreign_id) gets its real answer:
+
+    answer_wrong_id        a 200 showing another invoice (another foreign_id, url, amount)
+    answer_bad_url         a 200 whose url is `javascript:alert(1)`
+    answer_wrong_amount    a 200 whose amount is 1 more than the invoice's
+    answer_wrong_currency  a 200 in another currency
+    answer_huge            the real 200 padded to `huge_bytes` (streamed, never built in memory)
+    trickle                the real answer, status line included, one byte every `trickle_seconds`
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
+from decimal import Decimal
 from typing import Any
 
 ENV_PREFIX = "INVOICE_SANDBOX_"
@@ -28,8 +39,27 @@ _RATED = {
     "timeout": "timeout",
     "commit_then_drop": "commit_then_drop",
     "commit_then_502": "commit_then_502",
+    # Appended, so a seed replays the earlier outcomes the same while these rates are 0.
+    "answer_wrong_id": "answer_wrong_id",
+    "answer_bad_url": "answer_bad_url",
+    "answer_wrong_amount": "answer_wrong_amount",
+    "answer_wrong_currency": "answer_wrong_currency",
+    "answer_huge": "answer_huge",
+    "trickle": "trickle",
 }
 OUTCOMES = frozenset({"ok", *_RATED.values()})
+#: The outcomes that answer a processed call with a small 200 body showing another invoice.
+HOSTILE = frozenset(
+    {"answer_wrong_id", "answer_bad_url", "answer_wrong_amount", "answer_wrong_currency"}
+)
+BAD_URL = "javascript:alert(1)"
+#: The fields read as integers; every other field but `seed` is a float.
+INTEGERS = frozenset({"retry_after", "seed", "huge_bytes"})
+# The upper bound of each field that is not a rate (rates are 0..1).
+_MAXIMA = {
+    "latency_ms": 1e6, "jitter_ms": 1e6, "retry_after": 1e6, "stall_seconds": 1e6,
+    "trickle_seconds": 60, "huge_bytes": 1 << 32,
+}  # fmt: skip
 # (status, content type, body) of the outcomes that answer instead of processing the call.
 REPLIES = {
     "500": (500, "text/plain", b"Internal Server Error"),
@@ -58,13 +88,21 @@ class Faults:
     timeout: float = 0.0
     commit_then_drop: float = 0.0
     commit_then_502: float = 0.0
+    answer_wrong_id: float = 0.0
+    answer_bad_url: float = 0.0
+    answer_wrong_amount: float = 0.0
+    answer_wrong_currency: float = 0.0
+    answer_huge: float = 0.0
+    trickle: float = 0.0
     retry_after: int = 1
     stall_seconds: float = 30.0
+    trickle_seconds: float = 0.3
+    huge_bytes: int = 50_000_000
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        for name in (*_RATED, "latency_ms", "jitter_ms", "retry_after", "stall_seconds"):
-            if not 0 <= getattr(self, name) <= (1 if name in _RATED else 1e6):
+        for name in (*_RATED, *_MAXIMA):
+            if not 0 <= getattr(self, name) <= _MAXIMA.get(name, 1):
                 raise ValueError(f"{name} out of range: {getattr(self, name)!r}")
 
     @classmethod
@@ -78,7 +116,7 @@ class Faults:
         for name, value in data.items():
             if name not in {f.name for f in fields(cls)}:
                 raise ValueError(f"unknown fault field {name!r}")
-            kind = int if name in ("retry_after", "seed") else float
+            kind = int if name in INTEGERS else float
             try:
                 values[name] = None if name == "seed" and value is None else kind(value)
             except (TypeError, ValueError) as e:
@@ -107,3 +145,24 @@ class Faults:
             if draw < edge:
                 return outcome
         return "ok"
+
+
+def hostile(outcome: str, data: dict[str, Any], other: dict[str, Any] | None) -> dict[str, Any]:
+    """Return the invoice `data` of a 200 answer as the HOSTILE `outcome` shows it.
+
+    `answer_wrong_id` shows `other` (another invoice, as a mixed-up cache or proxy would), or
+    `data` under a made-up foreign_id if there is no other invoice.
+
+    Raises:
+        ValueError: if `outcome` is not in HOSTILE.
+    """
+    match outcome:
+        case "answer_wrong_id":
+            return other or {**data, "foreign_id": f"{data['foreign_id']}-other"}
+        case "answer_bad_url":
+            return {**data, "url": BAD_URL}
+        case "answer_wrong_amount":
+            return {**data, "amount": f"{Decimal(data['amount']) + 1:f}"}
+        case "answer_wrong_currency":
+            return {**data, "currency": "ETH" if data["currency"] != "ETH" else "BTC"}
+    raise ValueError(f"not a hostile answer: {outcome!r}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import requests
 from invoice_worker import constants as c
 from invoice_worker.constants import JobState
 from invoice_worker.devstack.embedded import EmbeddedRedis, free_port
-from invoice_worker.devstack.processes import flower_process, worker_process
+from invoice_worker.devstack.processes import ChildProcess, flower_process, worker_process
 from invoice_worker.producer import Producer
 from invoice_worker.sandbox import Faults, Sandbox
 from tests.conftest import KEY, SECRET, make_settings, request_data
@@ -119,3 +120,38 @@ def test_sigterm_lets_running_job_finish(redis_server: EmbeddedRedis, tmp_path: 
         assert record.state == JobState.CREATED
         assert worker.process.returncode == 0
         assert "Warm shutdown" in worker.log()
+
+
+def _states(*pids: int) -> set[str]:
+    """The state letters of `pids` from /proc (R running, S sleeping, T stopped)."""
+    stats = (Path(f"/proc/{pid}/stat").read_text() for pid in pids)
+    return {stat.rpartition(")")[2].split()[0] for stat in stats}
+
+
+def _wait_states(pids: tuple[int, int], expected: set[str]) -> None:
+    deadline = time.monotonic() + 5
+    while not _states(*pids) <= expected:
+        assert time.monotonic() < deadline, _states(*pids)
+        time.sleep(0.01)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_signal_group_freezes_and_thaws_the_whole_group(tmp_path: Path) -> None:
+    # Given a process with a child of its own (as a prefork worker has)
+    code = "import subprocess, sys, time\n"
+    code += "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+    code += "print('child', p.pid, flush=True)\ntime.sleep(60)\n"
+    group = ChildProcess("group", [sys.executable, "-c", code], {}, tmp_path).start(ready="child")
+    assert group.process is not None
+    group.wait_for("\n")
+    pids = (group.process.pid, int(group.log().split()[1]))
+    try:
+        # When the group is sent SIGSTOP, then SIGCONT
+        group.signal_group(signal.SIGSTOP)
+        # Then both are stopped, then both run again
+        _wait_states(pids, {"T"})
+        group.signal_group(signal.SIGCONT)
+        _wait_states(pids, {"R", "S"})
+    finally:
+        group.kill()
+    assert not group.alive

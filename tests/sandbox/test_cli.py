@@ -26,6 +26,12 @@ def test_arguments() -> None:
     args = parser.parse_args(["--port", "0", "--error-502", "0.5", "--seed", "3", "--no-admin"])
     assert (args.port, args.fault_error_502, args.fault_seed, args.admin) == (0, 0.5, 3, False)
     assert args.fault_latency_ms is None  # so INVOICE_SANDBOX_LATENCY_MS can apply
+    hostile = ["--answer-bad-url", "0.01", "--trickle", "0.02", "--trickle-seconds", "0.5"]
+    args = parser.parse_args([*hostile, "--huge-bytes", "1000"])
+    assert (args.fault_answer_bad_url, args.fault_trickle) == (0.01, 0.02)
+    assert (args.fault_trickle_seconds, args.fault_huge_bytes) == (0.5, 1000)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--huge-bytes", "1.5"])
     assert parser.parse_args(["--min-amount", "10.5"]).min_amount == Decimal("10.5")
     with pytest.raises(SystemExit):
         parser.parse_args(["--min-amount", "ten"])

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from invoice_worker.sandbox.faults import OUTCOMES, REPLIES, Faults
+from invoice_worker.sandbox.faults import HOSTILE, OUTCOMES, REPLIES, Faults, hostile
 
 RATES = (
     "error_500", "error_502", "error_503", "rate_limit", "rate_limit_bare", "timeout",
-    "commit_then_drop", "commit_then_502",
+    "commit_then_drop", "commit_then_502", "answer_wrong_id", "answer_bad_url",
+    "answer_wrong_amount", "answer_wrong_currency", "answer_huge", "trickle",
 )  # fmt: skip
 
 
@@ -17,6 +18,11 @@ def test_faults_validate_their_rates() -> None:
         Faults(error_500=1.5)
     with pytest.raises(ValueError, match="latency_ms"):
         Faults(latency_ms=-1)
+    with pytest.raises(ValueError, match="trickle_seconds"):
+        Faults(trickle_seconds=61)
+    assert Faults(huge_bytes=1 << 32).huge_bytes == 1 << 32
+    with pytest.raises(ValueError, match="huge_bytes"):
+        Faults(huge_bytes=-1)
 
 
 def test_faults_from_env() -> None:
@@ -25,11 +31,16 @@ def test_faults_from_env() -> None:
         "INVOICE_SANDBOX_LATENCY_MS": "200",
         "INVOICE_SANDBOX_RETRY_AFTER": "3",
         "INVOICE_SANDBOX_SEED": "42",
+        "INVOICE_SANDBOX_HUGE_BYTES": "1000",
+        "INVOICE_SANDBOX_TRICKLE_SECONDS": "0.5",
         "INVOICE_SANDBOX_TIMEOUT": "",
         "INVOICE_API_KEY": "ignored",
     }
     faults = Faults.from_env(environ)
-    assert faults == Faults(error_502=0.1, latency_ms=200, retry_after=3, seed=42)
+    assert faults == Faults(
+        error_502=0.1, latency_ms=200, retry_after=3, seed=42, huge_bytes=1000, trickle_seconds=0.5
+    )
+    assert isinstance(faults.huge_bytes, int)
     assert faults.to_dict()["error_502"] == 0.1
     with pytest.raises(ValueError, match="error_502"):
         Faults.from_env({"INVOICE_SANDBOX_ERROR_502": "often"})
@@ -52,3 +63,34 @@ def test_every_rate_has_its_own_outcome() -> None:
     outcomes = [Faults.from_dict({rate: 1}).outcome(0.9999) for rate in RATES]
     assert sorted(outcomes) == sorted(OUTCOMES - {"ok"})
     assert set(REPLIES) <= OUTCOMES
+
+
+DATA = {
+    "foreign_id": "a",
+    "url": "https://x.example/i/1",
+    "amount": "0.01230000",
+    "currency": "BTC",
+}
+
+
+@pytest.mark.parametrize(
+    ("outcome", "changed"),
+    [
+        ("answer_wrong_id", {"foreign_id": "a-other"}),
+        ("answer_bad_url", {"url": "javascript:alert(1)"}),
+        ("answer_wrong_amount", {"amount": "1.01230000"}),
+        ("answer_wrong_currency", {"currency": "ETH"}),
+    ],
+)
+def test_a_hostile_answer_changes_one_field(outcome: str, changed: dict[str, str]) -> None:
+    assert hostile(outcome, DATA, None) == {**DATA, **changed}
+    assert outcome in HOSTILE
+
+
+def test_hostile_answers_are_the_four_small_ones() -> None:
+    other = {**DATA, "foreign_id": "b", "url": "https://x.example/i/2"}
+    assert hostile("answer_wrong_id", DATA, other) == other
+    assert hostile("answer_wrong_currency", {**DATA, "currency": "ETH"}, None)["currency"] == "BTC"
+    assert {"answer_huge", "trickle"} & HOSTILE == set()
+    with pytest.raises(ValueError, match="trickle"):
+        hostile("trickle", DATA, other)

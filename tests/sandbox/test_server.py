@@ -6,7 +6,9 @@ import hashlib
 import hmac
 import json
 import re
+import socket
 import time
+import tracemalloc
 from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
@@ -68,12 +70,14 @@ def post(
     raw: bytes | None = None,
     headers: dict[str, Any] | None = None,
     timeout: float = 5,
+    stream: bool = False,
 ) -> requests.Response:
     """POST signed bytes; a header set to None in `headers` is left out."""
     body = raw if raw is not None else json.dumps(payload).encode()
     signed = {"Content-Type": "application/json", "X-Processing-Key": KEY}
     signed["X-Processing-Signature"] = sign(body)
-    return http.post(url, data=body, headers={**signed, **(headers or {})}, timeout=timeout)
+    headers = {**signed, **(headers or {})}
+    return http.post(url, data=body, headers=headers, timeout=timeout, stream=stream)
 
 
 def create(
@@ -488,6 +492,140 @@ def test_stop_ends_stalled_requests_at_once(http: requests.Session) -> None:
             http.get(f"{sandbox.url}/ping", timeout=1)
 
 
+@pytest.mark.parametrize(
+    ("outcome", "field", "shown"),
+    [
+        ("answer_bad_url", "url", "javascript:alert(1)"),
+        ("answer_wrong_amount", "amount", "1.01230000"),
+        ("answer_wrong_currency", "currency", "ETH"),
+    ],
+)
+def test_hostile_answers_misstate_the_invoice_created(
+    sandbox: Sandbox, http: requests.Session, outcome: str, field: str, shown: str
+) -> None:
+    sandbox.script([outcome], foreign_id="order-42")
+    response = create(http, sandbox, timer=False)  # no seconds_left, which ticks
+    # A 200 that differs from the invoice in one field; the invoice exists as asked.
+    assert response.status_code == 200
+    answer, (created,) = response.json()["data"], sandbox.invoices()
+    assert answer[field] == shown != created[field]
+    assert {k: v for k, v in answer.items() if k != field} == {
+        k: v for k, v in created.items() if k not in (field, "cancelled")
+    }
+    assert (created["foreign_id"], created["amount"]) == ("order-42", "0.01230000")
+    assert sandbox.stats()["outcomes"] == {outcome: 1}
+
+
+def test_wrong_id_shows_another_invoice(sandbox: Sandbox, http: requests.Session) -> None:
+    # Given two invoices, and a wrong-id answer scripted for the next create
+    create(http, sandbox, foreign_id="order-40")
+    create(http, sandbox, foreign_id="order-41", amount="0.5", timer=False)
+    sandbox.script(["answer_wrong_id"])
+    # When order-42 is created, the answer shows order-41 (the newest other invoice)
+    answer = create(http, sandbox).json()["data"]
+    other, created = sandbox.invoices()[1:]
+    assert created["foreign_id"] == "order-42"
+    assert answer == {k: v for k, v in other.items() if k != "cancelled"}
+    # With no other invoice, it shows the invoice under a made-up id.
+    sandbox.reset()
+    sandbox.script(["answer_wrong_id"])
+    assert create(http, sandbox).json()["data"]["foreign_id"] == "order-42-other"
+
+
+@pytest.mark.parametrize("outcome", ["answer_bad_url", "answer_huge"])
+def test_answer_faults_leave_a_refused_call_its_real_answer(
+    sandbox: Sandbox, http: requests.Session, outcome: str
+) -> None:
+    create(http, sandbox)
+    sandbox.script([outcome], foreign_id="order-42")
+    assert create(http, sandbox).json()["errors"]["foreign_id"].endswith("already been taken.")
+    assert sandbox.stats()["outcomes"] == {}
+
+
+def test_hostile_answer_to_a_cancel_after_cancelling(
+    sandbox: Sandbox, http: requests.Session
+) -> None:
+    create(http, sandbox)
+    sandbox.set_faults(Faults(answer_wrong_amount=1.0))
+    assert cancel(http, sandbox, "order-42").json()["data"]["amount"] == "1.01230000"
+    assert sandbox.invoices()[0]["status"] == "failed"
+
+
+def test_huge_answer_is_streamed_not_built(sandbox: Sandbox, http: requests.Session) -> None:
+    # Given a 50 MB answer (the default size) scripted for the next call
+    sandbox.script(["answer_huge"])
+    tracemalloc.start()
+    try:
+        # When a client streams it, keeping only the head and the tail
+        body = invoice(timer=False)  # no seconds_left, which ticks
+        response = post(http, f"{sandbox.url}/invoices/create", body, stream=True)
+        head, size = b"", 0
+        for chunk in response.iter_content(1 << 16):
+            head, tail, size = head or chunk, chunk, size + len(chunk)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # Then it is the real answer padded to 50 MB, and neither side held it whole
+    assert int(response.headers["Content-Length"]) == size == 50_000_000
+    assert peak < 10_000_000
+    data = json.loads(head[: head.index(b',"padding":"')] + b"}")["data"]
+    assert data == {k: v for k, v in sandbox.invoices()[0].items() if k != "cancelled"}
+    assert tail.endswith(b'xx"}')
+
+
+def test_huge_answer_is_valid_json(http: requests.Session) -> None:
+    with Sandbox(KEY, SECRET, faults=Faults(answer_huge=1.0, huge_bytes=100_000)) as sandbox:
+        response = create(http, sandbox)
+    assert len(response.content) == 100_000
+    assert response.json()["data"]["foreign_id"] == "order-42"
+    assert set(response.json()["padding"]) == {"x"}
+
+
+def _raw_create(sandbox: Sandbox) -> socket.socket:
+    body = json.dumps(invoice()).encode()
+    head = (
+        f"POST /api/v2/invoices/create HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"X-Processing-Key: {KEY}\r\nX-Processing-Signature: {sign(body)}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    sock = socket.create_connection(("127.0.0.1", sandbox.port), timeout=5)
+    sock.sendall(head.encode() + body)
+    return sock
+
+
+def test_trickle_sends_the_answer_a_byte_at_a_time(sandbox: Sandbox) -> None:
+    sandbox.set_faults(Faults(trickle_seconds=0.05))
+    sandbox.script(["trickle"])
+    started = time.monotonic()
+    with _raw_create(sandbox) as sock:
+        received = b"".join(sock.recv(100) for _ in range(5))
+        elapsed = time.monotonic() - started
+    # Each recv got one byte: even the status line comes slowly, as through a stalled proxy.
+    assert received == b"HTTP/"
+    assert 0.2 <= elapsed < 2
+    # The invoice was committed before the first byte left.
+    assert [i["foreign_id"] for i in sandbox.invoices()] == ["order-42"]
+    assert sandbox.stats()["outcomes"] == {"trickle": 1}
+
+
+def test_a_finished_trickle_is_the_real_answer(sandbox: Sandbox, http: requests.Session) -> None:
+    sandbox.set_faults(Faults(trickle=1.0, trickle_seconds=0.0005))
+    response = create(http, sandbox)
+    assert response.status_code == 200
+    assert response.json()["data"]["url"] == sandbox.invoices()[0]["url"]
+    # A refused call trickles its real answer too.
+    assert create(http, sandbox).status_code == 400
+
+
+def test_stop_ends_a_trickle_at_once(http: requests.Session) -> None:
+    with Sandbox(KEY, SECRET, faults=Faults(trickle=1.0, trickle_seconds=30)) as sandbox:
+        with pytest.raises(requests.ReadTimeout):
+            create(http, sandbox, timeout=0.2)
+        started = time.monotonic()
+        sandbox.stop()
+        assert time.monotonic() - started < 1
+
+
 def test_global_script_applies_to_any_foreign_id_after_its_own(
     sandbox: Sandbox, http: requests.Session
 ) -> None:
@@ -576,6 +714,7 @@ def test_stats(sandbox: Sandbox, http: requests.Session) -> None:
     stats = sandbox.stats()
     assert stats["create_calls"] == 4  # the unauthenticated call does not count
     assert stats["responses"] == {"502": 1, "200": 4, "403": 1}  # 200s include the ping
+    assert stats["outcomes"] == {"502": 1}
     assert sum(stats["per_second"].values()) == 4
     assert all(before <= int(second) <= time.time() for second in stats["per_second"])
     assert http.get(f"{sandbox.admin_url}/stats", timeout=5).json() == sandbox.stats()
@@ -589,5 +728,7 @@ def test_reset(sandbox: Sandbox, http: requests.Session) -> None:
     assert sandbox.invoices() == []
     assert sandbox.create_calls("order-42") == 0
     assert sandbox.faults == Faults()
-    assert sandbox.stats() == {"create_calls": 0, "responses": {}, "per_second": {}}
+    assert sandbox.stats() == {
+        "create_calls": 0, "responses": {}, "outcomes": {}, "per_second": {}
+    }  # fmt: skip
     assert create(http, sandbox).status_code == 200  # neither the script nor the invoice remain

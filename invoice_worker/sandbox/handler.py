@@ -1,0 +1,193 @@
+"""The sandbox's wire: routing, the provider's auth checks, and each outcome played on the socket.
+
+The `Sandbox` server holds the state (invoices, scripts, fault draws, counters); this handler
+parses a request, asks the server for the call's outcome, and writes what that outcome calls for:
+the real answer, a fault reply, a dropped connection, a hostile or huge 200, or a trickle.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from http.server import BaseHTTPRequestHandler
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
+
+from invoice_worker.sandbox.faults import HOSTILE, REPLIES, Faults, hostile
+from invoice_worker.sandbox.rules import parse_body
+
+if TYPE_CHECKING:
+    from invoice_worker.sandbox.server import Sandbox
+
+_CANCEL = re.compile(r"/api/v2/invoices/([^/]+)/cancel/?")
+_PAD = b"x" * (1 << 20)  # the padding of a huge answer, written this much at a time
+
+
+def json_bytes(obj: Any) -> bytes:
+    """Compact JSON, as the provider writes it."""
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def error_body(message: str, code: str) -> bytes:
+    return json_bytes({"error": message, "code": code})
+
+
+NO_KEY = error_body("No key header", "required_header_key")
+NO_SIGNATURE = error_body("No signature header", "required_header_signature")
+BAD_KEY = error_body("Bad key header", "bad_header_key")
+BAD_SIGNATURE = error_body("Bad signature header", "bad_header_signature")
+BAD_FORMAT = error_body("Bad content format", "bad_content_format")
+NOT_FOUND = error_body("Invoice not found", "invoice_not_found")  # undocumented, so a guess
+_STATE = error_body("Invoice cannot be failed in its current state.", "invalid_invoice_state")
+BAD_STATE = b'{"errors":' + _STATE + b"}"
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive
+    disable_nagle_algorithm = True  # else Nagle + delayed ACK stall every response ~40 ms
+    server: Sandbox
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Stay quiet: a log line per request would cost more than the request."""
+
+    def do_GET(self) -> None:
+        length = self.headers.get("Content-Length", "0")
+        if not length.isdecimal() or int(length) > 1 << 20 or "Transfer-Encoding" in self.headers:
+            self.close_connection = True  # the stream can no longer be framed
+            self._send(400, BAD_FORMAT)
+            return
+        body, path = self.rfile.read(int(length)), self.path.partition("?")[0]
+        cancel = _CANCEL.fullmatch(path)
+        if self.command == "GET" and path == "/api/v2/ping":
+            self._send(200, b"OK", "text/plain")
+        elif self.command == "POST" and (path == "/api/v2/invoices/create" or cancel):
+            self._api(body, unquote(cancel[1]) if cancel else None)
+        elif self.server.admin and path.startswith("/_sandbox/"):
+            self._admin(path.removeprefix("/_sandbox"), body)
+        else:
+            self._send(403, NO_KEY)  # the real API answers unknown URLs so
+
+    do_POST = do_PUT = do_PATCH = do_DELETE = do_GET
+
+    def _send(
+        self, status: int | None, body: bytes = b"", ctype: str = "", extra: str = ""
+    ) -> None:
+        """Answer in one write (one packet), or drop the connection if status is None."""
+        if status is None:
+            self._count("dropped")
+            self.close_connection = True
+            return
+        self.wfile.write(self._head(status, len(body), ctype, extra) + body)
+
+    def _head(self, status: int, length: int, ctype: str = "", extra: str = "") -> bytes:
+        """Count an answer and return its status line and headers."""
+        self._count(str(status))
+        head = f"HTTP/1.1 {status} {self.responses[status][0]}\r\n{extra}"
+        head += f"Content-Type: {ctype or 'application/json'}\r\nContent-Length: {length}\r\n"
+        close = "Connection: close\r\n" if self.close_connection else ""
+        return f"{head}{close}\r\n".encode("latin-1")
+
+    def _count(self, response: str) -> None:
+        if not (self.server.admin and self.path.startswith("/_sandbox/")):
+            self.server.count(response=response)
+
+    def _fault(self, outcome: str, faults: Faults) -> None:
+        status, ctype, body = REPLIES[outcome]
+        retry_after = f"Retry-After: {faults.retry_after}\r\n" if outcome == "429" else ""
+        self._send(status, body, ctype, retry_after)
+
+    def _api(self, body: bytes, cancel_id: str | None) -> None:
+        server, headers = self.server, self.headers
+        key, signature = headers.get("X-Processing-Key"), headers.get("X-Processing-Signature")
+        if not key or not signature:
+            self._send(403, NO_SIGNATURE if key else NO_KEY)
+            return
+        if not server.key_ok(key):
+            self._send(403, BAD_KEY)
+            return
+        if not server.signature_ok(body, signature):
+            self._send(403, BAD_SIGNATURE)
+            return
+        json_type = headers.get_content_type() == "application/json"
+        payload = parse_body(body) if json_type else None
+        outcome, delay, faults = server.plan(payload, create=cancel_id is None)
+        delay += faults.stall_seconds if outcome == "timeout" else 0.0
+        if delay and server.pause(delay):
+            self._send(None)  # stopping: end stalls at once
+        elif outcome in REPLIES:
+            server.count(outcome=outcome)
+            self._fault(outcome, faults)
+        elif payload is None:
+            self._send(400, BAD_FORMAT)
+        elif cancel_id is None:
+            self._answer(outcome, faults, *server.create_invoice(payload))
+        else:
+            self._answer(outcome, faults, *server.cancel_invoice(cancel_id))
+
+    def _answer(self, outcome: str, faults: Faults, status: int, reply: bytes) -> None:
+        """Answer a processed call as `outcome` says."""
+        if outcome.startswith("answer_") and status != 200:
+            outcome = "ok"  # a refused call (e.g. a duplicate foreign_id) gets its real answer
+        if outcome != "ok":
+            self.server.count(outcome=outcome)
+        match outcome:
+            case "ok" | "timeout":  # a timeout's stall is over by now
+                self._send(status, reply)
+            case "commit_then_drop":
+                self._send(None)
+            case "commit_then_502":
+                self._fault("502", faults)
+            case "answer_huge":
+                self._huge(reply, faults.huge_bytes)
+            case "trickle":
+                self._trickle(self._head(status, len(reply)) + reply, faults.trickle_seconds)
+            case _ if outcome in HOSTILE:
+                data = json.loads(reply)["data"]
+                other = self.server.other_invoice(data["foreign_id"])
+                self._send(200, json_bytes({"data": hostile(outcome, data, other)}))
+            case _:
+                raise ValueError(f"outcome {outcome!r} has no answer")
+
+    def _huge(self, reply: bytes, size: int) -> None:
+        """The real 200 answer, padded with a JSON string to `size` bytes, streamed."""
+        head, tail = reply[:-1] + b',"padding":"', b'"}'
+        pad = max(0, size - len(head) - len(tail))
+        self.wfile.write(self._head(200, len(head) + pad + len(tail)) + head)
+        while pad:
+            chunk = _PAD[: min(pad, len(_PAD))]
+            self.wfile.write(chunk)
+            pad -= len(chunk)
+        self.wfile.write(tail)
+
+    def _trickle(self, answer: bytes, interval: float) -> None:
+        """Write `answer` one byte at a time, `interval` apart; drop it if the server stops."""
+        for index in range(len(answer)):
+            if self.server.pause(interval):
+                self.close_connection = True
+                return
+            self.wfile.write(answer[index : index + 1])
+
+    def _admin(self, path: str, body: bytes) -> None:
+        server, route = self.server, f"{self.command} {path}"
+        try:
+            data = json.loads(body or b"{}")
+            if route == "PUT /faults":
+                server.set_faults(Faults.from_dict(data, base=server.faults))
+            elif route == "POST /script":
+                server.script(list(data["outcomes"]), data.get("foreign_id"))
+            elif route == "POST /reset":
+                server.reset()
+            elif route not in ("GET /invoices", "GET /faults", "GET /stats"):
+                self._send(404, error_body(f"No sandbox endpoint {route}", "not_found"))
+                return
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            self._send(400, error_body(f"{type(e).__name__}: {e}", "bad_request"))
+            return
+        views: dict[str, Any] = {
+            "/invoices": lambda: {
+                "invoices": server.invoices(), "create_calls": server.create_call_counts()
+            },
+            "/faults": lambda: server.faults.to_dict(),
+            "/stats": server.stats,
+        }  # fmt: skip
+        self._send(200, json_bytes(views.get(path, lambda: {"ok": True})()))
