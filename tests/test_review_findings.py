@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
 import time
 from typing import Any
 
@@ -27,7 +26,7 @@ from invoice_worker.sandbox import Faults, Sandbox
 from invoice_worker.store import Claim, JobStore
 from invoice_worker.sweeper import Sweeper
 from tests.conftest import job_kwargs, live, make_job, make_settings, request_data
-from tests.test_hardening import ReplyDroppingProxy
+from tests.test_hardening import ReplyDroppingProxy, race_a_stalled_worker
 
 
 def _run_until_final(job: InvoiceJob, kwargs: dict[str, Any], rounds: int = 12) -> Any:
@@ -134,35 +133,33 @@ def test_a_worker_stalled_right_after_its_claim_sends_nothing(
     stalled = InvoiceJob(store, ProviderClient.from_settings(settings), settings, rand=lambda: 0.0)
     kwargs = job_kwargs()
     fid = kwargs["request"]["foreign_id"]
-    results: list[Any] = []
-    thread = threading.Thread(
-        target=lambda: results.append(stalled.run(kwargs, task_id="t1", owner="stalled"))
-    )
-    thread.start()
     # When another worker takes the job over after the lease, and creates the invoice
-    time.sleep(settings.lease + 0.2)
-    other = make_job(settings).run(kwargs, task_id="t1", owner="other")
+    mine, other = race_a_stalled_worker(settings, stalled, kwargs)
     assert other.record is not None
     assert other.record.state is JobState.CREATED
-    thread.join(timeout=30)
     # Then the stalled worker, whose lease ended before it could send, sent nothing
-    assert results
-    assert results[0].record is None
+    assert mine.record is None
     assert sandbox.create_calls(fid) == 1
 
 
 # -- 4, 5. scripts that are not idempotent for their caller ---------------------------------------
 
 
-def test_a_lost_reply_to_settle_cleanup_counts_once(redis_server: Any, sandbox: Sandbox) -> None:
-    proxy, settings = _proxied(redis_server, sandbox)
-    store = JobStore.from_settings(settings)
+def pending_cleanup(store: JobStore) -> str:
+    """A failed job with a pending cleanup, taken by a sweeper; returns its foreign_id."""
     kwargs = job_kwargs()
-    fid = kwargs["request"]["foreign_id"]
+    fid: str = kwargs["request"]["foreign_id"]
     fp = parse_request(kwargs["request"]).fingerprint()
     store.claim(fid, "w1", fingerprint=fp, fields={"task_id": "t1"}, kwargs="{}")
     store.finish(fid, "w1", JobState.FAILED, {"orphan": "pending"}, cleanup_in=0)
     assert [f for f, _, _ in store.take_cleanups(30)] == [fid]
+    return fid
+
+
+def test_a_lost_reply_to_settle_cleanup_counts_once(redis_server: Any, sandbox: Sandbox) -> None:
+    proxy, settings = _proxied(redis_server, sandbox)
+    store = JobStore.from_settings(settings)
+    fid = pending_cleanup(store)
     # When the reply to the settle is lost (redis-py re-sends the script)
     store.redis.script_load(store._cleanup.script)
     proxy.armed.set()
@@ -281,13 +278,8 @@ def test_a_cleanup_settled_after_its_record_expired_leaves_it_readable(
     settings: Settings, sandbox: Sandbox
 ) -> None:
     store = JobStore.from_settings(settings)
-    kwargs = job_kwargs()
-    fid = kwargs["request"]["foreign_id"]
-    fp = parse_request(kwargs["request"]).fingerprint()
-    store.claim(fid, "w1", fingerprint=fp, fields={"task_id": "t1"}, kwargs="{}")
-    store.finish(fid, "w1", JobState.FAILED, {"orphan": "pending"}, cleanup_in=0)
     # Given a sweeper that took the cleanup, and the record expiring during its cancel call
-    assert [f for f, _, _ in store.take_cleanups(30)] == [fid]
+    fid = pending_cleanup(store)
     store.redis.delete(store.key(fid))
     store.settle_cleanup(fid, Cleanup.CANCELLED, retry_after=1, max_tries=12)
     # Then the job reads as unknown (or as a record), never as a crash, and nothing is kept
