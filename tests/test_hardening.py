@@ -274,22 +274,28 @@ def test_an_invoice_answered_after_the_deadline_is_cancelled(
 # -- 11. no invoice left live behind a final job --------------------------------------------------
 
 
-def test_failed_cancel_leaves_a_pending_cleanup_that_the_sweeper_settles(
-    settings: Settings, sandbox: Sandbox
-) -> None:
-    # Given an ambiguous attempt (committed, answer lost) and a deadline that then passes
-    job = make_job(settings)
+def expire_with_a_failed_cancel(job: InvoiceJob, sandbox: Sandbox) -> tuple[str, Any]:
+    """Run a job whose first attempt commits but loses its answer, whose deadline then passes,
+    and whose give-up cancel fails (the provider down for every call); returns (foreign_id,
+    the final outcome)."""
     kwargs = job_kwargs(deadline=time.time() + 1.5)
-    fid = kwargs["request"]["foreign_id"]
+    fid: str = kwargs["request"]["foreign_id"]
     sandbox.script(["commit_then_502"], foreign_id=fid)
     assert job.run(kwargs, task_id="t1", owner="w1").retry_in is not None
     time.sleep(1.6)
-    # When the give-up cancel fails too (the provider is down for every call)
     sandbox.set_faults(Faults(error_503=1.0))
     try:
-        outcome = job.run(kwargs, task_id="t1", owner="w2")
+        return fid, job.run(kwargs, task_id="t1", owner="w2")
     finally:
         sandbox.set_faults(Faults())
+
+
+def test_failed_cancel_leaves_a_pending_cleanup_that_the_sweeper_settles(
+    settings: Settings, sandbox: Sandbox
+) -> None:
+    # Given an ambiguous attempt, a deadline that then passes, and a give-up cancel that fails
+    job = make_job(settings)
+    fid, outcome = expire_with_a_failed_cancel(job, sandbox)
     # Then the job is final with a pending cleanup, and the invoice is still live
     assert outcome.record is not None
     assert outcome.record.state is JobState.EXPIRED

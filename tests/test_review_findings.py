@@ -22,11 +22,15 @@ from invoice_worker.errors import InvalidRequestError
 from invoice_worker.job import InvoiceJob
 from invoice_worker.models import parse_request
 from invoice_worker.producer import Producer
-from invoice_worker.sandbox import Faults, Sandbox
+from invoice_worker.sandbox import Sandbox
 from invoice_worker.store import Claim, JobStore
 from invoice_worker.sweeper import Sweeper
 from tests.conftest import job_kwargs, live, make_job, make_settings, request_data
-from tests.test_hardening import ReplyDroppingProxy, race_a_stalled_worker
+from tests.test_hardening import (
+    ReplyDroppingProxy,
+    expire_with_a_failed_cancel,
+    race_a_stalled_worker,
+)
 
 
 def _run_until_final(job: InvoiceJob, kwargs: dict[str, Any], rounds: int = 12) -> Any:
@@ -203,16 +207,7 @@ def test_a_pending_cleanup_outlives_its_record_ttl(redis_server: Any, sandbox: S
     # longest pause), while a pending cleanup is retried for about 2 hours.
     settings = make_settings(redis_server.url, sandbox.url, record_ttl=60)
     job = make_job(settings)
-    kwargs = job_kwargs(deadline=time.time() + 1.5)
-    fid = kwargs["request"]["foreign_id"]
-    sandbox.script(["commit_then_502"], foreign_id=fid)
-    assert job.run(kwargs, task_id="t1", owner="w1").retry_in is not None
-    time.sleep(1.6)
-    sandbox.set_faults(Faults(error_503=1.0))
-    try:
-        outcome = job.run(kwargs, task_id="t1", owner="w2")
-    finally:
-        sandbox.set_faults(Faults())
+    fid, outcome = expire_with_a_failed_cancel(job, sandbox)
     assert outcome.record is not None
     assert outcome.record.orphan is Cleanup.PENDING
     assert len(live(sandbox, fid)) == 1
