@@ -8,6 +8,7 @@ are defined in Python and written into each script's header, never spelled twice
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from importlib import resources
@@ -127,3 +128,30 @@ class TransitionArgs:
     cleanup_in_ms: int
     n_fields: int
     fields_and_event: tuple[str, ...]
+
+
+def pairs(fields: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Field/value pairs as Redis stores them: None left out, JSON for containers, 1/0."""
+    out = []
+    for key, value in fields.items():
+        if value is None:
+            continue
+        if isinstance(value, dict | list):
+            value = json.dumps(value, separators=(",", ":"))
+        elif isinstance(value, bool):
+            value = int(value)
+        out.append((key, str(value)))
+    return out
+
+
+def flatten(fields: Mapping[str, Any]) -> tuple[str, ...]:
+    """``pairs`` spread into one argument tuple."""
+    return tuple(item for pair in pairs(fields) for item in pair)
+
+
+def latency_bucket(latency: float) -> str:
+    """The latency histogram bucket a call of ``latency`` seconds falls in."""
+    for i, bound in enumerate(c.LATENCY_BUCKETS):
+        if latency <= bound:
+            return str(i)
+    return "inf"

@@ -10,6 +10,7 @@ the provider (rate limit, 429 pause, circuit breaker) and the counters behind th
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 import uuid
@@ -25,7 +26,16 @@ from invoice_worker import constants as c
 from invoice_worker.config import Settings
 from invoice_worker.constants import CallReport, Circuit, ClaimStatus, JobState
 from invoice_worker.models import JobRecord
-from invoice_worker.scripts import ClaimArgs, EnqueueArgs, TransitionArgs, argv, load, script_conf
+from invoice_worker.scripts import (
+    ClaimArgs,
+    EnqueueArgs,
+    TransitionArgs,
+    argv,
+    flatten,
+    latency_bucket,
+    load,
+    script_conf,
+)
 
 #: What a job's event carries (the stream schema; the README documents it).
 EVENT_FIELDS = ("url", "invoice_id", "error_code", "error", "task_id", "attempts", "orphan")
@@ -111,6 +121,9 @@ class JobStore:
         self.due = f"{self.prefix}{c.DUE_KEY}"
         self.cleanups = f"{self.prefix}{c.CLEANUP_KEY}"
         conf = script_conf(settings)
+        # A random prefix, then a counter: uuid4 per call cost ~2 % of a busy worker's CPU.
+        self._token_prefix = uuid.uuid4().hex[:12]
+        self._tokens = itertools.count()
         self._enqueue = client.register_script(load("enqueue", conf))
         self._claim = client.register_script(load("claim", conf))
         self._transition = client.register_script(load("transition", conf))
@@ -161,7 +174,7 @@ class JobStore:
         for job in jobs:
             args = EnqueueArgs(
                 job.fingerprint, job.task_id, job.message, job.kwargs,
-                self.member(job.foreign_id), _flatten(job.fields),
+                self.member(job.foreign_id), flatten(job.fields),
             )  # fmt: skip
             keys = [self.key(job.foreign_id), job.queue, self.stats, self.due]
             self._enqueue(keys=[*keys, self.copy(job.foreign_id)], args=argv(args), client=pipe)
@@ -197,7 +210,7 @@ class JobStore:
     def take_cleanups(self, retry_after: float, limit: int = 20) -> list[tuple[str, str, int]]:
         """Due pending cleanups, each held for ``retry_after`` seconds by this caller:
         (foreign_id, provider_foreign_id, tries so far)."""
-        args: list[str | int] = ["take", uuid.uuid4().hex, int(retry_after * 1000), limit]
+        args: list[str | int] = ["take", self.token(), int(retry_after * 1000), limit]
         reply = self._cleanup(keys=[self.cleanups, self.stats, self._batch()], args=args)
         return [(reply[i], reply[i + 1], int(reply[i + 2])) for i in range(0, len(reply), 3)]
 
@@ -205,18 +218,21 @@ class JobStore:
         self, foreign_id: str, outcome: c.Cleanup, *, retry_after: float, max_tries: int
     ) -> c.Cleanup:
         """Record how a cleanup's cancel went; returns the job's new ``orphan`` value."""
-        args: list[str | int] = ["settle", uuid.uuid4().hex, int(retry_after * 1000)]
+        args: list[str | int] = ["settle", self.token(), int(retry_after * 1000)]
         args += [self.member(foreign_id), str(outcome), max_tries]
         reply = self._cleanup(keys=[self.cleanups, self.stats, self._batch()], args=args)
         return c.Cleanup(reply)
 
+    def token(self) -> str:
+        """A token no other call (in any process) uses: for ops, batches and lease owners."""
+        return f"{self._token_prefix}-{next(self._tokens)}"
+
     def _batch(self) -> str:
         """A fresh key for one script call's answer (kept for a re-run after a lost reply)."""
-        return f"{self.prefix}{c.BATCH_KEY}{uuid.uuid4().hex}"
+        return f"{self.prefix}{c.BATCH_KEY}{self.token()}"
 
     def get(self, foreign_id: str) -> JobRecord | None:
-        """Return the record of ``foreign_id``, or None (also for a hash without a state,
-        which no script writes but a stray HSET after expiry could)."""
+        """Return the record of ``foreign_id``, or None (also for a hash without a state)."""
         raw: dict[str, str] = self.redis.hgetall(self.key(foreign_id))  # type: ignore[assignment]
         return JobRecord.from_redis(raw) if raw.get("state") else None
 
@@ -240,7 +256,7 @@ class JobStore:
             int(gated),
             self.member(foreign_id),
             kwargs,
-            _flatten({"foreign_id": foreign_id, **fields}),
+            flatten({"foreign_id": foreign_id, **fields}),
         )
         keys = [self.key(foreign_id), self.provider, self.stats, self.due, self.copy(foreign_id)]
         status, raw, wait_ms, reason, circuit = self._claim(keys=keys, args=argv(args))
@@ -308,14 +324,14 @@ class JobStore:
 
         report = report or Report()
         values = {k: v for k, v in (fields or {}).items() if v is not None}
-        pairs = _flatten(values)
+        pairs = flatten(values)
         event = _event(foreign_id, state, values) if mode == "final" else ()
         latency = report.latency
         args = TransitionArgs(
-            owner, uuid.uuid4().hex, str(state), mode,
+            owner, self.token(), str(state), mode,
             -1 if delay is None else int(delay * 1000), self.channel(foreign_id),
             str(report.outcome), int(report.pause * 1000),
-            "" if latency is None else _bucket(latency), (latency or 0) * 1000,
+            "" if latency is None else latency_bucket(latency), (latency or 0) * 1000,
             self.member(foreign_id), -1 if cleanup_in is None else int(cleanup_in * 1000),
             len(pairs) // 2, (*pairs, *event),
         )  # fmt: skip
@@ -333,7 +349,7 @@ class JobStore:
     def mark(self, foreign_id: str, **fields: Any) -> bool:
         """Set bookkeeping fields that need no lease (e.g. ``callback_sent`` after a final);
         False when the record no longer exists (nothing is written then)."""
-        return bool(self._mark(keys=[self.key(foreign_id)], args=list(_flatten(fields))))
+        return bool(self._mark(keys=[self.key(foreign_id)], args=list(flatten(fields))))
 
     def events(
         self, after: str = "0", *, count: int | None = None, block_ms: int | None = None
@@ -363,33 +379,9 @@ class JobStore:
             pubsub.close()
 
 
-def _pairs(fields: Mapping[str, Any]) -> list[tuple[str, str]]:
-    out = []
-    for key, value in fields.items():
-        if value is None:
-            continue
-        if isinstance(value, dict | list):
-            value = json.dumps(value, separators=(",", ":"))
-        elif isinstance(value, bool):
-            value = int(value)
-        out.append((key, str(value)))
-    return out
-
-
-def _flatten(fields: Mapping[str, Any]) -> tuple[str, ...]:
-    return tuple(item for pair in _pairs(fields) for item in pair)
-
-
 def _event(foreign_id: str, state: JobState, fields: Mapping[str, Any]) -> tuple[str, ...]:
     kept = {k: fields.get(k) for k in EVENT_FIELDS}
-    return _flatten({"foreign_id": foreign_id, "state": state, **kept})
-
-
-def _bucket(latency: float) -> str:
-    for i, bound in enumerate(c.LATENCY_BUCKETS):
-        if latency <= bound:
-            return str(i)
-    return "inf"
+    return flatten({"foreign_id": foreign_id, "state": state, **kept})
 
 
 def _record(raw: list[str]) -> JobRecord:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 from typing import Any
 
 import redis
@@ -52,7 +51,7 @@ def register(app: Celery, settings: Settings) -> Task:
         def record_invalid(self, kwargs: Any, task_id: str) -> None:
             """Record a message of ours that Celery cannot even call the task with (its kwargs
             not an object): ``failed`` / ``invalid_message``, like any invalid message."""
-            owner = f"consumer:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+            owner = f"consumer:{os.getpid()}:{runtime.job.store.token()}"
             runtime.job.run(kwargs, task_id=task_id or "unknown", owner=owner)
 
         def on_failure(
@@ -78,7 +77,7 @@ def register(app: Celery, settings: Settings) -> Task:
         if args:
             kwargs = {**kwargs, "args": list(args)}
         task_id = self.request.id or "unknown"
-        owner = f"{self.request.hostname}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+        owner = f"{self.request.hostname}:{os.getpid()}:{runtime.job.store.token()}"
         try:
             outcome = runtime.job.run(kwargs, task_id=task_id, owner=owner)
         except redis.RedisError as exc:
