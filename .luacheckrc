@@ -4,6 +4,9 @@ max_line_length = 100
 read_globals = { "redis", "KEYS", "ARGV", "unpack" }
 files["invoice_worker/lua/*.lua"] = {
   -- Defined by the header the store prepends (from constants.py) and by _lib.lua.
-  read_globals = { "FINAL", "JOB_KEY", "COPY_KEY", "ATTEMPT_FIELDS", "CONF", "now_ms", "move", "tail" },
+  read_globals = {
+    "FINAL", "JOB_KEY", "COPY_KEY", "ATTEMPT_FIELDS", "CONF",
+    "now_ms", "move", "tail", "replayed", "remember",
+  },
 }
 files["invoice_worker/lua/_lib.lua"] = { read_globals = { "FINAL" } }

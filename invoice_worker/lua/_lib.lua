@@ -25,3 +25,18 @@ local function tail(first, last)
   for i = first, last or #ARGV do out[#out + 1] = ARGV[i] end
   return out
 end
+
+-- A script's answer kept under batch_key for ttl_ms, so a re-run after a lost reply (redis-py
+-- re-sends the script) answers the same: replayed() gives it back, or nil on a first run.
+local function replayed(batch_key)
+  if redis.call('EXISTS', batch_key) == 0 then return nil end
+  return redis.call('LRANGE', batch_key, 0, -1)
+end
+
+local function remember(batch_key, out, ttl_ms)
+  if #out > 0 then
+    redis.call('RPUSH', batch_key, unpack(out))
+    redis.call('PEXPIRE', batch_key, ttl_ms)
+  end
+  return out
+end

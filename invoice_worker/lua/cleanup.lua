@@ -23,7 +23,8 @@ local function keep(record_key)
 end
 
 local function take(limit)
-  if redis.call('EXISTS', batch_key) == 1 then return redis.call('LRANGE', batch_key, 0, -1) end
+  local earlier = replayed(batch_key)
+  if earlier then return earlier end
   local out = {}
   local due = redis.call('ZRANGEBYSCORE', cleanup_key, '-inf', now, 'LIMIT', 0, limit)
   for _, member in ipairs(due) do
@@ -41,11 +42,7 @@ local function take(limit)
       out[#out + 1] = tries or '0'
     end
   end
-  if #out > 0 then
-    redis.call('RPUSH', batch_key, unpack(out))
-    redis.call('PEXPIRE', batch_key, retry_ms)
-  end
-  return out
+  return remember(batch_key, out, retry_ms)
 end
 
 local function settle(member, outcome, max_tries)

@@ -15,7 +15,8 @@ local prefix = CONF.prefix
 local due_after_ms = CONF.due_after_ms
 
 local out = {}
-if redis.call('EXISTS', batch_key) == 1 then return redis.call('LRANGE', batch_key, 0, -1) end
+local earlier = replayed(batch_key)
+if earlier then return earlier end
 if queue_depth > 0 then return out end
 local now = now_ms()
 for _, member in ipairs(redis.call('ZRANGEBYSCORE', due_key, '-inf', now, 'LIMIT', 0, limit)) do
@@ -35,8 +36,4 @@ for _, member in ipairs(redis.call('ZRANGEBYSCORE', due_key, '-inf', now, 'LIMIT
     out[#out + 1] = body
   end
 end
-if #out > 0 then
-  redis.call('RPUSH', batch_key, unpack(out))
-  redis.call('PEXPIRE', batch_key, due_after_ms)
-end
-return out
+return remember(batch_key, out, due_after_ms)
