@@ -1,7 +1,7 @@
 -- The store's Lua scripts (invoice_worker/lua): Redis runs Lua 5.1 with these globals.
 std = "lua51"
 max_line_length = 100
-read_globals = { "redis", "KEYS", "ARGV", "unpack" }
+read_globals = { "redis", "KEYS", "ARGV", "unpack", "cjson" }
 files["invoice_worker/lua/*.lua"] = {
   -- Defined by the header the store prepends (from constants.py) and by _lib.lua.
   read_globals = {

@@ -9,6 +9,7 @@ from invoice_worker.errors import (
     ConflictError,
     InvalidRequestError,
     InvoiceWorkerError,
+    NotDurableError,
     PermanentProviderError,
     ProviderError,
     TransientProviderError,
@@ -41,6 +42,7 @@ __all__ = [  # noqa: RUF022 - grouped by concern, as the style guide asks
     # errors
     "ConfigError",
     "ConflictError",
+    "NotDurableError",
     "InvalidRequestError",
     "InvoiceWorkerError",
     "PermanentProviderError",

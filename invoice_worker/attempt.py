@@ -16,6 +16,7 @@ from invoice_worker.constants import (
     CallReport,
     ClaimStatus,
     Cleanup,
+    DeferReason,
     ErrorCode,
     JobState,
 )
@@ -105,9 +106,14 @@ class Attempt:
         # (another enqueue of the same request) must not widen it.
         self.deadline = record.deadline
 
-    def start(self, status: ClaimStatus, reason: str = "") -> Outcome:
+    def start(self, status: ClaimStatus, reason: str = "", *, durable: bool = True) -> Outcome:
         provider_id = self.record.provider_foreign_id or self.foreign_id
         ambiguous = self.record.ambiguous
+        if not durable and status in (ClaimStatus.CLAIMED, ClaimStatus.STAGED):
+            # A claim a failover could take back must not reach the provider (nor publish).
+            return self._not_durable(undo_attempt=status is ClaimStatus.CLAIMED)
+        if status is ClaimStatus.STAGED:
+            return self._settled(self.job.store.publish(self.foreign_id, self.owner), provider_id)
         if status is ClaimStatus.POISON:
             # No call here: the call itself may be what kills the worker. The sweeper cancels.
             return self._end(
@@ -159,8 +165,8 @@ class Attempt:
                 error="an earlier attempt created the invoice but its answer was lost; "
                 "the provider has no look-up, so the URL is unknown",
             )  # fmt: skip
-        if not self._fence():
-            return self._lost()
+        if (stop := self._fence()) is not None:
+            return stop
         try:
             self._call(lambda: self.job.client.cancel_invoice(provider_id, send_by=self._send_by()))
         except (InvoiceStateError, InvoiceNotFoundError):
@@ -173,8 +179,8 @@ class Attempt:
         new_id = derived_foreign_id(self.foreign_id, self.generation)
         # Recorded before the call, so a crash mid-call retries this same id, never a new one.
         values = {"provider_foreign_id": new_id, "generation": self.generation, "ambiguous": 0}
-        if not self._fence(values):
-            return self._lost()
+        if (stop := self._fence(values)) is not None:
+            return stop
         self._log("orphan_cancelled", recreate_as=new_id)
         if self._past_deadline():
             return self.finish(
@@ -224,8 +230,8 @@ class Attempt:
         so no customer can pay an invoice this job never reported."""
         if not ambiguous:
             return self.finish(state, **values)
-        if not self._fence():
-            return self._lost()
+        if (stop := self._fence()) is not None:
+            return stop
         try:
             self._call(lambda: self.job.client.cancel_invoice(provider_id, send_by=self._send_by()))
         except (InvoiceNotFoundError, InvoiceStateError):
@@ -247,20 +253,30 @@ class Attempt:
         moved = self.job.store.finish(
             self.foreign_id, self.owner, state, values, self.report, cleanup_in=cleanup_in
         )
+        self.report = Report()  # reported once, with the final or its staging
+        return self._settled(moved, values.get("provider_foreign_id"))
+
+    def _settled(self, moved: Moved | None, provider_id: str | None) -> Outcome:
+        """What a final (or the publication of a staged one) came to."""
         if moved is None:
             return self._lost()
         if moved.past_deadline:  # checked by the script itself, on Redis' clock
             return self._give_up(
-                JobState.EXPIRED, values["provider_foreign_id"], True,
+                JobState.EXPIRED, provider_id or self.foreign_id, True,
                 error_code=ErrorCode.DEADLINE_PASSED,
                 error="the invoice was created after the deadline, and cancelled",
             )  # fmt: skip
         self._circuit(moved)
-        self._log(state, error_code=values.get("error_code"), orphan=values.get("orphan"))
-        return Outcome(moved.record, finished=True)
+        if not moved.durable:  # staged, unseen: whoever claims it next publishes it
+            return self._not_durable(undo_attempt=False)
+        record = moved.record
+        assert record is not None, "a final transition returns its record"
+        self._log(record.state, error_code=record.error_code, orphan=record.orphan)
+        return Outcome(record, finished=True)
 
-    def _fence(self, values: dict[str, Any] | None = None) -> bool:
-        """Renew the lease before a further provider call; False if the job was taken over."""
+    def _fence(self, values: dict[str, Any] | None = None) -> Outcome | None:
+        """Renew the lease before a further provider call, past the Barrier; None to go on,
+        else what to do instead (the job was taken over, or the renewal is not durable)."""
         started = time.monotonic()
         moved = self.job.store.transition(
             self.foreign_id, self.owner, JobState.PROCESSING, values, renew=True,
@@ -268,10 +284,25 @@ class Attempt:
         )  # fmt: skip
         self.report = Report()  # reported once; the next call reports afresh
         if moved is None:
-            return False
+            return self._lost()
         self._circuit(moved)
+        if not moved.durable:
+            return self._not_durable(undo_attempt=False)
         self.fenced_at = started
-        return True
+        return None
+
+    def _not_durable(self, *, undo_attempt: bool) -> Outcome:
+        """Hand the job back without calling the provider: Redis did not confirm on enough
+        replicas a write that a failover must not take back (a claim, a fence, a staged
+        final). ``undo_attempt``: the claim's attempt was not used."""
+        delay = self.settings.retry_base + full_jitter(self.settings.retry_base, self.job.rand)
+        fields = {"attempts": self.attempts - 1} if undo_attempt else {}
+        moved = self.job.store.defer(self.foreign_id, self.owner, delay, self.report, **fields)
+        self.report = Report()
+        if moved is None:
+            return self._lost()
+        self._log("deferred", reason=DeferReason.NOT_DURABLE, retry_in=round(delay, 2))
+        return Outcome(None, retry_in=delay)
 
     def _send_by(self, *, creating: bool = False) -> float:
         """The last monotonic instant a request may leave: its whole exchange must end while

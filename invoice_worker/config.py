@@ -54,6 +54,11 @@ class Settings(BaseSettings):
     record_ttl: int = Field(7 * 86400, ge=60)
     lease_seconds: float | None = Field(None, gt=0)
     visibility_timeout: int | None = Field(None, ge=1)
+    #: Replicas that must confirm a write (Redis WAIT) before the provider is called on it or
+    #: an outcome is shown; 0 = none (then WAITAOF on an AOF Redis that has it). README:
+    #: "Topologies".
+    redis_min_replicas: int = Field(0, ge=0)
+    redis_wait_timeout: float = Field(0.5, gt=0)
 
     # retries
     max_attempts: int = Field(8, ge=1)
@@ -121,6 +126,13 @@ class Settings(BaseSettings):
                 f"INVOICE_LEASE_SECONDS ({self.lease_seconds}) must exceed two provider calls "
                 f"(2 x (connect_timeout + read_timeout) = {2 * self.http_deadline}): a shorter "
                 "lease lets a second worker call the provider while the first still waits"
+            )
+        margin = self.lease - 2 * self.http_deadline
+        if self.redis_min_replicas and self.redis_wait_timeout >= margin:
+            raise ValueError(
+                f"INVOICE_REDIS_WAIT_TIMEOUT ({self.redis_wait_timeout}) must be below the "
+                f"lease's margin over two provider calls ({margin:g}"
+                " s): waiting for replicas counts against the lease"
             )
         if self.retry_cap < self.retry_base:
             raise ValueError("INVOICE_RETRY_CAP must be >= INVOICE_RETRY_BASE")

@@ -50,6 +50,9 @@ class ClaimStatus(StrEnum):
     POISON = "poison"
     #: Held, but the deadline passes before the provider may be called: end it ``expired``.
     EXPIRE = "expire"
+    #: Held, and its final outcome is already staged (durable before anyone saw it): publish
+    #: it, never call the provider again.
+    STAGED = "staged"
     #: Already final: nothing to do but report the record.
     DONE = "done"
     #: Another worker holds a live lease: come back when it ends.
@@ -70,6 +73,9 @@ class DeferReason(StrEnum):
     RATE_LIMITED = "rate_limited"
     PROVIDER_PAUSED = "provider_paused"
     CIRCUIT_OPEN = "circuit_open"
+    #: Not the fleet gate: Redis did not confirm a write on enough replicas in time
+    #: (``INVOICE_REDIS_MIN_REPLICAS``), so the provider was not called.
+    NOT_DURABLE = "not_durable"
 
 
 class Circuit(StrEnum):
@@ -143,6 +149,8 @@ CLEANUP_KEY = "cleanup"
 #: A script's answer kept for a short while under ``<prefix>batch:<op>``, so that a re-run after
 #: a lost reply (redis-py re-sends the script) answers what the first run did.
 BATCH_KEY = "batch:"
+#: Written just before a Redis WAIT, so the wait covers every write before it (store.Barrier).
+PROBE_KEY = "durable-probe"
 #: Cancels tried for one pending cleanup before it is left to a human (about 2 hours), and the
 #: longest wait between two of them.
 CLEANUP_TRIES = 12

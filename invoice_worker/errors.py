@@ -7,6 +7,7 @@ can match on it::
     ├── ConfigError                     settings missing or inconsistent
     ├── InvalidRequestError             a request breaks a rule of the provider's page (ValueError)
     ├── ConflictError                   a foreign_id is reused with a different request
+    ├── NotDurableError                 Redis did not confirm an enqueue on enough replicas
     └── ProviderError                   anything the provider (or the way to it) answered
         ├── TransientProviderError      worth retrying; ``ambiguous`` says the invoice may exist
         │   ├── ProviderConnectionError     not sent: connect refused / connect timeout
@@ -65,6 +66,23 @@ class ConflictError(InvoiceWorkerError):
     def __init__(self, foreign_id: str) -> None:
         self.foreign_id = foreign_id
         super().__init__(f"foreign_id {foreign_id!r} was already enqueued with a different request")
+
+
+class NotDurableError(InvoiceWorkerError):
+    """Raised when Redis did not confirm an enqueue on ``INVOICE_REDIS_MIN_REPLICAS`` replicas
+    in time: the job is probably recorded and sent, but a failover now could lose it. Enqueue
+    the same request again (it is idempotent) until this is not raised."""
+
+    code = "not_durable"
+
+    def __init__(self, foreign_ids: list[str]) -> None:
+        self.foreign_ids = foreign_ids
+        shown = ", ".join(repr(f) for f in foreign_ids[:5])
+        more = f" and {len(foreign_ids) - 5} more" if len(foreign_ids) > 5 else ""
+        super().__init__(
+            f"Redis did not confirm the enqueue of {shown}{more} on enough replicas in time; "
+            "enqueue again (idempotent)"
+        )
 
 
 class ProviderError(InvoiceWorkerError):

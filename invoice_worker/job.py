@@ -48,7 +48,7 @@ from invoice_worker.errors import (
 from invoice_worker.logs import log_circuit, log_job
 from invoice_worker.message import TaskMessage, raw_fingerprint
 from invoice_worker.models import check_foreign_id
-from invoice_worker.store import Claim, JobStore
+from invoice_worker.store import Claim, JobStore, Moved
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +110,10 @@ class InvoiceJob:
                 return Outcome(claim.record)
             case ClaimStatus.BUSY | ClaimStatus.EARLY | ClaimStatus.DEFERRED:
                 return self._defer(claim, foreign_id, task_id)
-            case ClaimStatus.POISON | ClaimStatus.EXPIRE | ClaimStatus.CLAIMED:
+            case ClaimStatus.POISON | ClaimStatus.EXPIRE | ClaimStatus.CLAIMED | ClaimStatus.STAGED:
                 assert claim.record is not None
                 attempt = Attempt(self, message, claim.record, task_id, owner, fenced_at=claimed_at)
-                return attempt.start(claim.status, claim.reason)
+                return attempt.start(claim.status, claim.reason, durable=claim.durable)
             case ClaimStatus.MISSING:
                 raise RuntimeError("the claim asked for the message copy twice")
             case _:
@@ -165,11 +165,19 @@ class InvoiceJob:
         )
         if claim.status is ClaimStatus.CONFLICT and not fid.startswith(INVALID_MESSAGE_ID):
             return self._reject(kwargs, exc, task_id=task_id, owner=owner, conflict=True)
-        if claim.status not in (ClaimStatus.CLAIMED, ClaimStatus.POISON):
-            log_job(logging.WARNING, fid, task_id, "ignored", reason=ErrorCode.INVALID_MESSAGE)
-            return Outcome(claim.record)
         code = "conflict" if conflict else ErrorCode.INVALID_MESSAGE
-        values = {"error_code": code, "error": str(exc), "errors": exc.errors}
-        moved = self.store.finish(fid, owner, JobState.FAILED, values)
+        match claim.status:
+            case ClaimStatus.STAGED:  # recorded by an earlier delivery, not yet published
+                moved = self.store.publish(fid, owner) if claim.durable else Moved(None)
+            case ClaimStatus.CLAIMED | ClaimStatus.POISON:
+                values = {"error_code": code, "error": str(exc), "errors": exc.errors}
+                moved = self.store.finish(fid, owner, JobState.FAILED, values)
+            case _:
+                log_job(logging.WARNING, fid, task_id, "ignored", reason=ErrorCode.INVALID_MESSAGE)
+                return Outcome(claim.record)
+        if moved is not None and moved.record is None:
+            # Not durable yet: the record stays staged and held; this message comes back
+            # after the lease to publish it.
+            return Outcome(None, retry_in=self.settings.lease)
         log_job(logging.WARNING, fid, task_id, JobState.FAILED, error_code=code)
         return Outcome(moved.record if moved else None, finished=moved is not None)

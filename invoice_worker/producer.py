@@ -18,7 +18,7 @@ from celery import Celery
 from invoice_worker.app import create_app
 from invoice_worker.config import REDIS_SCHEMES, Settings
 from invoice_worker.constants import TASK_NAME
-from invoice_worker.errors import ConflictError, InvalidRequestError
+from invoice_worker.errors import ConflictError, InvalidRequestError, NotDurableError
 from invoice_worker.message import TaskMessage, redis_envelope
 from invoice_worker.models import InvoiceRequest, JobRecord, parse_request
 from invoice_worker.privacy import kwargs_repr
@@ -63,6 +63,8 @@ class Producer:
             InvalidRequestError: the request or an option breaks a rule (nothing is written).
             ConflictError: the foreign_id was enqueued before with a different request (or
                 differs only in case from one that was: the provider may see them as one).
+            NotDurableError: with ``INVOICE_REDIS_MIN_REPLICAS``, Redis did not confirm the
+                write in time; enqueue again (the record is returned once it is durable).
         """
         message = self._message(parse_request(request), deadline, callback_task, callback_queue)
         [result] = self._enqueue([message])
@@ -88,6 +90,7 @@ class Producer:
         Raises:
             InvalidRequestError: some request breaks a rule; fields are named ``[i].field``
                 and nothing at all is enqueued.
+            NotDurableError: as :meth:`enqueue`, for the whole batch.
         """
         messages, errors = [], {}
         for i, request in enumerate(requests):
@@ -135,6 +138,10 @@ class Producer:
             out.append(result.record)
         if sends:
             self._send(sends)
+        # Sent even so: a write that is merely late must not leave its job waiting for the
+        # sweeper; the caller learns that a failover now could lose it, and enqueues again.
+        if not all(result.durable for result in results):
+            raise NotDurableError([job.foreign_id for job in jobs])
         return out
 
     def _new_job(self, message: TaskMessage) -> NewJob:

@@ -14,17 +14,18 @@ import itertools
 import json
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 from redis.backoff import ExponentialBackoff
+from redis.client import Pipeline
 from redis.retry import Retry
 
 from invoice_worker import constants as c
 from invoice_worker.config import Settings
-from invoice_worker.constants import CallReport, Circuit, ClaimStatus, JobState
+from invoice_worker.constants import CallReport, Circuit, ClaimStatus, DeferReason, JobState
 from invoice_worker.models import JobRecord
 from invoice_worker.scripts import (
     ClaimArgs,
@@ -55,16 +56,44 @@ class NewJob:
 
 
 @dataclass(frozen=True)
+class Barrier:
+    """What makes a write durable before anyone acts on it: ``WAIT`` until ``replicas``
+    replicas have it, or with none, ``WAITAOF`` until the local AOF has it (Redis >= 7.2 with
+    appendonly on). Redis cannot wait inside a script, so the caller pipelines it after one."""
+
+    replicas: int
+    timeout_ms: int
+
+    def add(self, pipe: Pipeline, probe_key: str) -> None:
+        """Append the wait to ``pipe`` (after the writes it must cover)."""
+        # WAIT covers this connection's last write; a script that wrote nothing (an existing
+        # job) would leave an older one, so write something of our own first.
+        pipe.set(probe_key, "1", px=60_000)
+        if self.replicas:
+            pipe.execute_command("WAIT", self.replicas, self.timeout_ms)  # type: ignore[no-untyped-call]
+        else:
+            pipe.execute_command("WAITAOF", 1, 0, self.timeout_ms)  # type: ignore[no-untyped-call]
+
+    def held(self, reply: Any) -> bool:
+        """Whether the wait's reply says the writes are durable."""
+        if self.replicas:
+            return int(reply) >= self.replicas
+        return int(reply[0]) >= 1
+
+
+@dataclass(frozen=True)
 class Enqueued:
     """The outcome of one enqueue; ``record`` is None only for a conflict.
 
     ``resend`` is True when an existing job is still queued long after it was sent: its
-    message may have been lost (a producer that died, a Redis that lost writes).
+    message may have been lost (a producer that died, a Redis that lost writes). ``durable``
+    is False when the Barrier did not confirm the write in time.
     """
 
     new: bool
     record: JobRecord | None
     resend: bool = False
+    durable: bool = True
 
 
 @dataclass(frozen=True)
@@ -80,6 +109,8 @@ class Claim:
     wait: float = 0.0
     reason: str = ""
     circuit: Circuit | None = None
+    #: False when the Barrier did not confirm the claim in time: do not call the provider.
+    durable: bool = True
 
 
 @dataclass(frozen=True)
@@ -91,6 +122,9 @@ class Moved:
     circuit: Circuit | None = None
     #: A ``created`` final refused by the script: the record's deadline had passed.
     past_deadline: bool = False
+    #: False when the Barrier did not confirm the write in time (a renewal: do not call the
+    #: provider; a final: it stays staged, unseen, until someone publishes it).
+    durable: bool = True
 
 
 @dataclass(frozen=True)
@@ -124,6 +158,7 @@ class JobStore:
         # A random prefix, then a counter: uuid4 per call cost ~2 % of a busy worker's CPU.
         self._token_prefix = uuid.uuid4().hex[:12]
         self._tokens = itertools.count()
+        self._barrier: Barrier | bool | None = False  # False: not looked up yet
         self._enqueue = client.register_script(load("enqueue", conf))
         self._claim = client.register_script(load("claim", conf))
         self._transition = client.register_script(load("transition", conf))
@@ -145,6 +180,36 @@ class JobStore:
             health_check_interval=30,
         )
         return cls(client, settings)
+
+    @property
+    def barrier(self) -> Barrier | None:
+        """This store's Barrier, or None when writes are acted on at once (looked up once)."""
+        if self._barrier is False:
+            self._barrier = self._find_barrier()
+        return self._barrier  # type: ignore[return-value]
+
+    def _find_barrier(self) -> Barrier | None:
+        timeout_ms = int(self.settings.redis_wait_timeout * 1000)
+        if self.settings.redis_min_replicas:
+            return Barrier(self.settings.redis_min_replicas, timeout_ms)
+        try:
+            self.redis.execute_command("WAITAOF", 0, 0, 0)  # type: ignore[no-untyped-call]
+        except redis.ResponseError:
+            return None
+        aof: Any = self.redis.info("persistence")
+        return Barrier(0, timeout_ms) if aof.get("aof_enabled") == 1 else None
+
+    def _durably(self, write: Callable[[Pipeline], None]) -> tuple[list[Any], bool]:
+        """Run the commands ``write`` queues, then the Barrier, in one round trip (one
+        connection, as WAIT requires); returns their replies and whether they are durable."""
+        pipe = self.redis.pipeline(transaction=False)
+        write(pipe)
+        barrier = self.barrier
+        if barrier is None:
+            return pipe.execute(), True
+        barrier.add(pipe, f"{self.prefix}{c.PROBE_KEY}")
+        *replies, _, waited = pipe.execute()
+        return replies, barrier.held(waited)
 
     @staticmethod
     def member(foreign_id: str) -> str:
@@ -170,18 +235,23 @@ class JobStore:
 
         A job with a ``message`` has it pushed onto ``queue`` in the same atomic step.
         """
-        pipe = self.redis.pipeline(transaction=False)
-        for job in jobs:
-            args = EnqueueArgs(
-                job.fingerprint, job.task_id, job.message, job.kwargs,
-                self.member(job.foreign_id), flatten(job.fields),
-            )  # fmt: skip
-            keys = [self.key(job.foreign_id), job.queue, self.stats, self.due]
-            self._enqueue(keys=[*keys, self.copy(job.foreign_id)], args=argv(args), client=pipe)
+
+        def write(pipe: Pipeline) -> None:
+            for job in jobs:
+                args = EnqueueArgs(
+                    job.fingerprint, job.task_id, job.message, job.kwargs,
+                    self.member(job.foreign_id), flatten(job.fields),
+                )  # fmt: skip
+                keys = [self.key(job.foreign_id), job.queue, self.stats, self.due]
+                keys.append(self.copy(job.foreign_id))
+                self._enqueue(keys=keys, args=argv(args), client=pipe)
+
+        replies, durable = self._durably(write)
         out = []
-        for reply in pipe.execute():
+        for reply in replies:
             record = _record(reply[1]) if len(reply) > 1 else None
-            out.append(Enqueued(reply[0] == "new", record, len(reply) > 2 and bool(reply[2])))
+            resend = len(reply) > 2 and bool(reply[2])
+            out.append(Enqueued(reply[0] == "new", record, resend, durable))
         return out
 
     def states(self, foreign_ids: Sequence[str]) -> list[JobState | None]:
@@ -259,13 +329,20 @@ class JobStore:
             flatten({"foreign_id": foreign_id, **fields}),
         )
         keys = [self.key(foreign_id), self.provider, self.stats, self.due, self.copy(foreign_id)]
-        status, raw, wait_ms, reason, circuit = self._claim(keys=keys, args=argv(args))
+        if self.barrier is None:
+            reply, durable = self._claim(keys=keys, args=argv(args)), True
+        else:
+            [reply], durable = self._durably(
+                lambda pipe: self._claim(keys=keys, args=argv(args), client=pipe)
+            )
+        status, raw, wait_ms, reason, circuit = reply
         return Claim(
             ClaimStatus(status),
             _record(raw) if raw else None,
             float(wait_ms) / 1000,
             reason,
             Circuit(circuit) if circuit else None,
+            durable,
         )
 
     def transition(
@@ -282,12 +359,23 @@ class JobStore:
         """Move an owned job to a non-final ``state``; None if the caller no longer holds it.
 
         ``renew`` renews the lease for ``settings.lease`` (the job stays held: also the fence
-        before a provider call); otherwise it is released, and ``delay`` sets
-        ``next_attempt_at``.
+        before a provider call, so it passes the Barrier: see ``Moved.durable``); otherwise it
+        is released, and ``delay`` sets ``next_attempt_at``.
         """
         assert not state.final, "use finish()"
         mode = "renew" if renew else "release"
-        return self._run(foreign_id, owner, state, mode, fields, delay, report, None)
+        return self._run(foreign_id, owner, mode, state, fields, delay, report, None, durable=renew)
+
+    def defer(
+        self, foreign_id: str, owner: str, delay: float, report: Report | None, **fields: Any
+    ) -> Moved | None:
+        """Release a held job for ``delay`` seconds because a write of it was not durable in
+        time (the provider was not called on it); counted as a ``not_durable`` deferral."""
+        moved = self.transition(
+            foreign_id, owner, JobState.RETRYING, fields, delay=delay, report=report
+        )
+        self.redis.hincrby(self.stats, f"deferrals:{DeferReason.NOT_DURABLE}", 1)
+        return moved
 
     def finish(
         self,
@@ -299,36 +387,53 @@ class JobStore:
         *,
         cleanup_in: float | None = None,
     ) -> Moved | None:
-        """Make an owned job final, append its event and announce it, in one atomic step.
+        """Make an owned job final, append its event and announce it, in one atomic step;
+        with a Barrier, in two: staged, durable, then published (see :meth:`publish`).
 
         ``cleanup_in`` schedules a retried cancel of the job's provider id (a pending cleanup).
 
         Returns:
             The final record, or None if the caller no longer holds the job (nothing is
-            written then).
+            written then); a Moved without a record when the deadline had passed
+            (``past_deadline``) or the staged outcome is not yet durable (``durable`` False:
+            it stays staged, unseen, and the next claim publishes it).
         """
         assert state.final, state
-        return self._run(foreign_id, owner, state, "final", fields, None, report, cleanup_in)
+        if self.barrier is None:
+            return self._run(foreign_id, owner, "final", state, fields, None, report, cleanup_in)
+        staged = self._run(
+            foreign_id, owner, "stage", state, fields, None, report, cleanup_in, durable=True
+        )
+        if staged is None or staged.past_deadline or not staged.durable:
+            return staged
+        moved = self.publish(foreign_id, owner)
+        return moved and Moved(moved.record, staged.circuit)
+
+    def publish(self, foreign_id: str, owner: str) -> Moved | None:
+        """Make a held job's staged outcome final: its event and announcement, as ``finish``
+        does in one step. None if the caller no longer holds it or nothing is staged."""
+        return self._run(foreign_id, owner, "publish", None, None, None, None, None)
 
     def _run(
         self,
         foreign_id: str,
         owner: str,
-        state: JobState,
         mode: str,
+        state: JobState | None,
         fields: Mapping[str, Any] | None,
         delay: float | None,
         report: Report | None,
         cleanup_in: float | None,
+        *,
+        durable: bool = False,
     ) -> Moved | None:
-
         report = report or Report()
         values = {k: v for k, v in (fields or {}).items() if v is not None}
         pairs = flatten(values)
-        event = _event(foreign_id, state, values) if mode == "final" else ()
+        event = _event(foreign_id, state, values) if state and state.final else ()
         latency = report.latency
         args = TransitionArgs(
-            owner, self.token(), str(state), mode,
+            owner, self.token(), str(state or ""), mode,
             -1 if delay is None else int(delay * 1000), self.channel(foreign_id),
             str(report.outcome), int(report.pause * 1000),
             "" if latency is None else latency_bucket(latency), (latency or 0) * 1000,
@@ -337,13 +442,21 @@ class JobStore:
         )  # fmt: skip
         keys = [self.key(foreign_id), self.stream, self.provider, self.stats, self.due]
         keys += [self.copy(foreign_id), self.cleanups]
-        reply = self._transition(keys=keys, args=argv(args))
+        held = True
+        if durable and self.barrier is not None:
+            [reply], held = self._durably(
+                lambda pipe: self._transition(keys=keys, args=argv(args), client=pipe)
+            )
+        else:
+            reply = self._transition(keys=keys, args=argv(args))
         if not reply[0]:
             return None
         if reply[0] == 2:
             return Moved(None, past_deadline=True)
         return Moved(
-            _record(reply[1]) if reply[1] else None, Circuit(reply[2]) if reply[2] else None
+            _record(reply[1]) if reply[1] else None,
+            Circuit(reply[2]) if reply[2] else None,
+            durable=held,
         )
 
     def mark(self, foreign_id: str, **fields: Any) -> bool:

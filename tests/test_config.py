@@ -105,3 +105,14 @@ def test_redact_url() -> None:
     assert redact_url("redis://:pw@h:6379/0") == "redis://:***@h:6379/0"
     assert redact_url("amqp://guest:guest@h//") == "amqp://guest:***@h//"
     assert redact_url("redis://h:6379/0") == "redis://h:6379/0"
+
+
+def test_waiting_for_replicas_must_fit_in_the_lease() -> None:
+    ok = Settings(_env_file=None, redis_min_replicas=1, lease_seconds=50, redis_wait_timeout=2)
+    assert ok.redis_min_replicas == 1
+    with pytest.raises(ConfigError, match=r"INVOICE_REDIS_WAIT_TIMEOUT .* counts against"):
+        Settings.load(_env_file=None, redis_min_replicas=1, lease_seconds=47, redis_wait_timeout=1)
+    # Without replicas to wait for, the timeout only bounds WAITAOF: no rule applies.
+    Settings(_env_file=None, lease_seconds=47, redis_wait_timeout=1)
+    with pytest.raises(ConfigError, match="INVOICE_REDIS_MIN_REPLICAS"):
+        Settings.load(_env_file=None, redis_min_replicas=-1)

@@ -1,6 +1,7 @@
 -- A worker tries to take a job: create the record if a message came without the producer,
 -- pass the fleet gate (429 pause, circuit breaker, rate limit), then hold it under a lease.
 -- Re-run after a lost reply (same owner, lease still held): answers what the first run did.
+-- A job with a staged final (see transition.lua) is held as 'staged', past every gate.
 -- Returns {status, record, wait_ms, reason, circuit_change}; status is a ClaimStatus.
 local record_key = KEYS[1]
 local provider_key = KEYS[2]
@@ -105,7 +106,8 @@ local function defer(state, wait, reason, change)
 end
 
 local function hold(state, status, reason, change)
-  redis.call('HINCRBY', record_key, 'attempts', 1)
+  -- A staged final is published, not attempted: it uses no attempt.
+  if status ~= 'staged' then redis.call('HINCRBY', record_key, 'attempts', 1) end
   redis.call('HSET', record_key, 'state', 'processing', 'lease_owner', owner,
     'lease_until', now + lease_ms, 'updated_at', now / 1000, 'claim_status', status)
   redis.call('HDEL', record_key, 'next_attempt_ms', 'next_attempt_at', 'slot_ms', 'deferred')
@@ -137,6 +139,9 @@ if tonumber(lease[2] or '0') > now then
   end
   return {'busy', {}, tonumber(lease[2]) - now, '', ''}
 end
+-- An outcome staged by a holder that then vanished (or could not make it durable): publish
+-- it as it is. Not a crash: the outcome is known, and the provider must not be called again.
+if redis.call('HEXISTS', record_key, 'staged') == 1 then return hold(state, 'staged', '', '') end
 local next_at = tonumber(redis.call('HGET', record_key, 'next_attempt_ms') or '0')
 if state == 'retrying' and next_at > now + 1000 then
   return {'early', {}, next_at - now, '', ''}

@@ -1,9 +1,13 @@
 -- Move a job its caller holds: renew the lease (and fence the next provider call), release it
 -- until a retry, or make it final (with its one event and announcement). Also records what
 -- the attempt said about the provider, for the whole fleet.
+-- A final can be made in two steps, so that no reader sees an outcome a Redis failover could
+-- take back: 'stage' keeps it in the record's ``staged`` field (the job stays processing and
+-- held; the caller waits for replicas), then 'publish' applies it. 'final' is both at once.
 -- Re-run after a lost reply (same op): answers what the first run did, writes nothing.
 -- Returns {1, final record or {}, circuit_change}, {0} when the caller no longer holds the
--- job, or {2} for a ``created`` final past the record's deadline (nothing is written then).
+-- job (or 'publish' finds nothing staged), or {2} for a ``created`` final past the record's
+-- deadline (nothing is written then).
 local record_key = KEYS[1]
 local stream_key = KEYS[2]
 local provider_key = KEYS[3]
@@ -14,7 +18,7 @@ local cleanup_key = KEYS[7]
 local owner = ARGV[1]
 local op = ARGV[2]  -- unique per call: tells a re-run from a new transition
 local new_state = ARGV[3]
-local mode = ARGV[4]  -- renew | release | final
+local mode = ARGV[4]  -- renew | release | stage | final | publish
 local delay_ms = tonumber(ARGV[5])  -- -1: none
 local done_channel = ARGV[6]
 local report = ARGV[7]  -- a CallReport: ok | failure | rate_limited | ''
@@ -100,10 +104,28 @@ end
 if held[1] ~= owner or not held[2] or FINAL[held[2]] then return {0} end
 -- A released lease (lease_until 0) keeps its owner recorded, but no longer lets it write.
 if tonumber(held[4] or '0') == 0 then return {0} end
+if mode == 'publish' then
+  local staged = redis.call('HGET', record_key, 'staged')
+  if not staged then return {0} end
+  staged = cjson.decode(staged)
+  new_state, fields, event, cleanup_in_ms = staged[1], staged[2], staged[3], staged[4]
+  mode = 'final'
+end
 -- A job never reports ``created`` past its deadline: checked here, atomically, on Redis' clock.
 if new_state == 'created' then
   local deadline = tonumber(redis.call('HGET', record_key, 'deadline') or '')
   if deadline and now >= deadline * 1000 then return {2} end
+end
+if mode == 'stage' then
+  -- Kept as one JSON value: readers see the job still processing until it is published.
+  redis.call('HSET', record_key, 'staged', cjson.encode({new_state, fields, event, cleanup_in_ms}),
+    'updated_at', now / 1000, 'last_op', op, 'lease_until', now + lease_ms)
+  redis.call('ZADD', due_key, now + lease_ms + due_after_ms, due_member)
+  record_latency()
+  local change = report_to_fleet()
+  redis.call('EXPIRE', record_key, ttl_s)
+  redis.call('EXPIRE', copy_key, ttl_s)
+  return {1, {}, change}
 end
 
 redis.call('HSET', record_key, 'state', new_state, 'updated_at', now / 1000, 'last_op', op)
@@ -129,5 +151,6 @@ if mode ~= 'final' then
   redis.call('EXPIRE', copy_key, ttl_s)
   return {1, {}, change}
 end
+redis.call('HDEL', record_key, 'staged')
 finalize()
 return {1, redis.call('HGETALL', record_key), change}
