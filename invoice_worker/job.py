@@ -12,6 +12,9 @@ States, and who moves each edge (``claim`` and ``transition`` are the Lua script
     processing --transition release--> retrying      (transient error; next_attempt_at)
     processing --transition renew--> processing      (fence before each further call)
     processing --transition final--> created | failed | expired   (+ one event, announced)
+    processing --transition stage--> processing (staged)   (INVOICE_REDIS_MIN_REPLICAS: then
+        WAIT for the replicas, then --transition publish--> final, as "final" does in one step;
+        a staged job's next claim publishes it, and never calls the provider)
 
 Every provider call is fenced: the caller still holds the lease (the claim, or a renewal just
 before), and the request is not sent after ``send_by``, the instant from which the whole
