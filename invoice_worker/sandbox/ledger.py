@@ -88,8 +88,6 @@ class Ledger:
         foreign_id = self.find(key)
         invoice, payment = self.invoices[foreign_id], self.payments[foreign_id]
         bodies = payments.pay(invoice, payment, mode, int(time.time()), next_id)
-        if payment.expires_at is not None and invoice["status"] in payments.PAYABLE:
-            heapq.heappush(self.timers, (payment.expires_at, foreign_id))
         return view(invoice), self.items(bodies)
 
     def cancel(self, foreign_id: str) -> list[Item]:
