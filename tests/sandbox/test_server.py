@@ -18,6 +18,7 @@ import requests
 
 from invoice_worker.sandbox import Sandbox
 from invoice_worker.sandbox.faults import Faults
+from invoice_worker.sandbox.server import _origin
 
 KEY = "sandbox-test-key"
 SECRET = "AbCdEfG123456"  # the secret of the provider's official signature vector
@@ -731,3 +732,17 @@ def test_reset(sandbox: Sandbox, http: requests.Session) -> None:
         "create_calls": 0, "responses": {}, "outcomes": {}, "per_second": {}
     }  # fmt: skip
     assert create(http, sandbox).status_code == 200  # neither the script nor the invoice remain
+
+
+@pytest.mark.parametrize(
+    ("host", "origin"),
+    [
+        ("127.0.0.1", "http://127.0.0.1:8080"),
+        ("0.0.0.0", "http://127.0.0.1:8080"),  # noqa: S104 - a wildcard is reached on loopback
+        ("::", "http://[::1]:8080"),
+        ("::1", "http://[::1]:8080"),
+        ("localhost", "http://localhost:8080"),
+    ],
+)
+def test_invoice_pages_are_on_the_address_bound(host: str, origin: str) -> None:
+    assert _origin(host, 8080) == origin
