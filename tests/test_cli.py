@@ -51,7 +51,8 @@ def test_enqueue_with_flags_and_wait(
     data = request_data()
     code, out, _ = run(capsys, "enqueue", *flags(data), "--wait", "20")
     assert code == 0
-    assert out.startswith(f"{data['foreign_id']}  created  https://")
+    page = env.api_url.removesuffix("/api/v2") + "/invoice/"  # the sandbox's invoice page
+    assert out.startswith(f"{data['foreign_id']}  created  {page}")
     code, out, _ = run(capsys, "status", data["foreign_id"], "--json")
     assert code == 0
     assert json.loads(out)["state"] == JobState.CREATED

@@ -1,7 +1,8 @@
 """The sandbox's command line: ``invoice-worker sandbox`` and ``python -m invoice_worker.sandbox``.
 
-Fault flags left unset fall back to ``INVOICE_SANDBOX_<FIELD>`` variables; the key and secret to
-``INVOICE_API_KEY`` / ``INVOICE_API_SECRET``, else made up (and printed once).
+Fault and callback flags left unset fall back to ``INVOICE_SANDBOX_<FIELD>`` variables (e.g.
+``INVOICE_SANDBOX_CALLBACK_URL``); the key and secret to ``INVOICE_API_KEY`` /
+``INVOICE_API_SECRET``, else made up (and printed once).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING
 
 from invoice_worker.sandbox.faults import ENV_PREFIX, INTEGERS, Faults
+from invoice_worker.sandbox.payments import TIMER_SECONDS
 from invoice_worker.sandbox.rules import parse_number
 from invoice_worker.sandbox.server import Sandbox
 
@@ -43,6 +45,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--min-amount", type=_amount_arg, default=Decimal(0), metavar="EUR", help="smallest invoice"
     )
     parser.add_argument("--no-admin", dest="admin", action="store_false", help="hide /_sandbox")
+    parser.add_argument(
+        "--callback-url", metavar="URL", help=f"where to POST callbacks (${ENV_PREFIX}CALLBACK_URL)"
+    )
+    parser.add_argument(
+        "--callback-time-scale",
+        type=float,
+        metavar="X",
+        help=f"multiply the retry delays (${ENV_PREFIX}CALLBACK_TIME_SCALE, else 1)",
+    )
+    parser.add_argument(
+        "--timer-seconds",
+        type=int,
+        default=TIMER_SECONDS,
+        metavar="S",
+        help="how long a timer invoice stays payable (%(default)s, the provider's)",
+    )
     for f in fields(Faults):
         kind = int if f.name in INTEGERS else float
         text = f"default: ${ENV_PREFIX}{f.name.upper()}, else {f.default}"
@@ -61,16 +79,25 @@ def run(args: argparse.Namespace) -> int:
     given_secret = args.secret or os.environ.get("INVOICE_API_SECRET")
     secret = given_secret or secrets.token_urlsafe(32)
     options = {"host": args.host, "port": args.port, "admin": args.admin}
+    callback_url = args.callback_url or os.environ.get(f"{ENV_PREFIX}CALLBACK_URL")
+    scale = args.callback_time_scale
     try:
+        if scale is None:
+            scale = float(os.environ.get(f"{ENV_PREFIX}CALLBACK_TIME_SCALE") or 1)
         faults = Faults.from_env(os.environ)
         faults = Faults.from_dict({k: v for k, v in flags.items() if v is not None}, base=faults)
-        sandbox = Sandbox(key, secret, faults=faults, min_amount=args.min_amount, **options)
+        sandbox = Sandbox(
+            key, secret, faults=faults, min_amount=args.min_amount, callback_url=callback_url,
+            callback_time_scale=scale, timer_seconds=args.timer_seconds, **options,
+        )  # fmt: skip
     except (ValueError, OSError) as e:
         print(f"sandbox: {e}", file=sys.stderr)
         return 2
     print(f"sandbox provider API at {sandbox.url}\nkey: {key}", flush=True)
     if not given_secret:  # made up here, so showing it once is the only way to configure a worker
         print(f"secret: {secret}", flush=True)
+    if callback_url:
+        print(f"callbacks to {callback_url} (retry delays x {scale:g})", flush=True)
 
     # A signal must not raise inside the accept loop (a KeyboardInterrupt while it starts a
     # handler thread is swallowed by socketserver and the server keeps serving): the handler

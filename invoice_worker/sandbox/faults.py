@@ -19,10 +19,20 @@ what a client should accept; a call that fails (e.g. a duplicate foreign_id) get
     answer_wrong_currency  a 200 in another currency
     answer_huge            the real 200 padded to `huge_bytes` (streamed, never built in memory)
     trickle                the real answer, status line included, one byte every `trickle_seconds`
+
+Callbacks (see `callbacks`) have faults of their own, each drawn per callback (out of order: per
+payer action) from a generator apart from the calls', so a seed replays both:
+
+    callback_duplicate       the first attempt is sent twice, one copy after the other
+    callback_concurrent      the first attempt is sent twice at once, on two connections
+    callback_bad_signature   the first attempt is signed with another secret (retries are not)
+    callback_out_of_order    an action's callbacks are queued newest first (confirmed before
+                             processing)
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from decimal import Decimal
@@ -48,6 +58,13 @@ _RATED = {
     "trickle": "trickle",
 }
 OUTCOMES = frozenset({"ok", *_RATED.values()})
+# The callback fault of each Faults rate field that applies to one callback.
+_CALLBACK_RATED = {
+    "callback_duplicate": "duplicate",
+    "callback_concurrent": "concurrent",
+    "callback_bad_signature": "bad_signature",
+}
+_RATES = (*_RATED, *_CALLBACK_RATED, "callback_out_of_order")
 #: The outcomes that answer a processed call with a small 200 body showing another invoice.
 HOSTILE = frozenset(
     {"answer_wrong_id", "answer_bad_url", "answer_wrong_amount", "answer_wrong_currency"}
@@ -72,10 +89,12 @@ REPLIES = {
 
 @dataclass
 class Faults:
-    """Fault rates (each 0..1) and timings for create and cancel calls.
+    """Fault rates (each 0..1) and timings for create and cancel calls, and for callbacks.
 
     A call draws one number in [0, 1) and takes the first outcome, in field order, whose
     cumulative rate exceeds it: rates are shares of the traffic while they sum to at most 1.
+    The callback rates are drawn each on its own (a callback may be both duplicated and badly
+    signed).
     """
 
     latency_ms: float = 0.0
@@ -94,6 +113,10 @@ class Faults:
     answer_wrong_currency: float = 0.0
     answer_huge: float = 0.0
     trickle: float = 0.0
+    callback_duplicate: float = 0.0
+    callback_concurrent: float = 0.0
+    callback_bad_signature: float = 0.0
+    callback_out_of_order: float = 0.0
     retry_after: int = 1
     stall_seconds: float = 30.0
     trickle_seconds: float = 0.3
@@ -101,7 +124,7 @@ class Faults:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        for name in (*_RATED, *_MAXIMA):
+        for name in (*_RATES, *_MAXIMA):
             if not 0 <= getattr(self, name) <= _MAXIMA.get(name, 1):
                 raise ValueError(f"{name} out of range: {getattr(self, name)!r}")
 
@@ -145,6 +168,19 @@ class Faults:
             if draw < edge:
                 return outcome
         return "ok"
+
+    def callback_faults(self, rng: random.Random) -> frozenset[str]:
+        """Draw the faults of one callback: a subset of "duplicate", "concurrent",
+        "bad_signature". Every rate draws, so a seed replays whatever the rates are."""
+        hits = set()
+        for rate, fault in _CALLBACK_RATED.items():
+            if rng.random() < getattr(self, rate):
+                hits.add(fault)
+        return frozenset(hits)
+
+    def out_of_order(self, rng: random.Random) -> bool:
+        """Draw whether one action's callbacks are queued newest first."""
+        return rng.random() < self.callback_out_of_order
 
 
 def hostile(outcome: str, data: dict[str, Any], other: dict[str, Any] | None) -> dict[str, Any]:

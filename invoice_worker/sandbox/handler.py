@@ -3,6 +3,7 @@
 The `Sandbox` server holds the state (invoices, scripts, fault draws, counters); this handler
 parses a request, asks the server for the call's outcome, and writes what that outcome calls for:
 the real answer, a fault reply, a dropped connection, a hostile or huge 200, or a trickle.
+Invoice pages are answered by `pages`, the admin API by `admin`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,15 @@ from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
+from invoice_worker.sandbox import admin, pages
+from invoice_worker.sandbox.bodies import (
+    BAD_FORMAT,
+    BAD_KEY,
+    BAD_SIGNATURE,
+    NO_KEY,
+    NO_SIGNATURE,
+    json_bytes,
+)
 from invoice_worker.sandbox.faults import HOSTILE, REPLIES, Faults, hostile
 from invoice_worker.sandbox.rules import parse_body
 
@@ -20,26 +30,8 @@ if TYPE_CHECKING:
     from invoice_worker.sandbox.server import Sandbox
 
 _CANCEL = re.compile(r"/api/v2/invoices/([^/]+)/cancel/?")
+_PAGE = re.compile(r"/invoice/([^/]+)/?")
 _PAD = b"x" * (1 << 20)  # the padding of a huge answer, written this much at a time
-
-
-def json_bytes(obj: Any) -> bytes:
-    """Compact JSON, as the provider writes it."""
-    return json.dumps(obj, separators=(",", ":")).encode()
-
-
-def error_body(message: str, code: str) -> bytes:
-    return json_bytes({"error": message, "code": code})
-
-
-NO_KEY = error_body("No key header", "required_header_key")
-NO_SIGNATURE = error_body("No signature header", "required_header_signature")
-BAD_KEY = error_body("Bad key header", "bad_header_key")
-BAD_SIGNATURE = error_body("Bad signature header", "bad_header_signature")
-BAD_FORMAT = error_body("Bad content format", "bad_content_format")
-NOT_FOUND = error_body("Invoice not found", "invoice_not_found")  # undocumented, so a guess
-_STATE = error_body("Invoice cannot be failed in its current state.", "invalid_invoice_state")
-BAD_STATE = b'{"errors":' + _STATE + b"}"
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -57,13 +49,16 @@ class Handler(BaseHTTPRequestHandler):
             self._send(400, BAD_FORMAT)
             return
         body, path = self.rfile.read(int(length)), self.path.partition("?")[0]
-        cancel = _CANCEL.fullmatch(path)
+        cancel, page = _CANCEL.fullmatch(path), _PAGE.fullmatch(path)
         if self.command == "GET" and path == "/api/v2/ping":
             self._send(200, b"OK", "text/plain")
         elif self.command == "POST" and (path == "/api/v2/invoices/create" or cancel):
             self._api(body, unquote(cancel[1]) if cancel else None)
+        elif page:
+            reply = pages.serve(self.server, self.command, unquote(page[1]), body)
+            self._send(reply.status, reply.body, reply.ctype, reply.headers)
         elif self.server.admin and path.startswith("/_sandbox/"):
-            self._admin(path.removeprefix("/_sandbox"), body)
+            self._send(*admin.answer(self.server, self.command, path[len("/_sandbox") :], body))
         else:
             self._send(403, NO_KEY)  # the real API answers unknown URLs so
 
@@ -88,7 +83,9 @@ class Handler(BaseHTTPRequestHandler):
         return f"{head}{close}\r\n".encode("latin-1")
 
     def _count(self, response: str) -> None:
-        if not (self.server.admin and self.path.startswith("/_sandbox/")):
+        """Count the API's answers only (not the admin API's, not the pages')."""
+        admin_call = self.server.admin and self.path.startswith("/_sandbox/")
+        if not (admin_call or _PAGE.fullmatch(self.path.partition("?")[0])):
             self.server.count(response=response)
 
     def _fault(self, outcome: str, faults: Faults) -> None:
@@ -166,28 +163,3 @@ class Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 return
             self.wfile.write(answer[index : index + 1])
-
-    def _admin(self, path: str, body: bytes) -> None:
-        server, route = self.server, f"{self.command} {path}"
-        try:
-            data = json.loads(body or b"{}")
-            if route == "PUT /faults":
-                server.set_faults(Faults.from_dict(data, base=server.faults))
-            elif route == "POST /script":
-                server.script(list(data["outcomes"]), data.get("foreign_id"))
-            elif route == "POST /reset":
-                server.reset()
-            elif route not in ("GET /invoices", "GET /faults", "GET /stats"):
-                self._send(404, error_body(f"No sandbox endpoint {route}", "not_found"))
-                return
-        except (ValueError, TypeError, KeyError, AttributeError) as e:
-            self._send(400, error_body(f"{type(e).__name__}: {e}", "bad_request"))
-            return
-        views: dict[str, Any] = {
-            "/invoices": lambda: {
-                "invoices": server.invoices(), "create_calls": server.create_call_counts()
-            },
-            "/faults": lambda: server.faults.to_dict(),
-            "/stats": server.stats,
-        }  # fmt: skip
-        self._send(200, json_bytes(views.get(path, lambda: {"ok": True})()))

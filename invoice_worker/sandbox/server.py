@@ -3,57 +3,49 @@
 It speaks the real wire format (HMAC-SHA512 signed bodies, the provider's 400/403 bodies and
 Laravel-style field messages from `rules`) and gives every create or cancel call one of
 the outcomes in `faults`: from a script queue (the call's foreign_id first, then the global
-queue), else from one random draw against the `Faults` rates. Unauthenticated admin API, for
-loopback use: GET /_sandbox/invoices, GET|PUT /_sandbox/faults, POST /_sandbox/script,
-GET /_sandbox/stats, POST /_sandbox/reset. The wire side (routing, auth, how each outcome is
-written) is `handler`'s.
+queue), else from one random draw against the `Faults` rates. Each invoice has a page on the
+sandbox itself (its `url`, see `pages`) whose buttons pay it (`payments`); status changes send
+signed callbacks (`callbacks`). Unauthenticated admin API for loopback use, see `admin`. The wire
+side (routing, auth, how each outcome is written) is `handler`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import hmac
+import ipaddress
 import random
 import socket
 import sys
 import threading
 import time
-from collections import Counter, deque
-from dataclasses import dataclass, field, replace
+from collections import deque
+from dataclasses import replace
 from decimal import Decimal
 from http.server import ThreadingHTTPServer
 from typing import Any
 
+from invoice_worker.sandbox import payments
+from invoice_worker.sandbox.bodies import BAD_STATE, NOT_FOUND, json_bytes
+from invoice_worker.sandbox.callbacks import Dispatcher, sign
 from invoice_worker.sandbox.faults import OUTCOMES, Faults
-from invoice_worker.sandbox.handler import BAD_STATE, NOT_FOUND, Handler, json_bytes
+from invoice_worker.sandbox.handler import Handler
+from invoice_worker.sandbox.ledger import OPEN, Ledger, view
+from invoice_worker.sandbox.payments import Payment
 from invoice_worker.sandbox.rules import foreign_id_of, sender_amount, validate
 
-_TIMER_SECONDS = 900  # the provider fixes the rate for 15 minutes
-_OPEN = ("created", "pending", "processing")  # the states a cancel may leave
 _BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-_BASE58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 
 
-def _view(invoice: dict[str, Any]) -> dict[str, Any]:
-    release_at = invoice["release_at"]
-    live = release_at is not None and invoice["status"] in _OPEN
-    return {**invoice, "seconds_left": max(0, int(release_at - time.time())) if live else None}
-
-
-@dataclass
-class _State:
-    """Everything reset() forgets; guarded by Sandbox._lock."""
-
-    faults: Faults = field(default_factory=Faults)
-    rng: random.Random = field(default_factory=random.Random)
-    invoices: dict[str, dict[str, Any]] = field(default_factory=dict)
-    cancelled: set[str] = field(default_factory=set)
-    calls: Counter[str] = field(default_factory=Counter)  # create calls by foreign_id
-    per_second: Counter[int] = field(default_factory=Counter)  # create calls by unix second
-    responses: Counter[str] = field(default_factory=Counter)  # by status code, or "dropped"
-    outcomes: Counter[str] = field(default_factory=Counter)  # fault outcomes played, by name
-    scripts: dict[str | None, deque[str]] = field(default_factory=dict)  # None: any foreign_id
+def _origin(host: str, port: int) -> str:
+    """http://host:port of a bound address; a wildcard address is reached on loopback."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return f"http://{host}:{port}"
+    if address.is_unspecified:
+        address = ipaddress.ip_address("::1" if address.version == 6 else "127.0.0.1")
+    return f"http://[{address}]:{port}" if address.version == 6 else f"http://{address}:{port}"
 
 
 class Sandbox(ThreadingHTTPServer):
@@ -75,17 +67,35 @@ class Sandbox(ThreadingHTTPServer):
         faults: Faults | None = None,
         admin: bool = True,
         min_amount: Decimal = Decimal(0),
-        invoice_host: str = "invoices.sandbox.cryptoprocessing.com",
+        callback_url: str | None = None,
+        callback_time_scale: float = 1.0,
+        timer_seconds: int = payments.TIMER_SECONDS,
     ) -> None:
+        """Bind host:port; `callback_url` and `callback_time_scale` as `set_callbacks`.
+
+        Raises:
+            ValueError: for a bad callback URL or time scale, or `timer_seconds` below 1.
+            OSError: if the address cannot be bound.
+        """
+        if timer_seconds < 1:
+            raise ValueError(f"timer_seconds must be at least 1: {timer_seconds!r}")
         super().__init__((host, port), Handler)
         self.key, self.admin, self.min_amount = key, admin, min_amount
-        self.invoice_host, self.port, self._host = invoice_host, self.server_port, host
+        self.port, self._host, self.timer_seconds = self.server_port, host, timer_seconds
+        self.origin = _origin(host, self.server_port)  # where the invoice pages are
         self._secret = secret.encode()
-        self._lock = threading.Lock()  # the one lock, around _state, _next_id and _conns
-        self._state = _State()
+        self._lock = threading.Lock()  # the one lock, around _state, the ids and _conns
+        self._state = Ledger()
         self._ids = random.Random()  # apart from the fault draws, so a seed replays exactly
         self._next_id = 100_000  # survives reset(), so ids stay unique
+        self._next_tx = 700_000  # transaction ids, likewise
         self._conns: set[socket.socket] = set()
+        self.dispatcher = Dispatcher(key, self._secret, tick=self.expire_due)
+        try:
+            self.dispatcher.configure(callback_url or "", callback_time_scale)
+        except ValueError:
+            self.server_close()
+            raise
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._serving = self._closed = False
@@ -120,6 +130,7 @@ class Sandbox(ThreadingHTTPServer):
         stop() waits up to `poll_interval` for the accept loop: short, so test teardown is quick.
         """
         self._serving = True
+        self.dispatcher.start()
         super().serve_forever(poll_interval)
 
     def stop(self) -> None:
@@ -128,6 +139,7 @@ class Sandbox(ThreadingHTTPServer):
             return
         self._closed = True
         self._stopping.set()
+        self.dispatcher.stop()
         if self._serving:
             self.shutdown()
         with self._lock:
@@ -148,7 +160,27 @@ class Sandbox(ThreadingHTTPServer):
     def set_faults(self, faults: Faults) -> None:
         """Replace the fault settings; random draws restart from `faults.seed`."""
         with self._lock:
-            self._state.faults, self._state.rng = replace(faults), random.Random(faults.seed)
+            self._state.set_faults(replace(faults))
+
+    def set_callbacks(
+        self, url: str | None = None, time_scale: float | None = None, timeout: float | None = None
+    ) -> None:
+        """Set where callbacks go ("" for nowhere), their retry time scale and attempt timeout.
+
+        A time scale of 0.001 turns the provider's ~24 h of retries into ~88 s.
+
+        Raises:
+            ValueError: as `callbacks.Dispatcher.configure`.
+        """
+        self.dispatcher.configure(url, time_scale, timeout)
+
+    def callback_settings(self) -> dict[str, Any]:
+        """Where callbacks go (`url`, None for nowhere), `time_scale` and `timeout`."""
+        return self.dispatcher.settings()
+
+    def callbacks(self) -> list[dict[str, Any]]:
+        """Every callback queued since the last reset, oldest first, with its attempts."""
+        return self.dispatcher.callbacks()
 
     def script(self, outcomes: list[str], foreign_id: str | None = None) -> None:
         """Queue outcomes for the next create calls of `foreign_id`, or of any call if None.
@@ -167,7 +199,7 @@ class Sandbox(ThreadingHTTPServer):
         with self._lock:
             state = self._state
             return [
-                {**_view(v), "cancelled": k in state.cancelled} for k, v in state.invoices.items()
+                {**view(v), "cancelled": k in state.cancelled} for k, v in state.invoices.items()
             ]
 
     def create_calls(self, foreign_id: str) -> int:
@@ -189,9 +221,10 @@ class Sandbox(ThreadingHTTPServer):
         }
 
     def reset(self) -> None:
-        """Forget invoices, counters, scripts and faults."""
+        """Forget invoices, counters, scripts, faults and callbacks (not where they go)."""
         with self._lock:
-            self._state = _State()
+            self._state = Ledger()
+            self.dispatcher.reset()
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self._lock:
@@ -218,8 +251,7 @@ class Sandbox(ThreadingHTTPServer):
         return hmac.compare_digest(key.encode(), self.key.encode())
 
     def signature_ok(self, body: bytes, signature: str) -> bool:
-        expected = hmac.new(self._secret, body, hashlib.sha512).hexdigest()
-        return hmac.compare_digest(signature.encode(), expected.encode())
+        return hmac.compare_digest(signature.encode(), sign(body, self._secret).encode())
 
     def pause(self, seconds: float) -> bool:
         """Sleep `seconds`; True at once if the server is stopping (the call should be dropped)."""
@@ -238,7 +270,7 @@ class Sandbox(ThreadingHTTPServer):
         with self._lock:
             invoices = self._state.invoices
             newest = next((k for k in reversed(invoices) if k != foreign_id), None)
-            return None if newest is None else _view(invoices[newest])
+            return None if newest is None else view(invoices[newest])
 
     def plan(self, payload: dict[str, Any] | None, *, create: bool) -> tuple[str, float, Faults]:
         """Count a call; return its outcome, its latency in seconds and the faults in force."""
@@ -265,14 +297,15 @@ class Sandbox(ThreadingHTTPServer):
                 errors["foreign_id"] = "The foreign id has already been taken."
             if errors:
                 return 400, json_bytes({"errors": errors})
-            foreign_id, code = clean["foreign_id"], "".join(self._ids.choices(_BASE62, k=6))
+            foreign_id, code = clean["foreign_id"], self._new_code()
             timer, amount, currency = clean["timer"], clean["amount"], clean["currency"]
             sender = clean.get("sender_currency") or currency
-            self._state.invoices[foreign_id] = invoice = {
+            release_at = now + self.timer_seconds if timer else None
+            invoice = {
                 "id": self._next_id,
-                "url": f"https://{self.invoice_host}/invoice/{code}",
+                "url": f"{self.origin}/invoice/{code}",
                 "foreign_id": foreign_id,
-                "address": "3" + "".join(self._ids.choices(_BASE58, k=33)),
+                "address": payments.deposit_address(self._next_id, foreign_id),
                 "title": clean["title"],
                 "status": "pending" if timer else "created",
                 "currency": currency,
@@ -280,21 +313,61 @@ class Sandbox(ThreadingHTTPServer):
                 "sender_currency": sender,
                 "sender_amount": f"{sender_amount(amount, currency, sender):f}",
                 "fixed_at": now,
-                "release_at": now + _TIMER_SECONDS if timer else None,
+                "release_at": release_at,
                 "seconds_left": None,
             }
+            payment = Payment(
+                code, clean.get("description") or "", clean["url_success"], clean["url_failed"],
+                address_id=self._next_id + 200_000, expires_at=release_at,
+            )  # fmt: skip
+            self._state.add(invoice, payment)
             self._next_id += 1
-            view = _view(invoice)
-        return 200, json_bytes({"data": view})
+            answer = view(invoice)
+        return 200, json_bytes({"data": answer})
+
+    def _new_code(self) -> str:
+        """A page code no invoice has (called under the lock)."""
+        while (code := "".join(self._ids.choices(_BASE62, k=6))) in self._state.codes:
+            pass
+        return code
 
     def cancel_invoice(self, foreign_id: str) -> tuple[int, bytes]:
         """Process a cancel as the provider would, without faults: (status, body)."""
         with self._lock:
             if (invoice := self._state.invoices.get(foreign_id)) is None:
                 return 404, NOT_FOUND
-            if invoice["status"] not in _OPEN:
+            if invoice["status"] not in OPEN:
                 return 400, BAD_STATE  # the provider does not document this status code
-            invoice["status"] = "failed"
-            self._state.cancelled.add(foreign_id)
-            view = _view(invoice)
-        return 200, json_bytes({"data": view})
+            self.dispatcher.enqueue(self._state.cancel(foreign_id))
+            answer = view(invoice)
+        return 200, json_bytes({"data": answer})
+
+    # The payer's side: pages, payments, timers running out.
+
+    def pay(self, key: str, mode: str) -> tuple[dict[str, Any], int]:
+        """Play a payer action (`payments.MODES`) on the invoice `key` names.
+
+        `key` is a foreign_id, else an invoice id. Returns the invoice as the
+        API shows it and how many callbacks were queued (none without a callback URL).
+
+        Raises:
+            KeyError: if no invoice has that key.
+            PaymentError: if the action does not apply (see `payments.pay`).
+        """
+        with self._lock:
+            answer, items = self._state.pay(key, mode, self._tx_id)
+            return answer, self.dispatcher.enqueue(items)
+
+    def page(self, code: str) -> dict[str, Any] | None:
+        """What the invoice page with this code shows (see `ledger.Ledger.page`), or None."""
+        with self._lock:
+            return self._state.page(code)
+
+    def expire_due(self) -> None:
+        """Fail every open invoice whose timer ran out (the callback thread calls this)."""
+        with self._lock:
+            self.dispatcher.enqueue(self._state.expire_due(int(time.time())))
+
+    def _tx_id(self) -> int:
+        self._next_tx += 1
+        return self._next_tx

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from invoice_worker.sandbox.cli import add_arguments
+from invoice_worker.sandbox.cli import add_arguments, run
+from tests.sandbox.receiver import Receiver
 from tests.sandbox.test_server import invoice, sign
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -33,6 +34,13 @@ def test_arguments() -> None:
     with pytest.raises(SystemExit):
         parser.parse_args(["--huge-bytes", "1.5"])
     assert parser.parse_args(["--min-amount", "10.5"]).min_amount == Decimal("10.5")
+    callbacks = ["--callback-url", "http://127.0.0.1:9/cb", "--callback-time-scale", "0.01"]
+    args = parser.parse_args([*callbacks, "--callback-duplicate", "1", "--timer-seconds", "5"])
+    assert (args.callback_url, args.callback_time_scale) == ("http://127.0.0.1:9/cb", 0.01)
+    assert (args.fault_callback_duplicate, args.timer_seconds) == (1.0, 5)
+    defaults = parser.parse_args([])
+    assert (defaults.callback_url, defaults.callback_time_scale) == (None, None)  # env may apply
+    assert defaults.timer_seconds == 900
     with pytest.raises(SystemExit):
         parser.parse_args(["--min-amount", "ten"])
 
@@ -68,3 +76,45 @@ def test_module_help_runs_the_package_once() -> None:
     assert proc.stdout.startswith("usage: python -m invoice_worker.sandbox")
     assert "--error-502 N" in proc.stdout
     assert "--min-amount EUR" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--callback-url", "ftp://example.com/cb"], "not an http(s) callback URL"),
+        (["--callback-time-scale", "-1"], "time_scale out of range"),
+        (["--timer-seconds", "0"], "timer_seconds must be at least 1"),
+    ],
+)
+def test_bad_callback_settings_exit_2(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert run(parser.parse_args(["--port", "0", *argv])) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_command_line_sends_callbacks(http: requests.Session) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INVOICE_")}
+    with Receiver() as receiver:
+        env |= {"INVOICE_SANDBOX_CALLBACK_URL": receiver.url}
+        command = [sys.executable, "-m", "invoice_worker.sandbox", "--port", "0", "--key", "k",
+                   "--secret", "s", "--callback-time-scale", "0.001"]  # fmt: skip
+        with subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True
+        ) as proc:
+            assert proc.stdout is not None
+            url = proc.stdout.readline().split()[-1]
+            assert proc.stdout.readline() == "key: k\n"
+            assert proc.stdout.readline() == f"callbacks to {receiver.url} (retry delays x 0.001)\n"
+            body = json.dumps(invoice()).encode()
+            headers = {"X-Processing-Key": "k", "X-Processing-Signature": sign(body, "s")}
+            headers["Content-Type"] = "application/json"
+            http.post(f"{url}/invoices/create", data=body, headers=headers, timeout=5)
+            admin = url.replace("/api/v2", "/_sandbox")
+            http.post(f"{admin}/invoices/order-42/pay", json={"mode": "expire"}, timeout=5)
+            (received,) = receiver.wait_for(1)
+            assert received.headers["X-Processing-Signature"] == sign(received.body, "s")
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=5) == 0

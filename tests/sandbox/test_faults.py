@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from invoice_worker.sandbox.faults import HOSTILE, OUTCOMES, REPLIES, Faults, hostile
@@ -94,3 +96,33 @@ def test_hostile_answers_are_the_four_small_ones() -> None:
     assert {"answer_huge", "trickle"} & HOSTILE == set()
     with pytest.raises(ValueError, match="trickle"):
         hostile("trickle", DATA, other)
+
+
+CALLBACK_RATES = (
+    "callback_duplicate", "callback_concurrent", "callback_bad_signature", "callback_out_of_order"
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("rate", CALLBACK_RATES)
+def test_callback_rates_are_validated_and_leave_calls_alone(rate: str) -> None:
+    with pytest.raises(ValueError, match=rate):
+        Faults.from_dict({rate: 1.5})
+    faults = Faults.from_env({f"INVOICE_SANDBOX_{rate.upper()}": "1"})
+    assert getattr(faults, rate) == 1.0
+    assert faults.outcome(0.0) == "ok"  # callback faults are no outcome of a call
+
+
+def test_callback_faults_are_drawn_each_on_its_own() -> None:
+    rng = random.Random(0)
+    assert Faults().callback_faults(rng) == frozenset()
+    assert not Faults().out_of_order(rng)
+    every = Faults(callback_duplicate=1, callback_concurrent=1, callback_bad_signature=1)
+    assert every.callback_faults(rng) == {"duplicate", "concurrent", "bad_signature"}
+    assert Faults(callback_out_of_order=1).out_of_order(rng)
+    # Every rate draws, so a seed replays the same sequence whatever the rates.
+    half = Faults(callback_duplicate=0.5, callback_bad_signature=0.5)
+    rng_a, rng_b = random.Random(4), random.Random(4)
+    draws_a = [half.callback_faults(rng_a) for _ in range(50)]
+    draws_b = [half.callback_faults(rng_b) for _ in range(50)]
+    assert draws_a == draws_b
+    assert {"duplicate", "bad_signature"} <= set().union(*draws_a)

@@ -18,6 +18,7 @@ import requests
 
 from invoice_worker.sandbox import Sandbox
 from invoice_worker.sandbox.faults import Faults
+from invoice_worker.sandbox.server import _origin
 
 KEY = "sandbox-test-key"
 SECRET = "AbCdEfG123456"  # the secret of the provider's official signature vector
@@ -213,9 +214,8 @@ def test_create_with_timer_matches_the_documented_shape(
         "seconds_left",
     ]
     assert data["id"] >= 100000
-    assert re.fullmatch(
-        r"https://invoices\.sandbox\.cryptoprocessing\.com/invoice/\w{6}", data["url"]
-    )
+    # The invoice page is on the sandbox itself (see test_pages.py).
+    assert re.fullmatch(rf"http://127\.0\.0\.1:{sandbox.port}/invoice/\w{{6}}", data["url"])
     assert re.fullmatch(r"[1-9A-HJ-NP-Za-km-z]{34}", data["address"])
     assert (data["foreign_id"], data["title"], data["status"]) == (
         "order-42",
@@ -732,3 +732,17 @@ def test_reset(sandbox: Sandbox, http: requests.Session) -> None:
         "create_calls": 0, "responses": {}, "outcomes": {}, "per_second": {}
     }  # fmt: skip
     assert create(http, sandbox).status_code == 200  # neither the script nor the invoice remain
+
+
+@pytest.mark.parametrize(
+    ("host", "origin"),
+    [
+        ("127.0.0.1", "http://127.0.0.1:8080"),
+        ("0.0.0.0", "http://127.0.0.1:8080"),  # noqa: S104 - a wildcard is reached on loopback
+        ("::", "http://[::1]:8080"),
+        ("::1", "http://[::1]:8080"),
+        ("localhost", "http://localhost:8080"),
+    ],
+)
+def test_invoice_pages_are_on_the_address_bound(host: str, origin: str) -> None:
+    assert _origin(host, 8080) == origin
