@@ -131,7 +131,7 @@ class QueueType(StrEnum):
 
 #: Failed deliveries of one message a quorum queue allows before it dead-letters it (RabbitMQ
 #: 4's default, declared so that 3.x behaves the same). A queue argument cannot change once
-#: declared: a broker policy (``delivery-limit``) can.
+#: declared; a ``delivery-limit`` policy can lower it (RabbitMQ takes the lower of the two).
 QUORUM_DELIVERY_LIMIT = 20
 
 # Redis keys, all under ``INVOICE_KEY_PREFIX``.
