@@ -122,8 +122,8 @@ def quorum_support(connection: Any) -> str:
         connection: a connected kombu ``Connection`` (AMQP).
 
     Raises:
-        ConfigError: an older RabbitMQ, or another broker: countdowns would fail to publish (the
-            sweeper would still send their jobs again, a redelivery delay late).
+        ConfigError: an older RabbitMQ, or another broker: messages with a countdown would be
+            dropped or refused (the sweeper would still send their jobs again, late).
     """
     found = connection.connection.server_properties
     product, version = str(found.get("product", "?")), str(found.get("version", "?"))
@@ -140,8 +140,8 @@ def dead_letter_step(settings: Settings) -> type[bootsteps.StartStopStep]:
     """A worker consumer step declaring the dead-letter queue (quorum only), on every connect."""
 
     class DeclareDeadLetterQueue(bootsteps.StartStopStep):  # type: ignore[misc]
-        """Declare ``<queue>.dead-letter`` before consuming: dead letters routed to a queue
-        that does not exist are dropped."""
+        """Declare ``<queue>.dead-letter`` whenever the consumer connects: dead letters routed
+        to a queue that does not exist are dropped."""
 
         requires = ("celery.worker.consumer.connection:Connection",)
 
