@@ -15,6 +15,7 @@ from invoice_worker import logs, tasks
 from invoice_worker.config import Settings
 from invoice_worker.constants import TASK_NAME
 from invoice_worker.preflight import require_noeviction
+from invoice_worker.queues import dead_letter_step, queue_conf
 from invoice_worker.transport import broker_conf
 
 
@@ -62,11 +63,13 @@ def create_app(settings: Settings) -> Celery:
         worker_hijack_root_logger=True,
     )
     app.conf.update(broker_conf(settings, transport))  # malformed broker entries: set aside
+    app.conf.update(queue_conf(settings, transport))  # RabbitMQ quorum queues (or nothing)
     app.conf.update(worker_consumer="invoice_worker.consumer:Consumer")  # a path: lazy import
     if settings.log_format == "json":
         logs.use_json_logs()
     app.steps["worker"].add(_preflight_step(settings))
     app.steps["worker"].add(_sweeper_step(app, settings))
+    app.steps["consumer"].add(dead_letter_step(settings))
     tasks.register(app, settings)
     return app
 

@@ -24,7 +24,7 @@ from kombu.exceptions import OperationalError
 
 from invoice_worker import __version__
 from invoice_worker.config import Settings
-from invoice_worker.constants import JobState
+from invoice_worker.constants import JobState, QueueType
 from invoice_worker.errors import ConfigError, ConflictError, InvalidRequestError
 from invoice_worker.privacy import escape_controls, redact_url
 
@@ -178,11 +178,17 @@ def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
 
     probe("job store", "eviction policy and persistence", job_store)
     app = create_app(settings)
-    probe(
-        "broker",
-        redact_url(settings.broker_url),
-        lambda: app.connection_for_write().ensure_connection(max_retries=1, timeout=3),
-    )
+
+    def broker() -> bool | str:
+        with app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=3)
+            if settings.queue_type is QueueType.CLASSIC:
+                return True
+            from invoice_worker.queues import quorum_support
+
+            return f"quorum queue {settings.queue} on {quorum_support(conn)}"
+
+    probe("broker", redact_url(settings.broker_url), broker)
     if args.provider:
         probe("provider", settings.api_url, lambda: ProviderClient.from_settings(settings).ping())
     for ok, name, detail in results:

@@ -10,7 +10,12 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from invoice_worker.constants import CLEANUP_BACKOFF_CAP, CLEANUP_TRIES
+from invoice_worker.constants import (
+    CLEANUP_BACKOFF_CAP,
+    CLEANUP_TRIES,
+    QUORUM_DELIVERY_LIMIT,
+    QueueType,
+)
 from invoice_worker.errors import ConfigError
 
 DEFAULT_API_URL = "https://app.cryptoprocessing.com/api/v2"
@@ -22,6 +27,11 @@ _HEADER_SAFE = re.compile(r"^[\x21-\x7e]*$")
 #: Longest countdown on RabbitMQ: below its default consumer_timeout (30 min), after which it
 #: closes the channel of a consumer holding an unacked (ETA) message.
 AMQP_MAX_COUNTDOWN = 900.0
+AMQP_SCHEMES = ("amqp://", "amqps://", "pyamqp://")
+#: Smallest INVOICE_VISIBILITY_TIMEOUT with quorum queues: the sweeper takes a message for lost
+#: that long after its countdown, and a countdown there ends up to ~2 s late (whole seconds,
+#: plus the fleet gate's jitter) while the message waits in a delay queue it cannot see.
+QUORUM_MIN_SWEEP_MARGIN = 5
 
 
 class Settings(BaseSettings):
@@ -49,6 +59,7 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     key_prefix: str = Field("invoice:", min_length=1)
     queue: str = "invoices"
+    queue_type: QueueType = QueueType.CLASSIC
     events_stream: str = "invoices:events"
     events_maxlen: int = Field(100_000, ge=100)
     record_ttl: int = Field(7 * 86400, ge=60)
@@ -153,6 +164,30 @@ class Settings(BaseSettings):
                 f"INVOICE_RECORD_TTL ({self.record_ttl}) must exceed {int(2 * life)} s (twice "
                 "the longest pause between two steps of a job): a record that expires mid-job "
                 "forgets an ambiguous attempt"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _quorum(self) -> Settings:
+        if self.queue_type is not QueueType.QUORUM:
+            return self
+        if not self.broker_url.startswith(AMQP_SCHEMES):
+            raise ValueError(
+                "INVOICE_QUEUE_TYPE=quorum needs a RabbitMQ broker (INVOICE_BROKER_URL amqp:// "
+                "or amqps://): quorum queues are RabbitMQ's"
+            )
+        if self.max_redeliveries >= QUORUM_DELIVERY_LIMIT // 2:
+            raise ValueError(
+                f"INVOICE_MAX_REDELIVERIES must be below {QUORUM_DELIVERY_LIMIT // 2} with "
+                "INVOICE_QUEUE_TYPE=quorum: the queue dead-letters a message after "
+                f"{QUORUM_DELIVERY_LIMIT} failed deliveries (a crashed worker fails all it "
+                "prefetched), and our own cap must end such a job first (worker_lost)"
+            )
+        if self.broker_visibility_timeout < QUORUM_MIN_SWEEP_MARGIN:
+            raise ValueError(
+                f"INVOICE_VISIBILITY_TIMEOUT must be at least {QUORUM_MIN_SWEEP_MARGIN} with "
+                "INVOICE_QUEUE_TYPE=quorum: the sweeper would take a message still waiting out "
+                "its countdown in a delay queue for a lost one"
             )
         return self
 

@@ -126,6 +126,20 @@ class Cleanup(StrEnum):
     MAY_REMAIN = "may_remain"
 
 
+class QueueType(StrEnum):
+    """How RabbitMQ keeps the invoice queue (``INVOICE_QUEUE_TYPE``, see ``queues.py``)."""
+
+    #: One node's queue, as Celery declares it by default; countdowns wait in worker memory.
+    CLASSIC = "classic"
+    #: Replicated (Raft); countdowns wait in the broker (native delayed delivery).
+    QUORUM = "quorum"
+
+
+#: Failed deliveries of one message a quorum queue allows before it dead-letters it (RabbitMQ
+#: 4's default, declared so that 3.x behaves the same). A queue argument cannot change once
+#: declared; a ``delivery-limit`` policy can lower it (RabbitMQ takes the lower of the two).
+QUORUM_DELIVERY_LIMIT = 20
+
 # Redis keys, all under ``INVOICE_KEY_PREFIX``.
 #: Record: a hash per job, ``<prefix>job:<foreign_id>``.
 JOB_KEY = "job:"

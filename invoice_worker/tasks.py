@@ -16,6 +16,7 @@ from invoice_worker.constants import TASK_NAME
 from invoice_worker.job import InvoiceJob, safe_task_id
 from invoice_worker.models import JobRecord
 from invoice_worker.privacy import kwargs_repr
+from invoice_worker.queues import broker_countdown
 from invoice_worker.store import JobStore
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,12 @@ def register(app: Celery, settings: Settings) -> Task:
     runtime = Runtime(settings)
 
     class InvoiceTask(Task):  # type: ignore[misc]
+        def retry(self, *args: Any, countdown: float | None = None, **options: Any) -> Any:
+            # On a quorum queue a countdown under a second would fail to publish, and Celery
+            # then rejects the message (to the dead-letter queue) instead of retrying it.
+            countdown = broker_countdown(settings, countdown)
+            return super().retry(*args, countdown=countdown, **options)
+
         def record_invalid(self, kwargs: Any, task_id: str) -> None:
             """Record a message of ours that Celery cannot even call the task with (its kwargs
             not an object): ``failed`` / ``invalid_message``, like any invalid message."""

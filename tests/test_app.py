@@ -9,16 +9,20 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from celery import _state, signals
 from celery.utils.dispatch import Signal
+from celery.utils.quorum_queues import detect_quorum_queues
+from celery.worker.consumer.delayed_delivery import DelayedDelivery
 
 from invoice_worker.app import create_app
 from invoice_worker.config import Settings
 from invoice_worker.constants import TASK_NAME
 from invoice_worker.errors import ConfigError
 from invoice_worker.producer import Producer
+from invoice_worker.queues import quorum_arguments
 from invoice_worker.transport import TRANSPORT
 from tests.conftest import make_settings, request_data
 
@@ -183,3 +187,46 @@ def test_only_the_worker_module_reads_the_environment(tmp_path: Path) -> None:
     )
     assert valid.returncode == 0, valid.stderr
     assert valid.stdout.strip() == "from-the-environment"
+
+
+AMQP_URL = "amqp://guest:guest@127.0.0.1:1//"
+
+
+def test_classic_amqp_keeps_celerys_default_queue() -> None:
+    app = create_app(offline_settings(broker_url=AMQP_URL))
+    conf = app.conf
+    assert conf.task_queues is None  # Celery declares task_default_queue: direct, classic
+    assert conf.task_default_queue_type == "classic"
+    assert conf.task_create_missing_queue_type == "classic"
+    assert "confirm_publish" not in conf.broker_transport_options
+    consumer = SimpleNamespace(app=app)
+    assert not DelayedDelivery(consumer).include_if(consumer)
+    step = next(s for s in app.steps["consumer"] if s.__name__ == "DeclareDeadLetterQueue")
+    assert not step(consumer).include_if(consumer)
+
+
+def test_quorum_queue_settings() -> None:
+    settings = offline_settings(broker_url=AMQP_URL, queue_type="quorum", visibility_timeout=42)
+    app = create_app(settings)
+    conf = app.conf
+    # The invoice queue: quorum, with its delivery limit and dead-letter target, on a topic
+    # exchange (native delayed delivery routes through it)
+    [queue] = conf.task_queues
+    assert (queue.name, queue.routing_key) == (settings.queue, settings.queue)
+    assert (queue.exchange.name, queue.exchange.type) == (settings.queue, "topic")
+    assert queue.queue_arguments == quorum_arguments(settings.queue)
+    # What Celery documents for quorum queues
+    assert conf.task_default_queue_type == "quorum"
+    assert conf.task_create_missing_queue_type == "quorum"  # a callback queue
+    assert conf.worker_detect_quorum_queues is True
+    assert conf.broker_native_delayed_delivery_queue_type == "quorum"
+    assert conf.broker_transport_options["confirm_publish"] is True
+    assert conf.broker_transport_options["visibility_timeout"] == 42  # kept
+    # And what Celery makes of it: the task routed there, quorum detected, so its worker uses
+    # per-consumer QoS and native delayed delivery
+    assert app.amqp.router.route({}, TASK_NAME)["queue"] is queue
+    assert detect_quorum_queues(app, "amqp") == (True, settings.queue)
+    consumer = SimpleNamespace(app=app)
+    assert DelayedDelivery(consumer).include_if(consumer)
+    step = next(s for s in app.steps["consumer"] if s.__name__ == "DeclareDeadLetterQueue")
+    assert step(consumer).include_if(consumer)

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
 from invoice_worker.config import DEFAULT_API_URL, Settings
+from invoice_worker.constants import QueueType
 from invoice_worker.errors import ConfigError
 from invoice_worker.privacy import redact_url
 
@@ -116,3 +118,56 @@ def test_waiting_for_replicas_must_fit_in_the_lease() -> None:
     Settings(_env_file=None, lease_seconds=47, redis_wait_timeout=1)
     with pytest.raises(ConfigError, match="INVOICE_REDIS_MIN_REPLICAS"):
         Settings.load(_env_file=None, redis_min_replicas=-1)
+
+
+AMQP: dict[str, Any] = {
+    "broker_url": "amqp://guest:guest@rabbit:5672//",
+    "redis_url": "redis://state:6379/0",
+}
+
+
+def test_queue_type_is_classic_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings(_env_file=None).queue_type is QueueType.CLASSIC
+    monkeypatch.setenv("INVOICE_QUEUE_TYPE", "quorum")
+    assert Settings.load(_env_file=None, **AMQP).queue_type is QueueType.QUORUM
+
+
+@pytest.mark.parametrize(
+    "broker", ["redis://:pw@localhost:6379/0", "rediss://r:6380/1", "sentinel://s:26379"]
+)
+def test_quorum_needs_a_rabbitmq_broker(broker: str) -> None:
+    with pytest.raises(ConfigError, match="INVOICE_QUEUE_TYPE=quorum needs a RabbitMQ") as info:
+        Settings.load(_env_file=None, broker_url=broker, redis_url=AMQP["redis_url"],
+                      queue_type="quorum")  # fmt: skip
+    assert broker not in str(info.value)  # named, never repeated (it may hold a password)
+
+
+@pytest.mark.parametrize("scheme", ["amqp", "amqps", "pyamqp"])
+def test_quorum_on_amqp_schemes(scheme: str) -> None:
+    url = AMQP["broker_url"].replace("amqp", scheme, 1)
+    settings = Settings(_env_file=None, broker_url=url, redis_url=AMQP["redis_url"],
+                        queue_type="quorum")  # fmt: skip
+    assert settings.queue_type == "quorum"
+
+
+def test_unknown_queue_type_is_named() -> None:
+    with pytest.raises(ConfigError, match="INVOICE_QUEUE_TYPE: Input should be 'classic' or"):
+        Settings.load(_env_file=None, queue_type="stream", **AMQP)
+
+
+def test_quorum_redelivery_cap_stays_below_the_delivery_limit() -> None:
+    # A crashed worker fails every message it prefetched: the queue's limit counts those too.
+    quorum: dict[str, Any] = {**AMQP, "queue_type": "quorum"}
+    assert Settings(_env_file=None, max_redeliveries=9, **quorum).max_redeliveries == 9
+    with pytest.raises(ConfigError, match="INVOICE_MAX_REDELIVERIES must be below 10"):
+        Settings.load(_env_file=None, max_redeliveries=10, **quorum)
+    assert Settings(_env_file=None, max_redeliveries=10, **AMQP).max_redeliveries == 10
+
+
+def test_quorum_sweep_margin_covers_whole_second_countdowns() -> None:
+    quorum: dict[str, Any] = {**AMQP, "queue_type": "quorum"}
+    with pytest.raises(ConfigError, match="INVOICE_VISIBILITY_TIMEOUT must be at least 5"):
+        Settings.load(_env_file=None, visibility_timeout=4, **quorum)
+    assert Settings(_env_file=None, visibility_timeout=5, **quorum).broker_visibility_timeout == 5
+    assert Settings(_env_file=None, visibility_timeout=4, **AMQP).broker_visibility_timeout == 4
+    assert Settings(_env_file=None, **quorum).broker_visibility_timeout >= 60  # the default

@@ -126,6 +126,7 @@ def test_a_backlog_on_a_broker_apart_is_not_taken_for_lost_messages(
             conn.default_channel.queue_purge(settings.queue)
             if broker == "rabbitmq":
                 conn.default_channel.queue_delete(settings.queue)
+                conn.default_channel.exchange_delete(settings.queue)
         producer.close()
 
 

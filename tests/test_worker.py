@@ -298,7 +298,7 @@ def test_core_scenario_on_rabbitmq(
     settings = make_settings(
         redis_server.url, sandbox.url, broker_url="amqp://guest:guest@127.0.0.1:5672//"
     )
-    start_worker(settings)
+    worker = start_worker(settings)
     producer = Producer(settings)
     try:
         jobs = [request_data() for _ in range(6)]
@@ -315,6 +315,7 @@ def test_core_scenario_on_rabbitmq(
         events = Counter(f["foreign_id"] for _, f in producer.store.events())
         assert all(events[d["foreign_id"]] == 1 for d in jobs)
     finally:
+        worker.stop()  # a consuming worker would declare the deleted queue again
         with producer.app.connection_for_write() as conn:
             channel = conn.default_channel
             channel.queue_delete(settings.queue)
