@@ -4,7 +4,8 @@ Modes: ``enqueue`` (a ``Producer.enqueue`` loop), ``enqueue_many`` (batches), ``
 (a bare ``app.send_task`` loop of the bare-Celery app, the reference). With ``--backlog B`` it
 keeps at most about B messages waiting in the broker queue (so workers always have work and
 latency is not a growing backlog), with ``--rate R`` it offers R jobs/s; else it sends as fast
-as it can.
+as it can. ``--timings`` also reports when each ``enqueue`` call started and how long it took
+(an enqueue Redis did not confirm on its replicas in time is repeated, as a web app would).
 
 Run by bench.scenarios: prints ``ready``, waits for ``go`` on stdin, writes JSON to --result.
 """
@@ -21,6 +22,7 @@ from typing import Any
 import redis
 
 from invoice_worker.config import Settings
+from invoice_worker.errors import NotDurableError
 
 STALL_TIMEOUT = 120.0  # seconds without the queue draining: the workers are gone
 
@@ -78,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backlog", type=int, default=0)
     parser.add_argument("--batch", type=int, default=1000)
     parser.add_argument("--rate", type=float, default=0.0, help="jobs/s to offer (0: no limit)")
+    parser.add_argument("--timings", action="store_true", help="per enqueue call (enqueue mode)")
     parser.add_argument(
         "--no-sent-event", action="store_true", help="send_task without task-sent events"
     )
@@ -103,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     if sys.stdin.readline().strip() != "go":
         return 1
     cpu0, first = time.process_time(), time.time()
+    timings: dict[str, list[float]] = {"starts": [], "calls": []}
+    unconfirmed = 0
     if args.mode == "send_task":
         for i, kwargs in enumerate(messages):
             pacer.wait(i, first)
@@ -110,12 +115,23 @@ def main(argv: list[str] | None = None) -> int:
     elif args.mode == "enqueue":
         for i, request in enumerate(requests):
             pacer.wait(i, first)
-            producer.enqueue(request)
+            started, t0 = time.time(), time.perf_counter()
+            while True:
+                try:
+                    producer.enqueue(request)
+                    break
+                except NotDurableError:
+                    unconfirmed += 1
+            if args.timings:
+                timings["starts"].append(started)
+                timings["calls"].append(time.perf_counter() - t0)
     else:
         for start in range(0, len(requests), args.batch):
             producer.enqueue_many(requests[start : start + args.batch])
     last, cpu = time.time(), time.process_time() - cpu0
     result = {"first": first, "last": last, "cpu_s": cpu, "count": args.count}
+    if args.timings:
+        result |= timings | {"unconfirmed": unconfirmed}
     args.result.write_text(json.dumps(result))
     return 0
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +67,10 @@ class Results:
     def producers(self) -> list[Row]:
         return [r for r in self.rows if r.group == "producer"]
 
+    def durability(self, replicas: int) -> list[Row]:
+        """The durability runs with INVOICE_REDIS_MIN_REPLICAS = ``replicas``, in run order."""
+        return [r for r in self.rows if r.group == "durability" and r.replicas == replicas]
+
     def producer(self, kind: str, events: bool, path: str) -> Row | None:
         for row in self.producers():
             if row.kind == kind and row.events == events and row.pool == path:
@@ -111,6 +117,60 @@ def producer_cells(res: Results, row: Row) -> list[str]:
     ]  # fmt: skip
 
 
+DURABILITY_COLUMNS = (
+    "N", "run", "jobs", "offered/s", "jobs/s", "p50 ms", "p99 ms", "enqueue p50", "enqueue p99",
+    "N1/N0 p50", "worker CPU", "redis CPU", "unconfirmed", "machine", "other", "ok",
+)  # fmt: skip
+#: Fields of a durability row whose median over the runs of one N is reported.
+MEDIANS = (
+    "jobs_per_s", "p50_ms", "p95_ms", "p99_ms", "enqueue_p50_ms", "enqueue_p99_ms",
+    "worker_cpu_ms", "redis_cpu_ms", "machine_busy", "other_cores",
+)  # fmt: skip
+
+
+def durability_medians(res: Results) -> dict[int, Row]:
+    """Per N, one row holding the medians of its runs that passed their checks (jobs and
+    ``unconfirmed`` summed, problems of every run kept)."""
+    out = {}
+    for n in sorted({r.replicas for r in res.rows if r.group == "durability"}):
+        runs = res.durability(n)
+        ok = [r for r in runs if not r.problems] or runs
+        values: dict[str, Any] = {}
+        for name in MEDIANS:
+            measured = [v for r in ok if (v := getattr(r, name)) is not None]
+            values[name] = statistics.median(measured) if measured else None
+        out[n] = replace(
+            runs[0], **values, jobs=sum(r.jobs for r in runs),
+            unconfirmed=sum(r.unconfirmed for r in runs),
+            problems=[p for r in runs for p in r.problems],
+        )  # fmt: skip
+    return out
+
+
+def durability_lines(res: Results) -> list[list[str]]:
+    """Each run in run order (N = 1 next to the N = 0 run of its round), then the medians."""
+    zero = res.durability(0)
+    lines = []
+    for row in (r for r in res.rows if r.group == "durability"):
+        nth = res.durability(row.replicas).index(row)
+        base = zero[nth] if row.replicas and nth < len(zero) else None
+        lines.append(_durability_cells(row, str(nth + 1), base))
+    medians = durability_medians(res)
+    for n, row in medians.items():
+        lines.append(_durability_cells(row, "median", medians.get(0) if n else None))
+    return lines
+
+
+def _durability_cells(row: Row, run: str, base: Row | None) -> list[str]:
+    return [
+        str(row.replicas), run, str(row.jobs), _num(row.rate), _num(row.jobs_per_s),
+        _num(row.p50_ms, 1), _num(row.p99_ms, 1), _num(row.enqueue_p50_ms, 2),
+        _num(row.enqueue_p99_ms, 2), _ratio(row.p50_ms, base.p50_ms) if base else "",
+        _num(row.worker_cpu_ms, 2), _num(row.redis_cpu_ms, 2), str(row.unconfirmed),
+        f"{row.machine_busy:.0%}", _num(row.other_cores, 2), "ok" if not row.problems else "FAIL",
+    ]  # fmt: skip
+
+
 def text_table(columns: tuple[str, ...], lines: list[list[str]]) -> str:
     widths = [max([len(c), *(len(line[i]) for line in lines)]) for i, c in enumerate(columns)]
     out = ["  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True))]
@@ -130,6 +190,8 @@ def tables(res: Results, fmt: Callable[[tuple[str, ...], list[list[str]]], str])
         parts.append(fmt(WORKER_COLUMNS, rows))
     if rows := [producer_cells(res, r) for r in res.producers()]:
         parts.append(fmt(PRODUCER_COLUMNS, rows))
+    if rows := durability_lines(res):
+        parts.append(fmt(DURABILITY_COLUMNS, rows))
     return "\n\n".join(parts)
 
 
@@ -195,6 +257,7 @@ def write_json(path: Path, meta: dict[str, Any], res: Results) -> None:
         "rows": [r.as_dict() for r in res.rows],
         "targets": [{"target": t, "held": ok, "measured": m} for t, ok, m in targets(res)],
         "knees": knees(res),
+        "durability_medians": {f"N={n}": r.as_dict() for n, r in durability_medians(res).items()},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1) + "\n")

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import report
+from bench.durability import DurabilityCase, run_durability
 from bench.measure import machine_ticks
 from bench.scenarios import ProducerCase, Row, WorkerCase, run_producer, run_workers
 from bench.source import from_commit, source
@@ -59,6 +60,12 @@ HALF_LOAD = {
 SECONDS = {"quick": 3.0, "full": 8.0}  # wanted length of each worker run
 PRODUCER_JOBS = {"quick": 3000, "full": 20000}
 CPU_BOUND_RATE = 300.0  # about what one worker process manages here, to size the runs
+#: The durability section: (rounds, jobs per run); each round runs N = 0 and N = 1, in turns
+#: 0,1 / 1,0 / 0,1 / ... so a drift of the machine favours neither. Jobs are offered at
+#: DURABILITY_RATE, about a third of what one threads -c 16 worker manages at 0 ms: latency,
+#: not queueing.
+DURABILITY = {"quick": (4, 400), "full": (6, 1500)}
+DURABILITY_RATE = 100.0
 
 
 def gevent_available() -> bool:
@@ -107,6 +114,12 @@ def producer_cases(plan: str, scale: float) -> list[ProducerCase]:
     ]
 
 
+def durability_cases(plan: str, scale: float) -> list[DurabilityCase]:
+    rounds, jobs = DURABILITY[plan]
+    order = [(0, 1) if r % 2 == 0 else (1, 0) for r in range(rounds)]
+    return [DurabilityCase(n, int(jobs * scale), DURABILITY_RATE) for ns in order for n in ns]
+
+
 def wait_quiet(seconds: float, busy: float = 0.15) -> float:
     """Wait up to ``seconds`` for the machine to be idle (other users' work skews every number);
     return the busy share of the last look."""
@@ -152,11 +165,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         meta = machine(stack) | source() | {"plan": plan, "workers": args.workers}
         meta |= {"producers": args.producers, "date": time.strftime("%Y-%m-%d %H:%M %Z")}
-        cases: list[WorkerCase | ProducerCase] = []
+        cases: list[WorkerCase | ProducerCase | DurabilityCase] = []
         if not args.producers_only:
             cases += worker_cases(plan, args)
         if not args.only:
             cases += producer_cases(plan, args.scale)
+        if not args.producers_only and (not args.only or "durability" in args.only):
+            cases += durability_cases(plan, args.scale)  # last: its replica stays attached
         for n, case in enumerate(cases):
             tag = f"b{n}"
             if args.quiet_wait and (share := wait_quiet(args.quiet_wait)) >= 0.15:
@@ -164,6 +179,8 @@ def run(args: argparse.Namespace) -> int:
             try:
                 if isinstance(case, WorkerCase):
                     row = run_workers(stack, case, tag)
+                elif isinstance(case, DurabilityCase):
+                    row = run_durability(stack, case, tag)
                 else:
                     row = run_producer(stack, case, tag)
             except Exception as exc:  # one broken scenario must not hide the others' numbers
@@ -184,7 +201,8 @@ def run(args: argparse.Namespace) -> int:
     for row, problem in problems:
         # Bare Celery has no claim: its lost or repeated deliveries are findings, not our bugs.
         label = "reference problem" if row.kind == "bare" else "FAIL"
-        print(f"{label}: {row.group} {row.kind} {row.pool} -c {row.concurrency}: {problem}")
+        what = f"N={row.replicas}" if row.group == "durability" else row.kind
+        print(f"{label}: {row.group} {what} {row.pool} -c {row.concurrency}: {problem}")
     for row in rows:
         if row.duplicate_calls:
             print(
@@ -198,10 +216,13 @@ def run(args: argparse.Namespace) -> int:
     return 2 if args.strict and missed else 0
 
 
-def _failed(case: WorkerCase | ProducerCase, problem: str) -> Row:
+def _failed(case: WorkerCase | ProducerCase | DurabilityCase, problem: str) -> Row:
     if isinstance(case, WorkerCase):
         return Row("workers", case.kind, case.pool, case.concurrency, case.workers,
                    case.latency_ms, case.events, case.jobs, problems=[problem])  # fmt: skip
+    if isinstance(case, DurabilityCase):
+        return Row("durability", "ours", case.pool, case.concurrency, jobs=case.jobs,
+                   replicas=case.replicas, rate=case.rate, problems=[problem])  # fmt: skip
     return Row("producer", case.mode, events=case.events, jobs=case.jobs, problems=[problem])
 
 
@@ -209,6 +230,8 @@ def _progress(n: int, total: int, row: Row, started: float) -> str:
     what = f"{row.kind} {row.pool} -c {row.concurrency} {row.latency_ms:g}ms"
     if row.group == "producer":
         what = f"producer {row.kind} {row.pool or 'celery'} events={'on' if row.events else 'off'}"
+    elif row.group == "durability":
+        what = f"durability N={row.replicas} {row.pool} -c {row.concurrency} at {row.rate:g}/s"
     status = "ok" if not row.problems else "FAIL " + "; ".join(row.problems)
     return (
         f"[{n}/{total} {time.monotonic() - started:5.0f}s] {what}: {row.jobs} jobs, "
@@ -233,7 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="worker processes (%(default)s)")
     parser.add_argument("--producers", type=int, default=1, help="producer processes")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply job counts")
-    parser.add_argument("--only", nargs="+", metavar="POOL:C", help="e.g. threads:16 gevent:64")
+    parser.add_argument(
+        "--only", nargs="+", metavar="POOL:C", help="e.g. threads:16 gevent:64, or durability"
+    )
     parser.add_argument("--producers-only", action="store_true", help="skip worker scenarios")
     parser.add_argument("--strict", action="store_true", help="exit 2 when a target is missed")
     parser.add_argument(

@@ -74,6 +74,12 @@ class Row:
     calls_per_job: float | None = None
     duplicate_calls: int = 0  # provider calls beyond one per job (bare Celery only)
     problems: list[str] = field(default_factory=list)
+    # durability rows (bench.durability) only: latency from the enqueue call, not created_at
+    replicas: int = 0  # INVOICE_REDIS_MIN_REPLICAS
+    rate: float = 0.0  # jobs/s offered
+    enqueue_p50_ms: float | None = None
+    enqueue_p99_ms: float | None = None
+    unconfirmed: int = 0  # writes Redis did not confirm in time: enqueues redone, jobs deferred
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -96,7 +102,7 @@ def run_workers(stack: Stack, case: WorkerCase, tag: str) -> Row:
             threads = 1 if prefork else case.concurrency
             counts = _split(case.jobs, procs)
             children = [
-                stack.child("bench.ceiling", _job_args(tag, i, n, "--threads", threads), settings)
+                stack.child("bench.ceiling", job_args(tag, i, n, "--threads", threads), settings)
                 for i, n in enumerate(counts)
             ]
             group = []  # the children exit when done: they report their own CPU and RSS
@@ -113,7 +119,7 @@ def run_workers(stack: Stack, case: WorkerCase, tag: str) -> Row:
             children = [
                 stack.child(
                     "bench.load",
-                    _job_args(tag, i, n, *mode, *pace),
+                    job_args(tag, i, n, *mode, *pace),
                     settings,
                 )
                 for i, n in enumerate(counts)
@@ -145,16 +151,16 @@ def run_workers(stack: Stack, case: WorkerCase, tag: str) -> Row:
         stack.stop_children()
     fids = [fid for i, n in enumerate(counts) for fid in foreign_ids(tag, i, n)]
     row = _worker_row(case, window, results, rss)
-    _check_provider(stack, fids, row, bare=case.kind == "bare")
+    check_provider(stack, fids, row, bare=case.kind == "bare")
     if case.kind == "bare":
         row.seconds = end - min(r["first"] for r in results)
     else:
-        _check_events(stack, settings, fids, row, results if case.kind == "ceiling" else None)
+        check_events(stack, settings, fids, row, results if case.kind == "ceiling" else None)
     row.jobs_per_s = case.jobs / row.seconds if row.seconds > 0 else 0.0
     return row
 
 
-def _job_args(tag: str, index: int, count: int, *extra: object) -> list[str]:
+def job_args(tag: str, index: int, count: int, *extra: object) -> list[str]:
     args = ["--tag", tag, "--index", str(index), "--count", str(count)]
     return args + [str(e) for e in extra]
 
@@ -194,7 +200,7 @@ def _worker_row(
     return row
 
 
-def _check_provider(stack: Stack, fids: list[str], row: Row, *, bare: bool) -> None:
+def check_provider(stack: Stack, fids: list[str], row: Row, *, bare: bool) -> None:
     """Exactly one create call per job, and no call for anything else. Bare Celery has no
     idempotency: its duplicate calls (redeliveries) are counted, not failed."""
     calls: dict[str, int] = stack.admin("GET", "/invoices")["create_calls"]
@@ -210,14 +216,15 @@ def _check_provider(stack: Stack, fids: list[str], row: Row, *, bare: bool) -> N
         row.problems.append(f"{len(extra)} create calls for unknown ids, e.g. {min(extra)}")
 
 
-def _check_events(
+def check_events(
     stack: Stack,
     settings: Settings,
     fids: list[str],
     row: Row,
     ceiling: list[dict[str, Any]] | None,
-) -> None:
-    """One final event per job, every record ``created``; sets time span and latencies."""
+) -> dict[str, int]:
+    """One final event per job, every record ``created``; sets time span and latencies.
+    Returns when each job's final event was added (Redis ms, by foreign_id)."""
     store = JobStore(stack.client, settings)
     events, after = [], "0"
     for _ in range(10_000):
@@ -242,15 +249,16 @@ def _check_events(
     if bad:
         row.problems.append(f"{len(bad)} records not created, e.g. {bad[0]}: {records[bad[0]]}")
     if not done_ms:
-        return
+        return done_ms
     end_ms = max(done_ms.values())
     if ceiling is not None:  # pre-recorded jobs: the clock starts when the loop starts
         row.seconds = end_ms / 1000 - min(r["first"] for r in ceiling)
-        return
+        return done_ms
     created = {fid: float(at) * 1000 for fid, (_, at) in records.items() if at}
     row.seconds = (end_ms - min(created.values())) / 1000
     lat = sorted(done_ms[fid] - created[fid] for fid in fids if fid in done_ms and fid in created)
     row.p50_ms, row.p95_ms, row.p99_ms = (percentile(lat, q) for q in (50, 95, 99))
+    return done_ms
 
 
 def run_producer(stack: Stack, case: ProducerCase, tag: str) -> Row:
@@ -260,7 +268,7 @@ def run_producer(stack: Stack, case: ProducerCase, tag: str) -> Row:
     settings = stack.settings(tag, task_events=case.events, redis_url=state_url)
     try:
         child = stack.child(
-            "bench.load", _job_args(tag, 0, case.jobs, "--mode", case.mode), settings
+            "bench.load", job_args(tag, 0, case.jobs, "--mode", case.mode), settings
         )
         child.wait_ready(READY_TIMEOUT)
         window = CpuWindow(

@@ -92,6 +92,7 @@ class Stack:
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
         self.redis = EmbeddedRedis()
+        self.replica: EmbeddedRedis | None = None  # started by replicate(), for one section
         self.sandbox: ChildProcess | None = None
         self.sandbox_port = free_port()
         self.children: list[ChildProcess | Child] = []
@@ -122,6 +123,26 @@ class Stack:
     def redis_pid(self) -> int:
         assert self.redis.process is not None, "the benchmark needs the redis-server binary"
         return self.redis.process.pid
+
+    @property
+    def replica_pid(self) -> int:
+        assert self.replica is not None
+        assert self.replica.process is not None
+        return self.replica.process.pid
+
+    def replicate(self) -> None:
+        """Give the private Redis one replica (once; it stays attached until stop())."""
+        if self.replica is not None:
+            return
+        self.client.config_set("repl-diskless-sync-delay", 0)  # default: wait 5 s for more
+        self.replica = EmbeddedRedis().start()
+        with redis.Redis(port=self.replica.port) as r:
+            r.execute_command("REPLICAOF", "127.0.0.1", self.redis.port)
+            self.wait(lambda: r.info("replication")["master_link_status"] == "up", 10)
+        # A fresh replica's first acknowledgement takes about a second: not in a measured run.
+        self.client.set("bench:warm-up", 1)
+        if self.client.wait(1, 5000) != 1:
+            raise RuntimeError("the replica did not acknowledge a write in 5 s")
 
     def settings(self, tag: str, **overrides: Any) -> Settings:
         """Settings of one scenario: private prefix, queue and stream; events never trimmed."""
@@ -195,6 +216,8 @@ class Stack:
         finally:
             if self.sandbox is not None:
                 self.sandbox.stop(timeout=5)
+            if self.replica is not None:
+                self.replica.stop()
             self.redis.stop()
 
 
