@@ -10,12 +10,13 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from invoice_worker.connection import SENTINEL_SCHEME, is_sentinel, parse_sentinel_url
 from invoice_worker.constants import CLEANUP_BACKOFF_CAP, CLEANUP_TRIES
 from invoice_worker.errors import ConfigError
 
 DEFAULT_API_URL = "https://app.cryptoprocessing.com/api/v2"
 DEFAULT_BROKER_URL = "redis://localhost:6379/0"
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", SENTINEL_SCHEME)
 # What an HTTP header value may hold: a key with a stray newline would be sent (and refused)
 # or, worse, split the header.
 _HEADER_SAFE = re.compile(r"^[\x21-\x7e]*$")
@@ -47,6 +48,9 @@ class Settings(BaseSettings):
     # broker and job state
     broker_url: str = DEFAULT_BROKER_URL
     redis_url: str | None = None
+    # Redis Sentinel (sentinel:// URLs): the master's name, and the sentinels' own password
+    redis_sentinel_master: str | None = Field(None, min_length=1)
+    redis_sentinel_password: SecretStr | None = None
     key_prefix: str = Field("invoice:", min_length=1)
     queue: str = "invoices"
     events_stream: str = "invoices:events"
@@ -142,6 +146,26 @@ class Settings(BaseSettings):
                 "the longest pause between two steps of a job): a record that expires mid-job "
                 "forgets an ambiguous attempt"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _sentinel(self) -> Settings:
+        for name, url in (
+            ("INVOICE_BROKER_URL", self.broker_url),
+            ("INVOICE_REDIS_URL", self.redis_url),
+        ):
+            if not is_sentinel(url):
+                continue
+            assert url is not None
+            try:
+                parse_sentinel_url(url)
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
+            if not self.redis_sentinel_master:
+                raise ValueError(
+                    f"INVOICE_REDIS_SENTINEL_MASTER is required when {name} is a sentinel:// "
+                    "URL: it names the master the sentinels monitor"
+                )
         return self
 
     @property

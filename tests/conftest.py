@@ -6,7 +6,6 @@ session started on a free port, under a key prefix and queue of its own.
 
 from __future__ import annotations
 
-import shutil
 import uuid
 from collections.abc import Iterator
 from decimal import Decimal
@@ -41,7 +40,7 @@ def redis_server() -> Iterator[EmbeddedRedis]:
 @pytest.fixture
 def sentinel_cluster() -> Iterator[SentinelCluster]:
     """A private primary, replica and three sentinels (a few processes, up in ~0.1 s)."""
-    if shutil.which("redis-server") is None:
+    if not SentinelCluster.available():
         pytest.skip("needs redis-server (Sentinel runs in it); fakeredis has no Sentinel")
     with SentinelCluster() as cluster:
         yield cluster

@@ -160,6 +160,11 @@ class SentinelCluster:
         self.nodes = [self._node(f"redis-{i}", sentinel=False) for i in range(replicas + 1)]
         self.sentinels = [self._node(f"sentinel-{i}", sentinel=True) for i in range(sentinels)]
 
+    @staticmethod
+    def available() -> bool:
+        """True when ``redis-server`` (which also runs the sentinels) is on PATH."""
+        return shutil.which("redis-server") is not None
+
     def _node(self, name: str, *, sentinel: bool) -> Node:
         path = self.dir / name
         path.mkdir()
