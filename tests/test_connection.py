@@ -242,3 +242,35 @@ def test_unknown_master_name_is_unreachable_not_a_hang(
     ):
         client.ping()
 
+
+@pytest.mark.slow
+def test_worker_runs_jobs_before_and_after_a_failover(
+    sentinel_cluster: SentinelCluster, sandbox: Sandbox, start_worker: Any
+) -> None:
+    # Given a worker whose broker and job store are both reached through Sentinel
+    settings = sentinel_settings(sentinel_cluster, sandbox.url)
+    worker = start_worker(settings)
+    producer = Producer(settings)
+    first = request_data()
+    producer.enqueue(first)
+    record = producer.wait(first["foreign_id"], 30)
+    assert record is not None
+    assert record.state == JobState.CREATED
+    # When the master moves under it
+    sentinel_cluster.primary.client().wait(1, 2000)
+    sentinel_cluster.failover()
+    # Then the same worker and producer create the next invoice on the new master
+    second = request_data()
+    producer.enqueue(second)
+    record = producer.wait(second["foreign_id"], 30)
+    assert record is not None, worker.log()[-3000:]
+    assert record.state == JobState.CREATED, worker.log()[-3000:]
+    assert [
+        i["foreign_id"]
+        for i in sandbox.invoices()
+        if i["foreign_id"] in (first["foreign_id"], second["foreign_id"])
+    ] == [first["foreign_id"], second["foreign_id"]]
+    producer.close()
+    worker.stop()
+    assert worker.alive is False
+    assert "Connected to sentinel://" in worker.log()
