@@ -3,113 +3,51 @@
 ``SentinelCluster`` runs, as private child processes on free loopback ports in a temporary
 directory, one primary ``redis-server``, ``replicas`` replicas of it and ``sentinels``
 ``redis-server --sentinel`` processes that monitor it under ``master_name``. It never touches
-the machine's own Redis. Every node runs from a config file of its own, because Sentinel
-rewrites them (``CONFIG REWRITE`` on data nodes it reconfigures, its own state in the
-sentinels'), and a restarted node must come back with what Sentinel last wrote, as it would on
-a real host.
+the machine's own Redis. Each process is a ``Node`` (``invoice_worker.devstack.nodes``).
 
 The primitives compose into the faults a Redis deployment meets: ``failover()`` is a clean,
 operator-driven switch; ``pause``/``resume`` (SIGSTOP/SIGCONT) a stalled host; ``kill``
 (SIGKILL) a crash; ``restart`` the crashed host coming back. A lossy failover is: pause the
 replica, keep writing to the primary until it drops the silent replica (``repl-timeout``, 2 s
 here; ``wait_detached``), SIGKILL the primary, resume the replica, ``wait_for_new_master``: the
-writes made after the drop existed only on the dead primary.
+writes made after the drop existed only on the dead primary. Every wait for a new master ends
+with ``settle()``: each sentinel has seen every node in its new role, so the next fault starts
+from a state Sentinel agrees on (otherwise a sentinel that lags may demote a fresh master).
 
 Waits end with ``ClusterError`` naming what did not happen and the tail of every node's log.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import secrets
 import shutil
 import signal
-import subprocess
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import redis
 
 from invoice_worker.devstack.embedded import free_port
+from invoice_worker.devstack.nodes import (
+    DATA_DEFAULTS,
+    HOST,
+    SENTINEL_DEBUG,
+    Node,
+    data_config,
+    sentinel_config,
+)
 
-HOST = "127.0.0.1"
-#: Options every data node gets (``redis_options`` may override them). Replication starts at
-#: once (no diskless-sync delay), and a primary drops a replica silent for 2 s (``repl-timeout``)
-#: instead of 60: what makes a paused replica fall behind within a test.
-DATA_DEFAULTS = {
-    "save": '""',
-    "appendonly": "no",
-    "repl-diskless-sync": "yes",
-    "repl-diskless-sync-delay": "0",
-    "repl-ping-replica-period": "1",
-    "repl-timeout": "2",
-}
-#: Sentinel's internal periods (``SENTINEL DEBUG``, Redis 7.0+), shortened so a test waits
-#: about a second where production waits ten: Sentinel demotes a node that claims to be a master
-#: against its view (an old primary after a failover or a restart) only after four publish
-#: periods with INFO refreshed every info period, and a sentinel that stalls for tilt-trigger
-#: (a paused host, a loaded machine) stops acting for a tilt period.
-SENTINEL_DEBUG = {"publish-period": 200, "info-period": 300, "tilt-period": 3000}
+__all__ = ["SENTINEL_DEBUG", "ClusterError", "Node", "SentinelCluster"]
 T = TypeVar("T")
 
 
 class ClusterError(RuntimeError):
     """Raised when a node does not start or the topology does not reach a wanted state in time."""
-
-
-@dataclass
-class Node:
-    """One process of the topology: a data node (primary or replica) or a sentinel."""
-
-    name: str
-    port: int
-    dir: Path
-    sentinel: bool
-    password: str | None = None
-    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
-    paused: bool = False
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return (HOST, self.port)
-
-    @property
-    def config(self) -> Path:
-        return self.dir / ("sentinel.conf" if self.sentinel else "redis.conf")
-
-    @property
-    def log_path(self) -> Path:
-        return self.dir / "node.log"
-
-    @property
-    def alive(self) -> bool:
-        """Running (a paused process counts: it still holds its port)."""
-        return self.process is not None and self.process.poll() is None
-
-    def client(self, **kwargs: Any) -> redis.Redis:
-        """A client of this node alone (no Sentinel, no retries): for checks and faults."""
-        options: dict[str, Any] = {
-            "password": self.password,
-            "socket_timeout": 2,
-            "socket_connect_timeout": 2,
-            "retry": None,
-        }
-        options.update(kwargs)
-        return redis.Redis(HOST, self.port, **options)
-
-    def log_tail(self, lines: int = 15) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
 
 
 class SentinelCluster:
@@ -202,18 +140,7 @@ class SentinelCluster:
 
     def master_views(self) -> list[tuple[str, int] | None]:
         """What each sentinel names as the master (None: paused, dead or not answering)."""
-        views: list[tuple[str, int] | None] = []
-        for sentinel in self.sentinels:
-            if sentinel.paused or not sentinel.alive:
-                views.append(None)
-                continue
-            try:
-                with sentinel.client(socket_timeout=0.5, decode_responses=True) as client:
-                    found = client.sentinel_get_master_addr_by_name(self.master_name)
-                views.append((str(found[0]), int(found[1])) if found else None)
-            except redis.RedisError:
-                views.append(None)
-        return views
+        return [sentinel.names_master(self.master_name) for sentinel in self.sentinels]
 
     def master_address(self) -> tuple[str, int]:
         """The master most answering sentinels name.
@@ -237,104 +164,78 @@ class SentinelCluster:
         """
         try:
             primary, *replicas = self.nodes
-            self._write_data_config(primary, None)
-            for replica in replicas:
-                self._write_data_config(replica, primary)
-            ids = [secrets.token_hex(20) for _ in self.sentinels]
-            for sentinel, myid in zip(self.sentinels, ids, strict=True):
-                self._write_sentinel_config(sentinel, myid, ids, primary, replicas)
+            for node in self.nodes:
+                config = data_config(
+                    node, self.redis_options, self.password, None if node is primary else primary
+                )
+                node.config.write_text(config)
+            known = [(sentinel, secrets.token_hex(20)) for sentinel in self.sentinels]
+            for sentinel in self.sentinels:
+                sentinel.config.write_text(
+                    sentinel_config(
+                        sentinel, master_name=self.master_name, primary=primary,
+                        quorum=self.quorum, down_after_ms=self.down_after_ms,
+                        failover_timeout_ms=self.failover_timeout_ms, password=self.password,
+                        known=known, replicas=replicas,
+                    )
+                )  # fmt: skip
             for node in [*self.nodes, *self.sentinels]:
-                self._spawn(node)
+                node.spawn(self.binary)
             for node in [*self.nodes, *self.sentinels]:
                 self._wait_answers(node, timeout)
             for sentinel in self.sentinels:
-                self._tune(sentinel)
+                sentinel.tune()
             self._wait(lambda: self._formed(primary), timeout, "the topology to form")
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _write_data_config(self, node: Node, primary: Node | None) -> None:
-        lines = [
-            f"port {node.port}",
-            f"bind {HOST}",
-            f"dir {node.dir}",
-            f"logfile {node.log_path}",
-            *(f"{k} {v}" for k, v in self.redis_options.items()),
-        ]
-        if self.password:
-            lines += [f"requirepass {self.password}", f"masterauth {self.password}"]
-        if primary is not None:
-            lines.append(f"replicaof {HOST} {primary.port}")
-        node.config.write_text("\n".join(lines) + "\n")
-
-    def _write_sentinel_config(
-        self, node: Node, myid: str, ids: list[str], primary: Node, replicas: list[Node]
-    ) -> None:
-        # The sentinels and replicas are written in as already known: Sentinel would find them
-        # by itself (hello messages every 2 s, the primary's INFO), only slower.
-        name = self.master_name
-        lines = [
-            f"port {node.port}",
-            f"bind {HOST}",
-            f"dir {node.dir}",
-            f"logfile {node.log_path}",
-            f"sentinel myid {myid}",
-            f"sentinel monitor {name} {HOST} {primary.port} {self.quorum}",
-            f"sentinel down-after-milliseconds {name} {self.down_after_ms}",
-            f"sentinel failover-timeout {name} {self.failover_timeout_ms}",
-            f"sentinel parallel-syncs {name} 1",
-        ]
-        if self.password:
-            lines.append(f"sentinel auth-pass {name} {self.password}")
-        if self.sentinel_password:
-            lines.append(f"requirepass {self.sentinel_password}")
-        for other, other_id in zip(self.sentinels, ids, strict=True):
-            if other is not node:
-                lines.append(f"sentinel known-sentinel {name} {HOST} {other.port} {other_id}")
-        lines += [f"sentinel known-replica {name} {HOST} {r.port}" for r in replicas]
-        node.config.write_text("\n".join(lines) + "\n")
-
-    def _spawn(self, node: Node) -> None:
-        argv = [self.binary, str(node.config)]
-        if node.sentinel:
-            argv.append("--sentinel")
-        with (node.dir / "stdout.log").open("ab") as out:
-            node.process = subprocess.Popen(  # noqa: S603 - our own argv, no shell
-                argv, stdout=out, stderr=subprocess.STDOUT, cwd=node.dir
-            )
-        node.paused = False
-
     def _wait_answers(self, node: Node, timeout: float) -> None:
         def answers() -> bool:
             if not node.alive:
                 raise ClusterError(f"{node.name} exited\n{self.logs()}")
-            try:
-                with node.client(socket_timeout=0.5, socket_connect_timeout=0.5) as client:
-                    return bool(client.ping())
-            except redis.RedisError:
-                return False
+            return node.answers()
 
         self._wait(answers, timeout, f"{node.name} to answer PING")
 
     def _formed(self, primary: Node) -> bool:
         others = len(self.sentinels) - 1
-        for sentinel in self.sentinels:
-            try:
-                with sentinel.client() as client:
-                    state: dict[str, Any] = client.sentinel_master(self.master_name)
-            except redis.RedisError:
-                return False
-            if (state["ip"], int(state["port"])) != primary.address:
-                return False
-            if state["num-other-sentinels"] < others or state["num-slaves"] < len(self.nodes) - 1:
-                return False
-            if state["is_sdown"] or state["is_odown"]:
-                return False
-        if not all(self._replicates(node, primary) for node in self.nodes if node is not primary):
+        if not all(s.other_sentinels(self.master_name) >= others for s in self.sentinels):
             return False
-        return self._online_replicas(primary) >= {n.port for n in self.nodes if n is not primary}
+        return self.master_address() == primary.address and self._settled()
+
+    def settle(self, timeout: float = 30.0) -> None:
+        """Wait until every running sentinel sees the topology as it is (see ``_settled``).
+
+        Sentinel acts on what it last observed: a sentinel that has not yet seen a demoted
+        master report its new role still counts it as a master, and after four publish periods
+        demotes whatever it finds claiming that role, which may be the replica just promoted.
+        The next fault must start from a settled topology.
+
+        Raises:
+            ClusterError: not settled within ``timeout``.
+        """
+        self._wait(self._settled, timeout, "every sentinel to see the topology as it is")
+
+    def _settled(self) -> bool:
+        """The master the sentinels name answers ``role`` master, and every running sentinel
+        names it, undisturbed (no down flag, no failover), with every running data node as its
+        replica reporting that role, its link up."""
+        try:
+            master = self.node_at(self.master_address())
+        except ClusterError:
+            return False
+        if master.role() != "master":
+            return False
+        expected = [n for n in self.nodes if n is not master and n.alive and not n.paused]
+        ports = {n.port for n in expected}
+        live = [s for s in self.sentinels if s.alive and not s.paused]
+        if not all(s.sees(self.master_name, master, ports) for s in live):
+            return False
+        if not all(node.replicates(master) for node in expected):
+            return False
+        return master.online_replicas() >= {n.port for n in expected}
 
     def stop(self) -> None:
         """Kill every process and remove the directory (idempotent)."""
@@ -355,51 +256,42 @@ class SentinelCluster:
     def pause(self, node: Node) -> None:
         """Freeze ``node`` (SIGSTOP): its sockets stay open and nothing answers, like a host
         that stalls."""
-        if node.process is None or not node.alive:
-            raise ClusterError(f"cannot pause {node.name}: it is not running")
-        os.kill(node.process.pid, signal.SIGSTOP)
-        node.paused = True
+        self._signal(node, signal.SIGSTOP)
 
     def resume(self, node: Node) -> None:
         """Thaw a paused ``node`` (SIGCONT)."""
-        if node.process is None or not node.alive:
-            raise ClusterError(f"cannot resume {node.name}: it is not running")
-        os.kill(node.process.pid, signal.SIGCONT)
-        node.paused = False
+        self._signal(node, signal.SIGCONT)
+
+    def _signal(self, node: Node, sig: int) -> None:
+        try:
+            node.signal(sig)
+        except RuntimeError as exc:
+            raise ClusterError(str(exc)) from None
 
     def kill(self, node: Node) -> None:
         """SIGKILL ``node`` and reap it: no shutdown save, sockets reset (a crash)."""
-        if node.process is not None:
-            with contextlib.suppress(ProcessLookupError):
-                node.process.send_signal(signal.SIGKILL)
-            node.process.wait()
-            node.process = None
-        node.paused = False
+        node.kill()
 
     def restart(self, node: Node, timeout: float = 30.0) -> None:
         """Start a killed ``node`` again from its (Sentinel-rewritten) config and wait until it
-        is back in the topology: a data node must be the master the sentinels name or, mostly,
-        a replica of it in sync (an old primary comes back as a master, and Sentinel demotes
-        it after four publish periods, see ``SENTINEL_DEBUG``); a sentinel must name a master.
+        is back in a settled topology (``settle``): a data node as the master the sentinels name
+        or, mostly, a replica of it in sync (an old primary comes back as a master, and Sentinel
+        demotes it after four publish periods, see ``SENTINEL_DEBUG``).
 
         Raises:
             ClusterError: it did not rejoin within ``timeout``.
         """
-        self.kill(node)
-        self._spawn(node)
+        node.kill()
+        node.spawn(self.binary)
         self._wait_answers(node, timeout)
         if node.sentinel:
-            self._tune(node)
-            self._wait(
-                lambda: self.master_views()[self.sentinels.index(node)] is not None,
-                timeout, f"{node.name} to name a master",
-            )  # fmt: skip
-            return
-        self._wait(lambda: self._in_topology(node), timeout, f"{node.name} to rejoin as a replica")
+            node.tune()
+        self.settle(timeout)
 
     def failover(self, timeout: float = 30.0) -> Node:
         """``SENTINEL FAILOVER``, then wait until every sentinel names the new master, it
-        answers ``role`` master, and the old master is its replica, in sync.
+        answers ``role`` master, the old master is its replica, in sync, and every sentinel has
+        seen all that (``settle``).
 
         Returns:
             The new master.
@@ -425,14 +317,15 @@ class SentinelCluster:
         self._wait(started, timeout, "Sentinel to accept SENTINEL FAILOVER")
         new = self.wait_for_new_master(old, max(1.0, deadline - time.monotonic()))
         self._wait(
-            lambda: self._replicates(old, new), max(1.0, deadline - time.monotonic()),
+            lambda: old.replicates(new), max(1.0, deadline - time.monotonic()),
             f"{old.name} to become a replica of {new.name}",
         )  # fmt: skip
+        self.settle(max(1.0, deadline - time.monotonic()))
         return new
 
     def wait_for_new_master(self, old: Node, timeout: float = 30.0) -> Node:
-        """Wait until every running, unpaused sentinel names one master other than ``old``
-        and that node answers ``role`` master.
+        """Wait until every running, unpaused sentinel names one master other than ``old``,
+        that node answers ``role`` master, and the topology has settled (``settle``).
 
         Returns:
             The new master.
@@ -450,10 +343,12 @@ class SentinelCluster:
                 return None
             assert live[0] is not None
             node = self.node_at(live[0])
-            return node if self._role(node) == "master" else None
+            return node if node.role() == "master" else None
 
+        deadline = time.monotonic() + timeout
         found = self._wait(agreed, timeout, f"Sentinel to promote a master other than {old.name}")
         assert found is not None
+        self.settle(max(1.0, deadline - time.monotonic()))
         return found
 
     def wait_detached(self, replica: Node, timeout: float = 30.0) -> None:
@@ -463,66 +358,11 @@ class SentinelCluster:
         master = self.primary
 
         self._wait(
-            lambda: replica.port not in self._online_replicas(master, any_state=True), timeout,
+            lambda: replica.port not in master.online_replicas(any_state=True), timeout,
             f"{master.name} to drop {replica.name}",
         )  # fmt: skip
 
     # -- helpers -----------------------------------------------------------------------------
-
-    def _in_topology(self, node: Node) -> bool:
-        """``node`` is the master the sentinels name, or a replica of it in sync (asked anew
-        each time: Sentinel may fail over meanwhile)."""
-        try:
-            master = self.node_at(self.master_address())
-        except ClusterError:
-            return False
-        if master is node:
-            return self._role(node) == "master"
-        return self._replicates(node, master)
-
-    def _tune(self, sentinel: Node) -> None:
-        args = [str(x) for pair in SENTINEL_DEBUG.items() for x in pair]
-        with sentinel.client() as client, contextlib.suppress(redis.ResponseError):
-            # An older Redis has no SENTINEL DEBUG: it only fails over more slowly.
-            client.execute_command("SENTINEL DEBUG", *args)
-
-    def _role(self, node: Node) -> str | None:
-        if node.paused or not node.alive:
-            return None
-        try:
-            with node.client() as client:
-                role: list[Any] = client.execute_command("ROLE")
-            return role[0].decode() if isinstance(role[0], bytes) else str(role[0])
-        except redis.RedisError:
-            return None
-
-    def _online_replicas(self, master: Node, *, any_state: bool = False) -> set[int]:
-        """Ports of the replicas ``master`` streams to (``any_state``: or still syncs)."""
-        try:
-            with master.client(decode_responses=True) as client:
-                info: dict[str, Any] = client.info("replication")
-        except redis.RedisError:
-            return set()
-        return {
-            int(v["port"]) for k, v in info.items()
-            if k.startswith("slave") and isinstance(v, dict)
-            and (any_state or v.get("state") == "online")
-        }  # fmt: skip
-
-    def _replicates(self, node: Node, master: Node) -> bool:
-        """``node`` is a replica of ``master`` with its link up."""
-        if node.paused or not node.alive:
-            return False
-        try:
-            with node.client(decode_responses=True) as client:
-                info: dict[str, Any] = client.info("replication")
-        except redis.RedisError:
-            return False
-        return (
-            info.get("role") == "slave"
-            and int(info.get("master_port", 0)) == master.port
-            and info.get("master_link_status") == "up"
-        )
 
     def _wait(self, check: Callable[[], T], timeout: float, what: str) -> T:
         deadline = time.monotonic() + timeout
