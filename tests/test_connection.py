@@ -151,6 +151,9 @@ def test_module_functions_follow_a_failover(
     assert record.state == JobState.QUEUED
     second = request_data()
     assert invoice_worker.enqueue_invoice(second).state == JobState.QUEUED
+    waited = invoice_worker.wait_for_invoice(second["foreign_id"], 0.05)  # pub/sub, new master
+    assert waited is not None
+    assert waited.state == JobState.QUEUED
     producer_module.default_producer().close()
 
 
