@@ -19,9 +19,11 @@ Waits end with ``ClusterError`` naming what did not happen and the tail of every
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import shutil
 import signal
+import socket
 import tempfile
 import time
 from collections import Counter
@@ -32,7 +34,6 @@ from typing import TypeVar
 
 import redis
 
-from invoice_worker.devstack.embedded import free_port
 from invoice_worker.devstack.nodes import (
     DATA_DEFAULTS,
     HOST,
@@ -95,19 +96,20 @@ class SentinelCluster:
         self.password = password
         self.sentinel_password = sentinel_password
         self.dir = Path(tempfile.mkdtemp(prefix="invoice-sentinel-"))
-        self.nodes = [self._node(f"redis-{i}", sentinel=False) for i in range(replicas + 1)]
-        self.sentinels = [self._node(f"sentinel-{i}", sentinel=True) for i in range(sentinels)]
+        ports = iter(_free_ports(replicas + 1 + sentinels))
+        self.nodes = [self._node(f"redis-{i}", next(ports), False) for i in range(replicas + 1)]
+        self.sentinels = [self._node(f"sentinel-{i}", next(ports), True) for i in range(sentinels)]
 
     @staticmethod
     def available() -> bool:
         """True when ``redis-server`` (which also runs the sentinels) is on PATH."""
         return shutil.which("redis-server") is not None
 
-    def _node(self, name: str, *, sentinel: bool) -> Node:
+    def _node(self, name: str, port: int, sentinel: bool) -> Node:
         path = self.dir / name
         path.mkdir()
         password = self.sentinel_password if sentinel else self.password
-        return Node(name, free_port(), path, sentinel, password)
+        return Node(name, port, path, sentinel, password)
 
     # -- addresses ---------------------------------------------------------------------------
 
@@ -382,3 +384,13 @@ class SentinelCluster:
             f"--- {node.name} (port {node.port}):\n{node.log_tail(lines)}"
             for node in [*self.nodes, *self.sentinels]
         )
+
+
+def _free_ports(count: int) -> list[int]:
+    """``count`` distinct loopback ports that were free a moment ago: bound all at once, since
+    ports asked for one by one may come back twice."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind((HOST, 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
