@@ -9,6 +9,10 @@ import redis
 
 from invoice_worker.devstack.sentinel import ClusterError, SentinelCluster
 
+pytestmark = pytest.mark.skipif(
+    not SentinelCluster.available(), reason="needs redis-server (Sentinel runs in it)"
+)
+
 
 def test_starts_formed_and_names_its_master(sentinel_cluster: SentinelCluster) -> None:
     cluster = sentinel_cluster
