@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import redis
 from celery import Celery, bootsteps
 
 from invoice_worker import logs, tasks
 from invoice_worker.config import Settings
+from invoice_worker.connection import redis_client
 from invoice_worker.constants import TASK_NAME
 from invoice_worker.preflight import require_noeviction
 from invoice_worker.queues import dead_letter_step, queue_conf
@@ -97,7 +97,7 @@ def _preflight_step(settings: Settings) -> type[bootsteps.Step]:
 
         def __init__(self, parent: Any, **kwargs: Any) -> None:
             settings.require_credentials()
-            with redis.Redis.from_url(settings.state_url, socket_timeout=5) as client:
+            with redis_client(settings, socket_timeout=5) as client:
                 require_noeviction(client)
             super().__init__(parent, **kwargs)
 

@@ -24,6 +24,7 @@ from kombu.exceptions import OperationalError
 
 from invoice_worker import __version__
 from invoice_worker.config import Settings
+from invoice_worker.connection import redis_client
 from invoice_worker.constants import JobState, QueueType
 from invoice_worker.errors import ConfigError, ConflictError, InvalidRequestError
 from invoice_worker.privacy import escape_controls, redact_url
@@ -165,13 +166,13 @@ def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
     probe(
         "redis",
         redact_url(settings.state_url),
-        lambda: redis.Redis.from_url(settings.state_url, socket_timeout=3).ping(),
+        lambda: _ping(settings),
     )
 
     from invoice_worker.preflight import require_noeviction, server_settings
 
     def job_store() -> str:
-        with redis.Redis.from_url(settings.state_url, socket_timeout=3) as client:
+        with redis_client(settings, socket_timeout=3) as client:
             found = server_settings(client)
             require_noeviction(client)
         return " ".join(f"{k}={v}" for k, v in found.items())
@@ -196,6 +197,11 @@ def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
     if all(ok for ok, _, _ in results):
         return 0
     return EXIT_CONFIG if not results[0][0] else EXIT_UNREACHABLE
+
+
+def _ping(settings: Settings) -> bool:
+    with redis_client(settings, socket_timeout=3) as client:
+        return bool(client.ping())
 
 
 def cmd_flower(args: argparse.Namespace, settings: Settings) -> int:

@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from invoice_worker.connection import SENTINEL_SCHEME, is_sentinel, parse_sentinel_url
 from invoice_worker.constants import (
     CLEANUP_BACKOFF_CAP,
     CLEANUP_TRIES,
@@ -20,7 +21,7 @@ from invoice_worker.errors import ConfigError
 
 DEFAULT_API_URL = "https://app.cryptoprocessing.com/api/v2"
 DEFAULT_BROKER_URL = "redis://localhost:6379/0"
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", SENTINEL_SCHEME)
 # What an HTTP header value may hold: a key with a stray newline would be sent (and refused)
 # or, worse, split the header.
 _HEADER_SAFE = re.compile(r"^[\x21-\x7e]*$")
@@ -57,6 +58,9 @@ class Settings(BaseSettings):
     # broker and job state
     broker_url: str = DEFAULT_BROKER_URL
     redis_url: str | None = None
+    # Redis Sentinel (sentinel:// URLs): the master's name, and the sentinels' own password
+    redis_sentinel_master: str | None = Field(None, min_length=1)
+    redis_sentinel_password: SecretStr | None = None
     key_prefix: str = Field("invoice:", min_length=1)
     queue: str = "invoices"
     queue_type: QueueType = QueueType.CLASSIC
@@ -189,6 +193,26 @@ class Settings(BaseSettings):
                 "INVOICE_QUEUE_TYPE=quorum: the sweeper would take a message still waiting out "
                 "its countdown in a delay queue for a lost one"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _sentinel(self) -> Settings:
+        for name, url in (
+            ("INVOICE_BROKER_URL", self.broker_url),
+            ("INVOICE_REDIS_URL", self.redis_url),
+        ):
+            if not is_sentinel(url):
+                continue
+            assert url is not None
+            try:
+                parse_sentinel_url(url)
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
+            if not self.redis_sentinel_master:
+                raise ValueError(
+                    f"INVOICE_REDIS_SENTINEL_MASTER is required when {name} is a sentinel:// "
+                    "URL: it names the master the sentinels monitor"
+                )
         return self
 
     @property

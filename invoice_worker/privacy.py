@@ -114,7 +114,17 @@ def kwargs_repr(kwargs: Any) -> str:
 
 
 def redact_url(url: str) -> str:
-    """Return ``url`` with any password replaced by ``***`` (safe to print or log)."""
+    """Return ``url`` with any password replaced by ``***`` (safe to print or log).
+
+    A ``sentinel://`` URL lists its sentinels as entries joined by ``;`` (Celery's form): each
+    entry is redacted on its own, so no password in a later entry is mistaken for a path.
+    """
+    if url.startswith("sentinel://"):
+        return ";".join(_redact_one(entry) for entry in url.split(";"))
+    return _redact_one(url)
+
+
+def _redact_one(url: str) -> str:
     parts = urlsplit(url)
     if parts.password is None:
         return url

@@ -19,12 +19,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
-from redis.backoff import ExponentialBackoff
 from redis.client import Pipeline
-from redis.retry import Retry
 
 from invoice_worker import constants as c
 from invoice_worker.config import Settings
+from invoice_worker.connection import redis_client
 from invoice_worker.constants import CallReport, Circuit, ClaimStatus, DeferReason, JobState
 from invoice_worker.models import JobRecord
 from invoice_worker.scripts import (
@@ -169,17 +168,9 @@ class JobStore:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> JobStore:
-        """Connect to ``settings.state_url`` (connections are pooled and thread-safe)."""
-        client = redis.Redis.from_url(
-            settings.state_url,
-            decode_responses=True,
-            # Ride out a short Redis restart; a script re-run after a lost reply is safe
-            # because every script is idempotent for the same caller.
-            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=5),
-            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-            health_check_interval=30,
-        )
-        return cls(client, settings)
+        """Connect to ``settings.state_url``, directly or through Sentinel (connections are
+        pooled and thread-safe; see invoice_worker.connection for the retry policy)."""
+        return cls(redis_client(settings), settings)
 
     @property
     def barrier(self) -> Barrier | None:

@@ -22,7 +22,18 @@ guarded by ``invoice_worker.envelope``:
   timeout (a broken entry there stopped every worker at start, in ``on_poll_init``): copied,
   one line changed.
 
-``tests/test_transport.py`` fingerprints the three copied methods, so a kombu upgrade that
+A ``sentinel://`` broker gets the same channel on kombu's Sentinel transport
+(``SentinelChannel``, line 2267). kombu takes the sentinels from the URL's ``;``-separated
+entries, but it also treats those entries as failover URLs: after a connection error
+``Connection.switch`` re-parses the next one, which makes the transport kombu's own again
+(``parse_url() sets transport to the raw URL scheme``, ``kombu/connection.py``) and keeps
+only that entry's password and database. So kombu is given the first entry alone (with the
+login and database of the whole URL) and the channel reads every sentinel from the
+``sentinels`` transport option: ``SentinelChannel._sentinel_managed_pool`` (line 2334) is
+copied with that one change. redis-py's Sentinel pool then asks each sentinel in turn, which is
+all the failover a Sentinel broker needs.
+
+``tests/test_transport.py`` fingerprints the four copied methods, so a kombu upgrade that
 changes them fails a test until the copies are read again.
 """
 
@@ -43,6 +54,7 @@ from kombu.utils.url import as_url
 
 from invoice_worker import constants as c
 from invoice_worker.config import Settings
+from invoice_worker.connection import is_sentinel, parse_sentinel_url, sentinel_options
 from invoice_worker.envelope import read_envelope, read_unacked
 
 log = logging.getLogger(__name__)
@@ -51,8 +63,9 @@ log = logging.getLogger(__name__)
 kombu_redis: Any = _kombu_redis
 bytes_to_str: Any = _encoding.bytes_to_str
 
-#: ``broker_transport`` value: kombu imports the class by this path.
+#: ``broker_transport`` values: kombu imports the class by this path.
 TRANSPORT = "invoice_worker.transport:Transport"
+SENTINEL_TRANSPORT = "invoice_worker.transport:SentinelTransport"
 #: Newest entries kept in the dead-letter list (older ones are trimmed).
 DEAD_LETTER_MAX_ENTRIES = 1000
 #: Bytes of one entry as stored (a longer one is cut, ``truncated`` says so): the list holds
@@ -61,33 +74,50 @@ DEAD_LETTER_MAX_BYTES = 16 * 1024
 
 
 def broker_conf(settings: Settings, transport_options: Mapping[str, Any]) -> dict[str, Any]:
-    """Celery settings that select the guarded transport for a ``redis://``/``rediss://`` broker.
+    """Celery settings that select the guarded transport for a ``redis://``, ``rediss://`` or
+    ``sentinel://`` broker.
 
-    The broker URL is left as it is. Other schemes (``amqp://``, ``sentinel://``,
+    A Redis URL is left as it is; a Sentinel one is cut to its first entry (see the module
+    docstring) with every sentinel in the transport options. Other schemes (``amqp://``,
     ``redis+socket://``) keep kombu's own transport: nothing is returned for them.
 
     Args:
-        settings: the worker's settings (key prefix, record TTL, broker URL).
+        settings: the worker's settings (key prefix, record TTL, broker URL, Sentinel).
         transport_options: the ``broker_transport_options`` already set; they are kept.
     """
+    options = {
+        **transport_options,
+        "dead_letter_key": settings.key_prefix + c.DEAD_LETTER_KEY,
+        "dead_letter_stats_key": settings.key_prefix + c.STATS_KEY,
+        "dead_letter_ttl": settings.record_ttl,
+    }
+    if is_sentinel(settings.broker_url):
+        return _sentinel_conf(settings, options)
     parts = urlsplit(settings.broker_url)
     if parts.scheme not in ("redis", "rediss"):
         return {}
-    conf: dict[str, Any] = {
-        "broker_transport": TRANSPORT,
-        "broker_transport_options": {
-            **transport_options,
-            "dead_letter_key": settings.key_prefix + c.DEAD_LETTER_KEY,
-            "dead_letter_stats_key": settings.key_prefix + c.STATS_KEY,
-            "dead_letter_ttl": settings.record_ttl,
-        },
-    }
+    conf: dict[str, Any] = {"broker_transport": TRANSPORT, "broker_transport_options": options}
     # kombu turns on TLS for a "rediss" transport name only; named by its class path, ours would
     # connect in plain text. Verify the certificate, as redis-py does for the job store on the
     # same URL; ssl_* options in the URL's query string still win.
     if parts.scheme == "rediss" and not any(k.startswith("ssl_") for k in parse_qs(parts.query)):
         conf["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
     return conf
+
+
+def _sentinel_conf(settings: Settings, options: dict[str, Any]) -> dict[str, Any]:
+    url = parse_sentinel_url(settings.broker_url)
+    secret = settings.redis_sentinel_password
+    options.update(
+        master_name=settings.redis_sentinel_master,
+        sentinels=[list(address) for address in url.sentinels],
+        sentinel_kwargs=sentinel_options(secret.get_secret_value() if secret else None),
+    )
+    return {
+        "broker_url": url.entry(0),
+        "broker_transport": SENTINEL_TRANSPORT,
+        "broker_transport_options": options,
+    }
 
 
 def _bounded(data: bytes) -> tuple[str, bool]:
@@ -249,12 +279,82 @@ class Transport(kombu_redis.Transport):  # type: ignore[misc]
 
     def as_uri(self, uri: str, include_password: bool = False, mask: str = "**") -> str:
         """The connection's URL as kombu prints a Redis one, ``rediss`` when TLS is on."""
-        info = self.client.info()
-        password = info["password"] if include_password else mask
-        return str(
-            as_url(
-                "rediss" if self.client.ssl else "redis",
-                info["hostname"], info["port"], info["userid"], password,
-                quote(info["virtual_host"]), sanitize=not include_password, mask=mask,
-            )
-        )  # fmt: skip
+        return _as_uri(self, "rediss" if self.client.ssl else "redis", include_password, mask)
+
+
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):  # type: ignore[misc]
+    """kombu's Sentinel channel with the guarded reads; the sentinels come from the
+    ``sentinels`` transport option (``[[host, port], ...]``), not from the URL."""
+
+    from_transport_options = (
+        *Channel.from_transport_options,
+        *(
+            name for name in kombu_redis.SentinelChannel.from_transport_options
+            if name not in Channel.from_transport_options
+        ),
+        "sentinels",
+    )  # fmt: skip
+    sentinels: list[list[Any]] | None = None
+
+    def _sentinel_managed_pool(self, asynchronous: bool = False) -> Any:
+        if not self.sentinels:
+            return super()._sentinel_managed_pool(asynchronous)
+        connparams = self._connparams(asynchronous)
+
+        additional_params = connparams.copy()
+
+        additional_params.pop("host", None)
+        additional_params.pop("port", None)
+
+        sentinels = [(str(host), int(port)) for host, port in self.sentinels]  # kombu: alt URLs
+
+        sentinel_inst = kombu_redis.sentinel.Sentinel(
+            sentinels,
+            min_other_sentinels=getattr(self, "min_other_sentinels", 0),
+            sentinel_kwargs=getattr(self, "sentinel_kwargs", None),
+            **additional_params,
+        )
+
+        # Keep a reference to the Sentinel instance so that the
+        # connections it opened to the sentinel nodes can be closed again
+        # in :meth:`_disconnect_pools` (celery/kombu#1108).
+        if asynchronous:
+            self._async_sentinel_manager = sentinel_inst
+        else:
+            self._sentinel_manager = sentinel_inst
+
+        master_name = getattr(self, "master_name", None)
+
+        if master_name is None:
+            raise ValueError("'master_name' transport option must be specified.")
+
+        master_kwargs = {
+            k: additional_params[k] for k in ("username", "password") if k in additional_params
+        }
+
+        return sentinel_inst.master_for(
+            master_name,
+            kombu_redis.redis.Redis,
+            **master_kwargs,
+        ).connection_pool
+
+
+class SentinelTransport(Transport, kombu_redis.SentinelTransport):  # type: ignore[misc]
+    """kombu's Sentinel transport with the guarded channel; shown with its ``sentinel://`` URL."""
+
+    Channel = SentinelChannel
+
+    def as_uri(self, uri: str, include_password: bool = False, mask: str = "**") -> str:
+        """The connection's URL as kombu prints a Sentinel one (the first sentinel)."""
+        return _as_uri(self, "sentinel", include_password, mask)
+
+
+def _as_uri(transport: Any, scheme: str, include_password: bool, mask: str) -> str:
+    info = transport.client.info()
+    password = info["password"] if include_password else mask
+    return str(
+        as_url(
+            scheme, info["hostname"], info["port"], info["userid"], password,
+            quote(info["virtual_host"]), sanitize=not include_password, mask=mask,
+        )
+    )  # fmt: skip

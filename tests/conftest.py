@@ -19,6 +19,7 @@ from invoice_worker.client import ProviderClient
 from invoice_worker.config import Settings
 from invoice_worker.devstack.embedded import EmbeddedRedis
 from invoice_worker.devstack.processes import ChildProcess, worker_process
+from invoice_worker.devstack.sentinel import SentinelCluster
 from invoice_worker.job import InvoiceJob
 from invoice_worker.message import TaskMessage
 from invoice_worker.models import parse_request
@@ -34,6 +35,15 @@ MIN_AMOUNT = Decimal("10")  # EUR, like the real minimum
 def redis_server() -> Iterator[EmbeddedRedis]:
     with EmbeddedRedis() as server:
         yield server
+
+
+@pytest.fixture
+def sentinel_cluster() -> Iterator[SentinelCluster]:
+    """A private primary, replica and three sentinels (a few processes, up in ~0.1 s)."""
+    if not SentinelCluster.available():
+        pytest.skip("needs redis-server (Sentinel runs in it); fakeredis has no Sentinel")
+    with SentinelCluster() as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="session")

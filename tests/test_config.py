@@ -171,3 +171,46 @@ def test_quorum_sweep_margin_covers_whole_second_countdowns() -> None:
     assert Settings(_env_file=None, visibility_timeout=5, **quorum).broker_visibility_timeout == 5
     assert Settings(_env_file=None, visibility_timeout=4, **AMQP).broker_visibility_timeout == 4
     assert Settings(_env_file=None, **quorum).broker_visibility_timeout >= 60  # the default
+
+
+SENTINELS = "sentinel://:pw@h1:26379/2;sentinel://h2:26379/2"
+
+
+def test_a_sentinel_url_needs_the_master_name_and_never_shows_its_password() -> None:
+    for field in ("broker_url", "redis_url"):
+        with pytest.raises(ValidationError, match="INVOICE_REDIS_SENTINEL_MASTER is required") as e:
+            Settings(_env_file=None).replace(**{field: SENTINELS})
+        assert "pw@" not in str(e.value)
+    with pytest.raises(ConfigError, match="INVOICE_REDIS_URL: the URL's entries give different"):
+        Settings.load(
+            _env_file=None, redis_url="sentinel://:a@h1;sentinel://:b@h2", redis_sentinel_master="m"
+        )
+
+
+def test_a_sentinel_broker_is_a_redis_broker() -> None:
+    s = Settings(_env_file=None, broker_url=SENTINELS, redis_sentinel_master="mymaster")
+    assert s.state_url == SENTINELS  # no INVOICE_REDIS_URL needed
+    assert s.max_countdown == s.broker_visibility_timeout / 2  # kombu's visibility timeout rules
+    state = Settings(
+        _env_file=None, broker_url="amqp://x//", redis_url=SENTINELS, redis_sentinel_master="m"
+    )
+    assert state.state_url == SENTINELS
+
+
+def test_sentinel_settings_round_trip(monkeypatch: pytest.MonkeyPatch) -> None:
+    s = Settings(
+        _env_file=None, broker_url=SENTINELS, redis_sentinel_master="m",
+        redis_sentinel_password="s3nt",
+    )  # fmt: skip
+    assert "s3nt" not in repr(s)
+    env = s.to_env()
+    assert env["INVOICE_REDIS_SENTINEL_PASSWORD"] == "s3nt"
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert Settings(_env_file=None) == s
+
+
+def test_redact_url_sentinel_entries() -> None:
+    assert redact_url(SENTINELS + ";sentinel://u:pw2@h3") == (
+        "sentinel://:***@h1:26379/2;sentinel://h2:26379/2;sentinel://u:***@h3"
+    )

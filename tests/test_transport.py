@@ -29,6 +29,7 @@ from invoice_worker.app import create_app
 from invoice_worker.config import Settings
 from invoice_worker.constants import JobState
 from invoice_worker.devstack.embedded import EmbeddedRedis, free_port
+from invoice_worker.devstack.sentinel import SentinelCluster
 from invoice_worker.message import redis_envelope
 from invoice_worker.models import JobRecord
 from invoice_worker.producer import Producer
@@ -64,10 +65,66 @@ def test_rediss_without_ssl_options_verifies_certificates() -> None:
     assert conf["broker_use_ssl"] == {"ssl_cert_reqs": ssl.CERT_REQUIRED}
 
 
-@pytest.mark.parametrize("url", ["amqp://guest:guest@127.0.0.1:5672//", "sentinel://h:26379"])
+@pytest.mark.parametrize("url", ["amqp://guest:guest@127.0.0.1:5672//", "redis+socket:///tmp/r"])
 def test_other_brokers_keep_kombus_transport(url: str) -> None:
     settings = make_settings("redis://127.0.0.1:1/0", "http://127.0.0.1:1", broker_url=url)
     assert transport.broker_conf(settings, {}) == {}
+
+
+SENTINELS = "sentinel://:pw@10.0.0.1:26379/2;sentinel://10.0.0.2/2;sentinel://10.0.0.3:26380"
+
+
+def sentinel_settings(url: str = SENTINELS, **overrides: Any) -> Settings:
+    return make_settings(
+        url, "http://127.0.0.1:1", redis_sentinel_master="mymaster", key_prefix="shop:",
+        record_ttl=3600, **overrides,
+    )  # fmt: skip
+
+
+def test_sentinel_urls_get_the_guarded_sentinel_transport() -> None:
+    settings = sentinel_settings(redis_sentinel_password="s3nt")
+    conf = transport.broker_conf(settings, {"visibility_timeout": 60})
+    assert conf == {
+        # kombu gets one entry (with the whole URL's login and database): see the next test
+        "broker_url": "sentinel://:pw@10.0.0.1:26379/2",
+        "broker_transport": "invoice_worker.transport:SentinelTransport",
+        "broker_transport_options": {
+            "visibility_timeout": 60,
+            "dead_letter_key": "shop:dead-letter",
+            "dead_letter_stats_key": "shop:stats",
+            "dead_letter_ttl": 3600,
+            "master_name": "mymaster",
+            "sentinels": [["10.0.0.1", 26379], ["10.0.0.2", 26379], ["10.0.0.3", 26380]],
+            "sentinel_kwargs": {
+                "socket_timeout": 2.0, "socket_connect_timeout": 2.0, "retry": None,
+                "password": "s3nt",
+            },
+        },
+    }  # fmt: skip
+
+
+def test_kombu_failover_urls_would_drop_the_transport() -> None:
+    # Why kombu is not given every entry: on a connection error it switches to the next one,
+    # re-parsed as its own Sentinel transport, with that entry's password (none) and database.
+    stock = Connection(SENTINELS, transport=transport.SENTINEL_TRANSPORT)  # type: ignore[no-untyped-call]
+    stock.maybe_switch_next()  # type: ignore[no-untyped-call]
+    assert (stock.transport_cls, stock.password, stock.virtual_host) == ("sentinel", None, "2")
+    ours = create_app(sentinel_settings()).connection_for_write()
+    ours.maybe_switch_next()
+    assert (ours.transport_cls, ours.password, ours.virtual_host) == (
+        transport.SENTINEL_TRANSPORT, "pw", "2",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "url", [SENTINELS, "sentinel://u:pw@h1:26379/0", "sentinel://h1/0;sentinel://h2/0"]
+)
+def test_sentinel_urls_shown_as_kombu_shows_them(url: str) -> None:
+    conn = create_app(sentinel_settings(url)).connection_for_write()
+    assert conn.transport_cls == transport.SENTINEL_TRANSPORT
+    stock = Connection(url)  # type: ignore[no-untyped-call]
+    assert conn.as_uri() == stock.as_uri()
+    assert conn.as_uri(include_password=True) == stock.as_uri(include_password=True)
 
 
 def test_kombu_resolves_the_transport_and_keeps_the_url(redis_server: EmbeddedRedis) -> None:
@@ -110,6 +167,7 @@ KOMBU_SOURCES = {
     "Channel._brpop_read": "c42518699709",
     "Channel._get": "be26a9f1eb4c",
     "QoS.restore_by_tag": "58e161d81b6f",
+    "SentinelChannel._sentinel_managed_pool": "bde54a2d6e93",
 }
 
 
@@ -325,6 +383,41 @@ def test_malformed_unacked_entry_set_aside_others_restored(
     assert worker.alive
     worker.stop()
     assert_no_leak(worker.log(), ["not json"])
+
+
+@pytest.mark.slow
+def test_sentinel_broker_sets_malformed_entries_aside(
+    sentinel_cluster: SentinelCluster, sandbox: Sandbox, start_worker: Any
+) -> None:
+    # Given a Sentinel broker whose first listed sentinel is down (the others are still asked)
+    settings = make_settings(
+        sentinel_cluster.url, sandbox.url, redis_sentinel_master=sentinel_cluster.master_name
+    )
+    sentinel_cluster.kill(sentinel_cluster.sentinels[0])
+    worker = start_worker(settings)
+    with app_connection(settings) as conn:
+        assert isinstance(conn.default_channel, transport.SentinelChannel)
+    client = sentinel_cluster.primary.client(decode_responses=True)
+    # When broken entries reach the queue ahead of a valid job
+    bad = ["not json", "[1,2]", "{}", f"order for {BUYER}"]
+    client.lpush(settings.queue, *bad)
+    producer = Producer(settings)
+    data = request_data()
+    producer.enqueue(data)
+    # Then the job is created and each entry is kept, counted, and logged without its content
+    assert final(producer, data["foreign_id"]).state == JobState.CREATED
+    producer.close()
+    assert worker.alive
+    kept = dead_letters(settings, client)
+    assert sorted(e["payload"] for e in kept) == sorted(bad)
+    assert counted(settings, client) == len(bad)
+    worker.stop()
+    assert worker.log().count("set aside a malformed broker entry") == len(bad)
+    assert_no_leak(worker.log(), bad[1:])
+
+
+def app_connection(settings: Settings) -> Any:
+    return create_app(settings).connection_for_write()
 
 
 # -- TLS ---------------------------------------------------------------------------------------

@@ -1,0 +1,191 @@
+"""Redis clients from a URL, directly or through Redis Sentinel: the one place that builds them.
+
+The job store, the producer, the sweeper, the metrics exporter, the CLI and the worker's
+preflight all connect here, so all of them follow a Sentinel failover without a restart.
+
+URL forms:
+
+- ``redis://``, ``rediss://``, ``unix://``: one server (``redis.Redis.from_url``);
+- ``sentinel://[[user]:password@]host[:port][/db]`` entries joined by ``;`` (Celery's form),
+  with ``INVOICE_REDIS_SENTINEL_MASTER`` naming the master: every sentinel listed is asked for
+  the master's address, and the client connects there. A user, password or database given on
+  any entry holds for all (entries may not disagree); they are the Redis master's, not the
+  sentinels' (those take ``INVOICE_REDIS_SENTINEL_PASSWORD``), as in kombu's Sentinel
+  transport.
+
+How a Sentinel client follows a failover (redis-py 8.1, ``redis/sentinel.py``): the pool asks
+the sentinels for the master each time it opens a connection, and closes its idle connections
+when the answer changes. A connection still open to a demoted master gets ``READONLY`` for a
+write, which ``SentinelManagedConnection.read_response`` turns into a ``ConnectionError``
+after disconnecting; the retry policy below then runs the command again on a fresh connection
+to the new master. Sentinel itself closes every client connection of a node it demotes
+(``CLIENT KILL TYPE normal`` in the reconfiguration it sends), so reads move over too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+from redis.sentinel import Sentinel, SentinelConnectionPool
+
+if TYPE_CHECKING:
+    from invoice_worker.config import Settings
+
+SENTINEL_SCHEME = "sentinel://"
+DEFAULT_SENTINEL_PORT = 26379
+#: Seconds one sentinel may take to answer: master discovery asks the next one after it, so a
+#: sentinel on a stalled host costs this long, not forever.
+SENTINEL_TIMEOUT = 2.0
+
+
+def sentinel_options(password: str | None) -> dict[str, Any]:
+    """Connection options for the sentinels themselves (not the master).
+
+    No retries: redis-py's default would retry a sentinel that is down or refuses the password
+    three times with 1-4 s backoff before discovery asks the next one; discovery itself is
+    retried by the master connection's policy.
+    """
+    options: dict[str, Any] = {
+        "socket_timeout": SENTINEL_TIMEOUT,
+        "socket_connect_timeout": SENTINEL_TIMEOUT,
+        "retry": None,
+    }
+    if password is not None:
+        options["password"] = password
+    return options
+
+
+def default_options() -> dict[str, Any]:
+    """What every client gets unless overridden: the job store's policy."""
+    return {
+        "decode_responses": True,
+        # Ride out a short Redis restart or a failover; a script re-run after a lost reply is
+        # safe because every script is idempotent for the same caller.
+        "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=5),
+        "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
+        "health_check_interval": 30,
+    }
+
+
+@dataclass(frozen=True)
+class SentinelURL:
+    """A parsed ``sentinel://`` URL: the sentinels, and the master's database and login."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    db: int = 0
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+    def entry(self, index: int = 0) -> str:
+        """Entry ``index`` as a URL of its own, carrying the login and database (secret
+        included: never print it, see ``privacy.redact_url``)."""
+        host, port = self.sentinels[index]
+        login = ""
+        if self.username or self.password:
+            login = f"{self.username or ''}{':' + self.password if self.password else ''}@"
+        return f"{SENTINEL_SCHEME}{login}{host}:{port}/{self.db}"
+
+
+def is_sentinel(url: str | None) -> bool:
+    """True for a ``sentinel://`` URL (the form Celery and kombu use for Redis Sentinel)."""
+    return bool(url) and str(url).startswith(SENTINEL_SCHEME)
+
+
+def parse_sentinel_url(url: str) -> SentinelURL:
+    """Parse ``sentinel://...;sentinel://...``.
+
+    Raises:
+        ValueError: a malformed entry, or entries that disagree on login or database. The
+            message names the entry by position, never its text (it may hold a password).
+    """
+    hosts: list[tuple[str, int]] = []
+    found: dict[str, set[str]] = {"username": set(), "password": set(), "db": set()}
+    for number, entry in enumerate(url.split(";"), start=1):
+        if not entry.startswith(SENTINEL_SCHEME):
+            raise ValueError(f"entry {number} of the URL is not sentinel://host:port")
+        parts = urlsplit(entry)
+        try:
+            port = parts.port or DEFAULT_SENTINEL_PORT
+        except ValueError:
+            raise ValueError(f"entry {number} of the URL has an invalid port") from None
+        if not parts.hostname or parts.query or parts.fragment:
+            raise ValueError(f"entry {number} of the URL needs a host and takes no ?options")
+        db = parts.path.strip("/")
+        if db and not db.isdigit():
+            raise ValueError(f"entry {number} of the URL has a database that is not a number")
+        hosts.append((parts.hostname, port))
+        for key, value in (("username", parts.username), ("password", parts.password)):
+            if value:
+                found[key].add(unquote(value))
+        if db:
+            found["db"].add(str(int(db)))
+    for key, values in found.items():
+        if len(values) > 1:
+            raise ValueError(f"the URL's entries give different values for the {key}")
+    return SentinelURL(
+        tuple(hosts),
+        int(next(iter(found["db"]), "0")),
+        next(iter(found["username"]), None),
+        next(iter(found["password"]), None),
+    )
+
+
+def redis_client(settings: Settings, **overrides: Any) -> redis.Redis:
+    """A client of the job store's Redis (``settings.state_url``); see ``client_from_url``."""
+    secret = settings.redis_sentinel_password
+    return client_from_url(
+        settings.state_url,
+        master_name=settings.redis_sentinel_master,
+        sentinel_password=secret.get_secret_value() if secret else None,
+        **overrides,
+    )
+
+
+def client_from_url(
+    url: str,
+    *,
+    master_name: str | None = None,
+    sentinel_password: str | None = None,
+    **overrides: Any,
+) -> redis.Redis:
+    """A pooled, thread-safe client of ``url`` with ``default_options()`` and ``overrides``.
+
+    For a ``sentinel://`` URL the client talks to whichever node the sentinels name as
+    ``master_name`` and follows it through failovers; closing it also closes its connections
+    to the sentinels.
+
+    Raises:
+        ValueError: a ``sentinel://`` URL without ``master_name``, or a malformed one.
+    """
+    options = {**default_options(), **overrides}
+    if not is_sentinel(url):
+        return redis.Redis.from_url(url, **options)
+    if not master_name:
+        raise ValueError("a sentinel:// URL needs the master's name")
+    parsed = parse_sentinel_url(url)
+    sentinel_kwargs = sentinel_options(sentinel_password)
+    manager = Sentinel(list(parsed.sentinels), sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
+    client: redis.Redis = manager.master_for(  # type: ignore[no-untyped-call]
+        master_name,
+        connection_pool_class=_SentinelPool,
+        db=parsed.db,
+        username=parsed.username,
+        password=parsed.password,
+        **options,
+    )
+    return client
+
+
+class _SentinelPool(SentinelConnectionPool):
+    """redis-py's Sentinel pool; closing it (``client.close()``) also closes the connections
+    its Sentinel manager keeps to each sentinel, which redis-py leaves to the caller."""
+
+    def disconnect(self, inuse_connections: bool = True) -> None:
+        super().disconnect(inuse_connections)
+        if inuse_connections:
+            self.sentinel_manager.close()
