@@ -32,7 +32,7 @@ from invoice_worker.errors import (
 from invoice_worker.logs import log_circuit, log_job
 from invoice_worker.message import TaskMessage
 from invoice_worker.models import Invoice, JobRecord
-from invoice_worker.store import Moved, Report
+from invoice_worker.scripts import Moved, Report
 
 if TYPE_CHECKING:
     from invoice_worker.job import InvoiceJob

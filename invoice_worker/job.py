@@ -51,7 +51,8 @@ from invoice_worker.errors import (
 from invoice_worker.logs import log_circuit, log_job
 from invoice_worker.message import TaskMessage, raw_fingerprint
 from invoice_worker.models import check_foreign_id
-from invoice_worker.store import Claim, JobStore, Moved
+from invoice_worker.scripts import Claim, Moved
+from invoice_worker.store import JobStore
 
 log = logging.getLogger(__name__)
 

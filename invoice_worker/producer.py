@@ -22,7 +22,8 @@ from invoice_worker.errors import ConflictError, InvalidRequestError, NotDurable
 from invoice_worker.message import TaskMessage, redis_envelope
 from invoice_worker.models import InvoiceRequest, JobRecord, parse_request
 from invoice_worker.privacy import kwargs_repr
-from invoice_worker.store import JobStore, NewJob
+from invoice_worker.scripts import NewJob
+from invoice_worker.store import JobStore
 
 Deadline = datetime | float | None
 Request = InvoiceRequest | Mapping[str, Any]

@@ -1,4 +1,5 @@
-"""The Lua scripts of the job store (``lua/*.lua``), as Redis runs them, and their arguments.
+"""The Lua scripts of the job store (``lua/*.lua``), as Redis runs them, their arguments and
+their answers (typed records: the store's results).
 
 Each script opens by binding every KEYS and ARGV entry to a named local; on this side one frozen
 dataclass per script lists the ARGV entries in the same order, so a call is built in one place.
@@ -16,6 +17,8 @@ from typing import Any
 
 from invoice_worker import constants as c
 from invoice_worker.config import Settings
+from invoice_worker.constants import CallReport, Circuit, ClaimStatus
+from invoice_worker.models import JobRecord
 
 #: Record fields a claimed attempt reads (the claim returns only these, not the whole record).
 ATTEMPT_FIELDS = (
@@ -155,3 +158,75 @@ def latency_bucket(latency: float) -> str:
         if latency <= bound:
             return str(i)
     return "inf"
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """A job to record as queued (and, with ``message``, to push onto ``queue`` atomically)."""
+
+    foreign_id: str
+    task_id: str
+    fingerprint: str
+    fields: dict[str, Any]
+    kwargs: str  # the task kwargs as JSON, kept to send again if the message is lost
+    message: str = ""
+    queue: str = ""
+
+
+@dataclass(frozen=True)
+class Enqueued:
+    """The outcome of one enqueue; ``record`` is None only for a conflict.
+
+    ``resend`` is True when an existing job is still queued long after it was sent: its
+    message may have been lost (a producer that died, a Redis that lost writes). ``durable``
+    is False when the Barrier did not confirm the write in time.
+    """
+
+    new: bool
+    record: JobRecord | None
+    resend: bool = False
+    durable: bool = True
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a worker learned when it tried to take a job.
+
+    ``reason`` says why a ``deferred`` job waits (a DeferReason); ``circuit`` is the breaker's
+    new state when this claim changed it (log it once).
+    """
+
+    status: ClaimStatus
+    record: JobRecord | None
+    wait: float = 0.0
+    reason: str = ""
+    circuit: Circuit | None = None
+    #: False when the Barrier did not confirm the claim in time: do not call the provider.
+    durable: bool = True
+
+
+@dataclass(frozen=True)
+class Moved:
+    """A transition that happened: the final record (final states only) and the breaker's
+    new state when this attempt's report changed it."""
+
+    record: JobRecord | None
+    circuit: Circuit | None = None
+    #: A ``created`` final refused by the script: the record's deadline had passed.
+    past_deadline: bool = False
+    #: False when the Barrier did not confirm the write in time (a renewal: do not call the
+    #: provider; a final: it stays staged, unseen, until someone publishes it).
+    durable: bool = True
+
+
+@dataclass(frozen=True)
+class Report:
+    """What an attempt says about the provider, for the whole fleet.
+
+    ``pause``: seconds the fleet holds off after a 429. ``latency``: seconds spent in provider
+    calls, for the latency histogram (None: no call was made).
+    """
+
+    outcome: CallReport = CallReport.NONE
+    pause: float = 0.0
+    latency: float | None = None

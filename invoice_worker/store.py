@@ -15,20 +15,25 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import redis
 from redis.client import Pipeline
 
 from invoice_worker import constants as c
+from invoice_worker.barrier import Barrier, durably, find_barrier
 from invoice_worker.config import Settings
 from invoice_worker.connection import redis_client
-from invoice_worker.constants import CallReport, Circuit, ClaimStatus, DeferReason, JobState
+from invoice_worker.constants import Circuit, ClaimStatus, DeferReason, JobState
 from invoice_worker.models import JobRecord
 from invoice_worker.scripts import (
+    Claim,
     ClaimArgs,
     EnqueueArgs,
+    Enqueued,
+    Moved,
+    NewJob,
+    Report,
     TransitionArgs,
     argv,
     flatten,
@@ -39,104 +44,6 @@ from invoice_worker.scripts import (
 
 #: What a job's event carries (the stream schema; the README documents it).
 EVENT_FIELDS = ("url", "invoice_id", "error_code", "error", "task_id", "attempts", "orphan")
-
-
-@dataclass(frozen=True)
-class NewJob:
-    """A job to record as queued (and, with ``message``, to push onto ``queue`` atomically)."""
-
-    foreign_id: str
-    task_id: str
-    fingerprint: str
-    fields: dict[str, Any]
-    kwargs: str  # the task kwargs as JSON, kept to send again if the message is lost
-    message: str = ""
-    queue: str = ""
-
-
-@dataclass(frozen=True)
-class Barrier:
-    """What makes a write durable before anyone acts on it: ``WAIT`` until ``replicas``
-    replicas have it, or with none, ``WAITAOF`` until the local AOF has it (Redis >= 7.2 with
-    appendonly on). Redis cannot wait inside a script, so the caller pipelines it after one."""
-
-    replicas: int
-    timeout_ms: int
-
-    def add(self, pipe: Pipeline, probe_key: str) -> None:
-        """Append the wait to ``pipe`` (after the writes it must cover)."""
-        # WAIT covers this connection's last write; a script that wrote nothing (an existing
-        # job) would leave an older one, so write something of our own first.
-        pipe.set(probe_key, "1", px=60_000)
-        if self.replicas:
-            pipe.execute_command("WAIT", self.replicas, self.timeout_ms)  # type: ignore[no-untyped-call]
-        else:
-            pipe.execute_command("WAITAOF", 1, 0, self.timeout_ms)  # type: ignore[no-untyped-call]
-
-    def held(self, reply: Any) -> bool:
-        """Whether the wait's reply says the writes are durable."""
-        if self.replicas:
-            return int(reply) >= self.replicas
-        return int(reply[0]) >= 1
-
-
-@dataclass(frozen=True)
-class Enqueued:
-    """The outcome of one enqueue; ``record`` is None only for a conflict.
-
-    ``resend`` is True when an existing job is still queued long after it was sent: its
-    message may have been lost (a producer that died, a Redis that lost writes). ``durable``
-    is False when the Barrier did not confirm the write in time.
-    """
-
-    new: bool
-    record: JobRecord | None
-    resend: bool = False
-    durable: bool = True
-
-
-@dataclass(frozen=True)
-class Claim:
-    """What a worker learned when it tried to take a job.
-
-    ``reason`` says why a ``deferred`` job waits (a DeferReason); ``circuit`` is the breaker's
-    new state when this claim changed it (log it once).
-    """
-
-    status: ClaimStatus
-    record: JobRecord | None
-    wait: float = 0.0
-    reason: str = ""
-    circuit: Circuit | None = None
-    #: False when the Barrier did not confirm the claim in time: do not call the provider.
-    durable: bool = True
-
-
-@dataclass(frozen=True)
-class Moved:
-    """A transition that happened: the final record (final states only) and the breaker's
-    new state when this attempt's report changed it."""
-
-    record: JobRecord | None
-    circuit: Circuit | None = None
-    #: A ``created`` final refused by the script: the record's deadline had passed.
-    past_deadline: bool = False
-    #: False when the Barrier did not confirm the write in time (a renewal: do not call the
-    #: provider; a final: it stays staged, unseen, until someone publishes it).
-    durable: bool = True
-
-
-@dataclass(frozen=True)
-class Report:
-    """What an attempt says about the provider, for the whole fleet.
-
-    ``pause``: seconds the fleet holds off after a 429. ``latency``: seconds spent in provider
-    calls, for the latency histogram (None: no call was made).
-    """
-
-    outcome: CallReport = CallReport.NONE
-    pause: float = 0.0
-    latency: float | None = None
 
 
 class JobStore:
@@ -176,31 +83,12 @@ class JobStore:
     def barrier(self) -> Barrier | None:
         """This store's Barrier, or None when writes are acted on at once (looked up once)."""
         if self._barrier is False:
-            self._barrier = self._find_barrier()
+            self._barrier = find_barrier(self.redis, self.settings)
         return self._barrier  # type: ignore[return-value]
 
-    def _find_barrier(self) -> Barrier | None:
-        timeout_ms = int(self.settings.redis_wait_timeout * 1000)
-        if self.settings.redis_min_replicas:
-            return Barrier(self.settings.redis_min_replicas, timeout_ms)
-        try:
-            self.redis.execute_command("WAITAOF", 0, 0, 0)  # type: ignore[no-untyped-call]
-        except redis.ResponseError:
-            return None
-        aof: Any = self.redis.info("persistence")
-        return Barrier(0, timeout_ms) if aof.get("aof_enabled") == 1 else None
-
     def _durably(self, write: Callable[[Pipeline], None]) -> tuple[list[Any], bool]:
-        """Run the commands ``write`` queues, then the Barrier, in one round trip (one
-        connection, as WAIT requires); returns their replies and whether they are durable."""
-        pipe = self.redis.pipeline(transaction=False)
-        write(pipe)
-        barrier = self.barrier
-        if barrier is None:
-            return pipe.execute(), True
-        barrier.add(pipe, f"{self.prefix}{c.PROBE_KEY}")
-        *replies, _, waited = pipe.execute()
-        return replies, barrier.held(waited)
+        """``durably`` on this store's Barrier (one round trip)."""
+        return durably(self.redis, self.barrier, f"{self.prefix}{c.PROBE_KEY}", write)
 
     @staticmethod
     def member(foreign_id: str) -> str:

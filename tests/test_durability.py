@@ -15,12 +15,13 @@ from typing import Any
 import pytest
 import redis
 
+from invoice_worker.barrier import Barrier
 from invoice_worker.constants import ClaimStatus, JobState
 from invoice_worker.devstack.embedded import EmbeddedRedis
 from invoice_worker.errors import NotDurableError
 from invoice_worker.producer import Producer
 from invoice_worker.sandbox import Faults, Sandbox
-from invoice_worker.store import Barrier, JobStore
+from invoice_worker.store import JobStore
 from tests.conftest import KEY, MIN_AMOUNT, SECRET, job_kwargs, live, make_job, make_settings
 
 pytestmark = pytest.mark.skipif(

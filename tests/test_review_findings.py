@@ -23,7 +23,8 @@ from invoice_worker.job import InvoiceJob
 from invoice_worker.models import parse_request
 from invoice_worker.producer import Producer
 from invoice_worker.sandbox import Sandbox
-from invoice_worker.store import Claim, JobStore
+from invoice_worker.scripts import Claim
+from invoice_worker.store import JobStore
 from invoice_worker.sweeper import Sweeper
 from tests.conftest import job_kwargs, live, make_job, make_settings, request_data
 from tests.test_hardening import (
@@ -179,7 +180,7 @@ def test_a_lost_reply_to_settle_cleanup_counts_once(redis_server: Any, sandbox: 
 def test_a_lost_reply_to_sweep_still_returns_the_lost_jobs(
     redis_server: Any, sandbox: Sandbox
 ) -> None:
-    from invoice_worker.store import NewJob
+    from invoice_worker.scripts import NewJob
 
     proxy, settings = _proxied(redis_server, sandbox)
     store = JobStore.from_settings(settings)

@@ -11,7 +11,8 @@ import redis
 
 from invoice_worker.config import Settings
 from invoice_worker.constants import JobState
-from invoice_worker.store import Claim, Enqueued, JobStore, NewJob
+from invoice_worker.scripts import Claim, Enqueued, NewJob
+from invoice_worker.store import JobStore
 from tests.conftest import new_id
 
 
