@@ -38,8 +38,14 @@ test: lint mypy
 run: $(STAMP)
 	$(BIN)/invoice-worker dev --demo 20
 
+# One Redis killed and restarted; Sentinel failovers (clean, then losing writes) with
+# INVOICE_REDIS_MIN_REPLICAS=1 on the Redis broker and on RabbitMQ quorum queues; and the
+# control, the same failovers with 0, which must break the promises.
 chaos: $(STAMP)
 	$(BIN)/python -m chaos.run --jobs 5000
+	$(BIN)/python -m chaos.run --jobs 3000 --topology sentinel --min-replicas 1
+	$(BIN)/python -m chaos.run --jobs 3000 --topology sentinel --min-replicas 1 --broker quorum
+	$(BIN)/python -m chaos.run --jobs 1000 --topology sentinel --min-replicas 0 --expect-broken --timeout 300
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[bench]'

@@ -9,6 +9,7 @@ invariant broke; ``tests/test_chaos.py`` runs a reduced version inside ``make te
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing
 import random
 import signal
@@ -24,11 +25,13 @@ from typing import Any
 import redis
 import requests
 
+from chaos.failover import clean_failover, lossy_failover, private_vhost, watch
 from chaos.proxy import Proxy
 from chaos.verify import Report, verify
 from invoice_worker.config import Settings
 from invoice_worker.devstack.embedded import EmbeddedRedis, free_port
 from invoice_worker.devstack.processes import ChildProcess, worker_process
+from invoice_worker.devstack.sentinel import SentinelCluster
 from invoice_worker.errors import ConflictError
 from invoice_worker.producer import Producer
 
@@ -60,6 +63,14 @@ class Config:
     outage_seconds: float = 6.0
     timeout: float = 240.0
     seed: int = 7
+    #: "single": one Redis (AOF, fsync always), killed and restarted once. "sentinel": a
+    #: primary, a replica and three sentinels (AOF, fsync every second), failed over once
+    #: cleanly and once losing writes (chaos/failover.py).
+    topology: str = "single"
+    min_replicas: int = 0  # INVOICE_REDIS_MIN_REPLICAS
+    #: "redis": the job store's Redis is the broker too; "quorum": RabbitMQ quorum queues in
+    #: a private vhost (INVOICE_QUEUE_TYPE=quorum).
+    broker: str = "redis"
 
 
 @dataclass
@@ -128,6 +139,10 @@ class Chaos:
         self.workdir = workdir
         self.rng = random.Random(cfg.seed)
         self.redis = EmbeddedRedis(appendonly=True)
+        self.cluster: SentinelCluster | None = None
+        if cfg.topology == "sentinel":
+            aof = {"appendonly": "yes", "appendfsync": "everysec"}
+            self.cluster = SentinelCluster(redis_options=aof)
         self.sandbox: ChildProcess | None = None
         self.proxy: Proxy | None = None
         self.workers: list[ChildProcess] = []
@@ -136,9 +151,19 @@ class Chaos:
         self.stop = threading.Event()
         self.lock = threading.Lock()  # around workers and frozen (killer and freezer threads)
         self.frozen: ChildProcess | None = None
+        self.exits = contextlib.ExitStack()
 
     def start(self, plan: Plan) -> Settings:
-        self.redis.start()
+        topology: dict[str, Any]
+        if self.cluster is not None:
+            self.cluster.start()
+            url, topology = self.cluster.url, {"redis_sentinel_master": self.cluster.master_name}
+        else:
+            url, topology = self.redis.start().url, {}
+        topology["redis_url"] = url
+        if self.cfg.broker == "quorum":
+            broker = self.exits.enter_context(private_vhost())
+            topology |= {"broker_url": broker, "queue_type": "quorum"}
         port = free_port()
         argv = [sys.executable, "-m", "invoice_worker.sandbox", "--port", str(port), "--key", KEY,
                 "--secret", SECRET, "--seed", str(self.cfg.seed)]  # fmt: skip
@@ -152,10 +177,11 @@ class Chaos:
         self.proxy = Proxy(port)
         self.settings = Settings(
             _env_file=None, api_url=f"http://127.0.0.1:{self.proxy.port}/api/v2", api_key=KEY,
-            api_secret=SECRET, broker_url=self.redis.url, key_prefix="chaos:",
+            api_secret=SECRET, key_prefix="chaos:",
             events_stream="chaos:events", queue="chaos", connect_timeout=0.5, read_timeout=1.0,
             lease_seconds=4.0, visibility_timeout=6, retry_base=0.1, retry_cap=2.0,
             max_attempts=40, max_redeliveries=8, circuit_threshold=10, circuit_cooldown=2.0,
+            redis_min_replicas=self.cfg.min_replicas, **{"broker_url": url, **topology},
         )  # fmt: skip
         for pool, concurrency in POOLS:
             self._start_worker(pool, concurrency)
@@ -167,8 +193,10 @@ class Chaos:
         self.workers.append(worker.start(ready="ready."))
 
     def disrupt(self, started: float, duration_hint: float) -> None:
-        """Kill a worker every few seconds; once kill Redis; once cut the provider off."""
+        """Kill a worker every few seconds; once kill Redis (or fail it over cleanly, then
+        losing writes); once cut the provider off."""
         redis_at, outage_at = started + duration_hint * 0.3, started + duration_hint * 0.55
+        lossy_at = started + duration_hint * 0.45
         while not self.stop.wait(self.cfg.kill_every):
             with self.lock:  # a frozen worker is left to thaw: its waking up is the test
                 victim = self.rng.choice([w for w in self.workers if w is not self.frozen])
@@ -178,7 +206,14 @@ class Chaos:
                 self.counts["worker kills"] += 1
                 self._start_worker(*victim.pool)  # type: ignore[attr-defined]
             now = time.monotonic()
-            if now >= redis_at and not self.counts["redis kills"]:
+            if self.cluster is not None:
+                if now >= redis_at and not self.counts["clean failovers"]:
+                    clean_failover(self.cluster)
+                    self.counts["clean failovers"] += 1
+                if now >= lossy_at and not self.counts["failovers losing writes"]:
+                    lossy_failover(self.cluster)
+                    self.counts["failovers losing writes"] += 1
+            elif now >= redis_at and not self.counts["redis kills"]:
                 self.redis.kill()  # SIGKILL: no shutdown save; the AOF has every write
                 time.sleep(3.0)  # longer than redis-py's own retries: callers see it
                 self.redis.start()
@@ -223,6 +258,9 @@ class Chaos:
         if self.sandbox is not None:
             self.sandbox.stop()
         self.redis.stop()
+        if self.cluster is not None:
+            self.cluster.stop()
+        self.exits.close()
 
 
 def run(cfg: Config) -> Report:
@@ -244,6 +282,10 @@ def run(cfg: Config) -> Report:
             ]
             for p in producers:
                 p.start()
+            fids = [r["foreign_id"] for calls in plan.calls for r in calls]
+            watching, shown_out = ctx.Event(), ctx.Queue()
+            watcher = ctx.Process(target=watch, args=(settings, fids, watching, shown_out))
+            watcher.start()
             disruptor = threading.Thread(
                 target=chaos.disrupt, args=(started, duration), daemon=True
             )
@@ -260,6 +302,9 @@ def run(cfg: Config) -> Report:
             while time.monotonic() < deadline and not _all_final(store, accepted):
                 time.sleep(0.5)
             wall = time.monotonic() - started
+            watching.set()
+            shown, _ = shown_out.get(timeout=60)
+            watcher.join(timeout=30)
             chaos.stop.set()
             disruptor.join(timeout=cfg.outage_seconds + 30)
             freezer.join(timeout=settings.lease + settings.broker_visibility_timeout + 30)
@@ -271,6 +316,7 @@ def run(cfg: Config) -> Report:
                 create_calls=invoices["create_calls"],
                 logs=chaos.logs(), secret=SECRET, counts=chaos.counts, wall=wall,
                 producer_retries=sum(r[2] for r in results), outcomes=outcomes,
+                shown=[tuple(pair) for pair in shown],
             )  # fmt: skip
             if report.problems:  # keep the evidence: the work directory goes away
                 kept = Path(tempfile.gettempdir()) / f"invoice-chaos-{run_id}.log"
@@ -307,12 +353,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--producers", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--topology", choices=("single", "sentinel"), default="single")
+    parser.add_argument("--min-replicas", type=int, default=0)
+    parser.add_argument("--broker", choices=("redis", "quorum"), default="redis")
+    parser.add_argument(
+        "--expect-broken", action="store_true",
+        help="succeed only if an invariant breaks (to show what --min-replicas 0 risks)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
-    report = run(
-        Config(jobs=args.jobs, producers=args.producers, timeout=args.timeout, seed=args.seed)
-    )
+    cfg = Config(
+        jobs=args.jobs, producers=args.producers, timeout=args.timeout, seed=args.seed,
+        topology=args.topology, min_replicas=args.min_replicas, broker=args.broker,
+    )  # fmt: skip
+    report = run(cfg)
     print(report.table())
-    return 1 if report.problems else 0
+    return 0 if bool(report.problems) == args.expect_broken else 1
 
 
 if __name__ == "__main__":

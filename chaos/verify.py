@@ -57,6 +57,7 @@ def verify(
     wall: float,
     producer_retries: int,
     outcomes: dict[str, int],
+    shown: list[tuple[str, str]] | None = None,
 ) -> Report:
     report = Report()
     records = {fid: store.get(fid) for fid in accepted}
@@ -70,6 +71,8 @@ def verify(
 
     report.add("jobs accepted", len(accepted))
     report.add("final states", ", ".join(f"{states[s]} {s}" for s in FINAL if states[s]) or "none")
+    forgotten = sum(1 for r in records.values() if r is None)
+    report.add("accepted jobs without a record (enqueue forgotten)", forgotten)
     stuck = [fid for fid, r in records.items() if not r or r.state not in FINAL]
     keep = ("state", "attempts", "deferred", "last_error_code", "next_attempt_at", "crashes")
     examples = [
@@ -111,6 +114,17 @@ def verify(
     report.check(
         not bad_events, f"{len(bad_events)} jobs without exactly one event: {bad_events[:3]}"
     )
+    if shown is not None:  # every URL the shop read must stay the job's one live invoice
+        live_urls = {i["url"] for i in invoices if not i["cancelled"]}
+        taken_back = [
+            (fid, url) for fid, url in shown
+            if url not in live_urls or getattr(records.get(fid), "url", None) != url
+        ]  # fmt: skip
+        report.add("URLs the shop read", len(shown))
+        report.add("  of them taken back (cancelled, replaced or forgotten)", len(taken_back))
+        report.check(
+            not taken_back, f"{len(taken_back)} URLs shown, then taken back: {taken_back[:3]}"
+        )
     done = [r for r in records.values() if r]
     calls = sum(create_calls.values())
     report.add("provider create calls", f"{calls} ({calls / max(1, len(accepted)):.2f} per job)")
@@ -120,8 +134,11 @@ def verify(
     stats = store.redis.hgetall(store.stats)
     report.add("messages re-sent by the sweeper", stats.get("resent", 0))
     report.add("circuit opened", stats.get("circuit_opened", 0))
-    for name in ("worker kills", "worker freezes", "redis kills", "provider outages"):
+    for name in ("worker kills", "worker freezes", "provider outages"):
         report.add(name, counts[name])
+    for name in ("redis kills", "clean failovers", "failovers losing writes"):
+        if name in counts:
+            report.add(name, counts[name])
     report.add("attempts that found their lease lost", len(LEASE_LOST.findall(logs)))
     hostile = {name: outcomes.get(name, 0) for name in (*sorted(HOSTILE), "answer_huge")}
     detail = ", ".join(f"{n.removeprefix('answer_')} {k}" for n, k in hostile.items())
