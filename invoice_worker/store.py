@@ -286,7 +286,9 @@ class JobStore:
         if staged is None or staged.past_deadline or not staged.durable:
             return staged
         moved = self.publish(foreign_id, owner)
-        return moved and Moved(moved.record, staged.circuit)
+        if moved is None or moved.past_deadline:  # the deadline passed while it waited
+            return moved
+        return Moved(moved.record, staged.circuit)
 
     def publish(self, foreign_id: str, owner: str) -> Moved | None:
         """Make a held job's staged outcome final: its event and announcement, as ``finish``

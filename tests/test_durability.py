@@ -106,10 +106,8 @@ def slow_sandbox() -> Iterator[Sandbox]:
 
 
 def durable_settings(pair: Pair, sandbox: Sandbox, replicas: int = 1, **overrides: Any) -> Any:
-    return make_settings(
-        pair.primary.url, sandbox.url, redis_min_replicas=replicas, redis_wait_timeout=0.3,
-        **overrides,
-    )  # fmt: skip
+    overrides = {"redis_wait_timeout": 0.3, **overrides}
+    return make_settings(pair.primary.url, sandbox.url, redis_min_replicas=replicas, **overrides)
 
 
 def events(store: JobStore, fid: str) -> list[dict[str, str]]:
@@ -277,3 +275,40 @@ def test_a_failover_that_loses_writes(pair: Pair, sandbox: Sandbox, replicas: in
         assert final.state is JobState.CREATED
         assert [i["url"] for i in live(sandbox, fid)] == [final.url]
     assert [e["state"] for e in events(job.store, fid)] == [str(final.state)]
+
+
+def test_a_deadline_passing_while_the_final_waits_for_the_replica_expires_the_job(
+    pair: Pair,
+) -> None:
+    """The stage is made before the deadline, its WAIT ends after it: the publication is
+    refused by the script (past_deadline), and the attempt must cancel the invoice and end
+    ``expired``, as it does when the answer itself comes late (not crash on the refusal)."""
+    with Sandbox(KEY, SECRET, min_amount=MIN_AMOUNT) as provider:
+        provider.set_faults(Faults(latency_ms=1500))
+        settings = durable_settings(
+            pair, provider, redis_wait_timeout=6.0, lease_seconds=14.0, read_timeout=3.0
+        )
+        job = make_job(settings)
+        start = time.time()
+        kwargs = job_kwargs(deadline=start + 3.0)
+        fid = kwargs["request"]["foreign_id"]
+        assert pair.replica.process is not None
+        pid = pair.replica.process.pid
+        # Stopped, its link kept: it acknowledges the stage only once resumed, past the deadline.
+        stopping = threading.Timer(0.5, os.kill, (pid, signal.SIGSTOP))
+        resuming = threading.Timer(5.0, os.kill, (pid, signal.SIGCONT))
+        stopping.start()
+        resuming.start()
+        try:
+            outcome = job.run(kwargs, task_id="t-1", owner="w1")
+        finally:
+            stopping.join()
+            resuming.join()
+        record = outcome.record
+        assert record is not None
+        assert record.state is JobState.EXPIRED
+        assert record.error_code == "deadline_passed"
+        assert record.orphan == "cancelled"
+        assert provider.create_calls(fid) == 1
+        assert live(provider, fid) == []
+        assert [e["state"] for e in events(job.store, fid)] == ["expired"]
