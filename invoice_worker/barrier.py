@@ -8,6 +8,7 @@ final, an enqueue): one round trip, on the script's own connection, as WAIT requ
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -47,7 +48,8 @@ class Barrier:
 def find_barrier(client: redis.Redis, settings: Settings) -> Barrier | None:
     """The Barrier for ``settings`` on this server, or None when writes are acted on at once
     (no replicas asked for, and no AOF to fsync or a Redis before 7.2 without WAITAOF)."""
-    timeout_ms = int(settings.redis_wait_timeout * 1000)
+    # Rounded up: a timeout of 0 ms would make WAIT (and WAITAOF) block until they are met.
+    timeout_ms = max(1, math.ceil(settings.redis_wait_timeout * 1000))
     if settings.redis_min_replicas:
         return Barrier(settings.redis_min_replicas, timeout_ms)
     try:

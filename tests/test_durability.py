@@ -312,3 +312,24 @@ def test_a_deadline_passing_while_the_final_waits_for_the_replica_expires_the_jo
         assert provider.create_calls(fid) == 1
         assert live(provider, fid) == []
         assert [e["state"] for e in events(job.store, fid)] == ["expired"]
+
+
+def test_a_wait_timeout_under_a_millisecond_still_bounds_the_wait(
+    pair: Pair, sandbox: Sandbox
+) -> None:
+    """``WAIT n 0`` blocks forever: a timeout that rounds down to 0 ms must not become that."""
+    store = JobStore.from_settings(durable_settings(pair, sandbox, redis_wait_timeout=0.0004))
+    fid = job_kwargs()["request"]["foreign_id"]
+    claims: list[Any] = []
+
+    def claim() -> None:
+        claims.append(store.claim(fid, "w1", fingerprint="f", fields={}, kwargs="{}"))
+
+    with pair.replica_paused():
+        claiming = threading.Thread(target=claim, daemon=True)
+        claiming.start()
+        claiming.join(timeout=5)
+        assert not claiming.is_alive(), "the claim is still waiting for the replica"
+    [answer] = claims
+    assert answer.status is ClaimStatus.CLAIMED
+    assert not answer.durable
