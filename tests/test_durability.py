@@ -388,3 +388,44 @@ def test_a_published_url_taken_back_by_a_failover_is_not_cancelled_at_the_deadli
     assert [i["url"] for i in live(sandbox, fid)] == [shown.url]
     assert final.state is JobState.CREATED
     assert final.url == shown.url
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="WAIT is not persistence: a primary that restarts from data older than what its "
+    "replica confirmed (RDB only, or appendfsync everysec after a host crash) before Sentinel "
+    "fails it over makes the replica resync from it, and the confirmed claim and final are gone "
+    "from both (residual risk; WAITAOF 1 N on Redis >= 7.2 or appendfsync always would close it)",
+)
+def test_a_primary_restarting_from_older_data_does_not_take_back_a_confirmed_url(
+    pair: Pair, sandbox: Sandbox
+) -> None:
+    settings = durable_settings(pair, sandbox)
+    producer = Producer(settings)
+    kwargs = job_kwargs()
+    fid = kwargs["request"]["foreign_id"]
+    producer.enqueue(kwargs["request"])
+    with redis.Redis(port=pair.primary.port) as r:
+        r.save()  # what the primary will restart from: the job, queued
+    outcome = make_job(settings).run(kwargs, task_id="t-1", owner="w1")
+    shown = outcome.record
+    assert shown is not None
+    assert shown.state is JobState.CREATED  # claim and final both confirmed by the replica
+    producer.close()
+    pair.primary.restart()  # the crash: the process comes back before any failover
+    with redis.Redis(port=pair.replica.port, decode_responses=True) as r:
+        deadline = time.monotonic() + 15
+        # The replica reconnects and resyncs from the restarted primary: the job is queued
+        # again on both nodes.
+        while r.hget(f"{settings.key_prefix}job:{fid}", "state") != "queued":
+            assert time.monotonic() < deadline, "the replica did not resync"
+            time.sleep(0.05)
+
+    job = make_job(settings)
+    while (outcome := job.run(kwargs, task_id="t-1", owner="w2")).retry_in is not None:
+        time.sleep(outcome.retry_in)
+    final = outcome.record
+    assert final is not None
+    assert [i["url"] for i in live(sandbox, fid)] == [shown.url]
+    assert final.state is JobState.CREATED
+    assert final.url == shown.url
