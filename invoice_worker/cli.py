@@ -26,7 +26,12 @@ from invoice_worker import __version__
 from invoice_worker.config import Settings
 from invoice_worker.connection import redis_client
 from invoice_worker.constants import JobState, QueueType
-from invoice_worker.errors import ConfigError, ConflictError, InvalidRequestError
+from invoice_worker.errors import (
+    ConfigError,
+    ConflictError,
+    InvalidRequestError,
+    NotDurableError,
+)
 from invoice_worker.privacy import escape_controls, redact_url
 
 EXIT_NOT_CREATED, EXIT_USAGE, EXIT_INVALID, EXIT_CONFLICT = 1, 2, 3, 4
@@ -374,6 +379,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except NotDurableError as exc:  # INVOICE_REDIS_MIN_REPLICAS: run the same enqueue again
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
     except (redis.RedisError, OperationalError, OSError) as exc:
         print(f"error: unreachable: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE

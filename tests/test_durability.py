@@ -11,11 +11,13 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
+from invoice_worker import cli
 from invoice_worker.barrier import Barrier
 from invoice_worker.constants import ClaimStatus, JobState
 from invoice_worker.devstack.embedded import EmbeddedRedis
@@ -24,7 +26,16 @@ from invoice_worker.message import TaskMessage
 from invoice_worker.producer import Producer
 from invoice_worker.sandbox import Faults, Sandbox
 from invoice_worker.store import JobStore
-from tests.conftest import KEY, MIN_AMOUNT, SECRET, job_kwargs, live, make_job, make_settings
+from tests.conftest import (
+    KEY,
+    MIN_AMOUNT,
+    SECRET,
+    job_kwargs,
+    live,
+    make_job,
+    make_settings,
+    request_data,
+)
 
 pytestmark = pytest.mark.skipif(
     EmbeddedRedis().kind != "redis-server", reason="replication needs a real redis-server"
@@ -429,3 +440,26 @@ def test_a_primary_restarting_from_older_data_does_not_take_back_a_confirmed_url
     assert [i["url"] for i in live(sandbox, fid)] == [shown.url]
     assert final.state is JobState.CREATED
     assert final.url == shown.url
+
+
+def test_the_cli_reports_an_enqueue_redis_did_not_confirm(
+    pair: Pair,
+    sandbox: Sandbox,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``invoice-worker enqueue`` says what happened and exits non-zero (no traceback)."""
+    monkeypatch.chdir(tmp_path)  # no stray .env
+    for name in [k for k in os.environ if k.startswith("INVOICE_")]:
+        monkeypatch.delenv(name)
+    for name, value in durable_settings(pair, sandbox).to_env().items():
+        monkeypatch.setenv(name, value)
+    data = request_data()
+    (tmp_path / "request.json").write_text(json.dumps(data))
+    with pair.replica_paused():
+        code = cli.main(["enqueue", "--file", str(tmp_path / "request.json")])
+    _, err = capsys.readouterr()
+    assert code == cli.EXIT_UNREACHABLE
+    assert data["foreign_id"] in err
+    assert "enqueue again" in err
