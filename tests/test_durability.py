@@ -18,14 +18,16 @@ import pytest
 import redis
 
 from invoice_worker import cli
+from invoice_worker.app import create_app
 from invoice_worker.barrier import Barrier
-from invoice_worker.constants import ClaimStatus, JobState
+from invoice_worker.constants import INVALID_MESSAGE_ID, TASK_NAME, ClaimStatus, JobState
 from invoice_worker.devstack.embedded import EmbeddedRedis
 from invoice_worker.errors import NotDurableError
 from invoice_worker.message import TaskMessage
 from invoice_worker.producer import Producer
 from invoice_worker.sandbox import Faults, Sandbox
 from invoice_worker.store import JobStore
+from invoice_worker.sweeper import Sweeper
 from tests.conftest import (
     KEY,
     MIN_AMOUNT,
@@ -463,3 +465,36 @@ def test_the_cli_reports_an_enqueue_redis_did_not_confirm(
     assert code == cli.EXIT_UNREACHABLE
     assert data["foreign_id"] in err
     assert "enqueue again" in err
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="_reject answers retry_in when its staged failure is not confirmed, but the "
+    "consumer's record_invalid path ignores the outcome and the message is set aside; the "
+    "record keeps no copy for the sweeper, so nothing ever publishes it (judgment call: "
+    "publish an invalid_message failure without waiting, or keep a way to come back to it)",
+)
+def test_a_malformed_message_recorded_while_no_replica_confirms_still_ends_failed(
+    pair: Pair, sandbox: Sandbox
+) -> None:
+    settings = durable_settings(
+        pair, sandbox, connect_timeout=0.1, read_timeout=0.3, lease_seconds=1.5,
+        visibility_timeout=3, retry_cap=1.0,
+    )  # fmt: skip
+    app = create_app(settings)
+    task = app.tasks[TASK_NAME]
+    with pair.replica_paused():
+        # The consumer's path for a message of ours whose kwargs Celery cannot unpack.
+        task.record_invalid(["not", "an", "object"], "t-bad")
+    store = JobStore.from_settings(settings)
+    fid = f"{INVALID_MESSAGE_ID}t-bad"
+    held = store.get(fid)
+    assert held is not None
+    assert held.state is JobState.PROCESSING  # staged, unseen
+    time.sleep(settings.lease + settings.broker_visibility_timeout + 0.5)
+    Sweeper(app, settings, store).sweep()  # what brings back a job whose message is gone
+    record = store.get(fid)
+    app.close()
+    assert record is not None
+    assert record.state is JobState.FAILED
+    assert record.error_code == "invalid_message"
