@@ -249,9 +249,11 @@ class JobStore:
         self, foreign_id: str, owner: str, delay: float, report: Report | None, **fields: Any
     ) -> Moved | None:
         """Release a held job for ``delay`` seconds because a write of it was not durable in
-        time (the provider was not called on it); counted as a ``not_durable`` deferral."""
-        moved = self.transition(
-            foreign_id, owner, JobState.RETRYING, fields, delay=delay, report=report
+        time (the provider was not called on it); recorded as ``deferred=not_durable`` and
+        counted as that deferral, not as a retry."""
+        values = {**fields, "deferred": DeferReason.NOT_DURABLE}
+        moved = self._run(
+            foreign_id, owner, "defer", JobState.RETRYING, values, delay, report, None
         )
         self.redis.hincrby(self.stats, f"deferrals:{DeferReason.NOT_DURABLE}", 1)
         return moved

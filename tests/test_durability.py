@@ -498,3 +498,23 @@ def test_a_malformed_message_recorded_while_no_replica_confirms_still_ends_faile
     assert record is not None
     assert record.state is JobState.FAILED
     assert record.error_code == "invalid_message"
+
+
+def test_a_deferral_for_durability_says_so_in_the_record_and_is_not_a_retry(
+    pair: Pair, sandbox: Sandbox
+) -> None:
+    """README: the job is deferred with ``deferred=not_durable``; the provider was not called,
+    so ``invoice_retries_total`` ("attempts scheduled after a transient error") stays put."""
+    job = make_job(durable_settings(pair, sandbox))
+    kwargs = job_kwargs()
+    fid = kwargs["request"]["foreign_id"]
+    with pair.replica_paused():
+        outcome = job.run(kwargs, task_id="t-1", owner="w1")
+    assert outcome.retry_in is not None
+    record = job.store.get(fid)
+    assert record is not None
+    assert record.state is JobState.RETRYING
+    assert record.deferred == "not_durable"
+    stats = job.store.redis.hgetall(job.store.stats)
+    assert stats.get("deferrals:not_durable") == "1"
+    assert stats.get("retries", "0") == "0"

@@ -18,7 +18,8 @@ local cleanup_key = KEYS[7]
 local owner = ARGV[1]
 local op = ARGV[2]  -- unique per call: tells a re-run from a new transition
 local new_state = ARGV[3]
-local mode = ARGV[4]  -- renew | release | stage | final | publish
+local mode = ARGV[4]  -- renew | release | defer | stage | final | publish (defer: a release
+-- because a write was not durable, so no call was made: not counted as a retry)
 local delay_ms = tonumber(ARGV[5])  -- -1: none
 local done_channel = ARGV[6]
 local report = ARGV[7]  -- a CallReport: ok | failure | rate_limited | ''
@@ -141,7 +142,7 @@ end
 if delay_ms >= 0 then
   redis.call('HSET', record_key, 'next_attempt_ms', now + delay_ms,
     'next_attempt_at', (now + delay_ms) / 1000)
-  redis.call('HINCRBY', stats_key, 'retries', 1)
+  if mode ~= 'defer' then redis.call('HINCRBY', stats_key, 'retries', 1) end
   redis.call('ZADD', due_key, now + delay_ms + due_after_ms, due_member)
 end
 record_latency()
