@@ -70,8 +70,9 @@ class ConflictError(InvoiceWorkerError):
 
 class NotDurableError(InvoiceWorkerError):
     """Raised when Redis did not confirm an enqueue on ``INVOICE_REDIS_MIN_REPLICAS`` replicas
-    in time: the job is probably recorded and sent, but a failover now could lose it. Enqueue
-    the same request again (it is idempotent) until this is not raised."""
+    in time: the job is probably recorded and sent, but a failover now could lose it (or, with
+    ``min-replicas-to-write``, the primary refused it for want of replicas). Enqueue the same
+    request again (it is idempotent) until this is not raised."""
 
     code = "not_durable"
 

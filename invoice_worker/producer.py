@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
+import redis
 from celery import Celery
 
 from invoice_worker.app import create_app
@@ -123,7 +124,13 @@ class Producer:
 
     def _enqueue(self, messages: list[TaskMessage]) -> list[JobRecord | ConflictError]:
         jobs = [self._new_job(message) for message in messages]
-        results = self.store.enqueue(jobs)
+        try:
+            results = self.store.enqueue(jobs)
+        except redis.ResponseError as exc:
+            # min-replicas-to-write: the primary refused the write for want of replicas.
+            if "NOREPLICAS" not in str(exc):
+                raise
+            raise NotDurableError([job.foreign_id for job in jobs]) from None
         out: list[JobRecord | ConflictError] = []
         sends: list[tuple[TaskMessage, str, bool]] = []  # (message, task_id, record is new)
         for message, job, result in zip(messages, jobs, results, strict=True):

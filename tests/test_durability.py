@@ -518,3 +518,19 @@ def test_a_deferral_for_durability_says_so_in_the_record_and_is_not_a_retry(
     stats = job.store.redis.hgetall(job.store.stats)
     assert stats.get("deferrals:not_durable") == "1"
     assert stats.get("retries", "0") == "0"
+
+
+def test_enqueue_refused_for_want_of_replicas_raises_not_durable(
+    pair: Pair, sandbox: Sandbox
+) -> None:
+    """With ``min-replicas-to-write`` (the README's advice against writes to a demoted master),
+    a primary without its replica refuses the enqueue (NOREPLICAS): the caller must get the
+    documented NotDurableError ("enqueue again"), not a bare ResponseError."""
+    producer = Producer(durable_settings(pair, sandbox))
+    with redis.Redis(port=pair.primary.port) as r:
+        r.config_set("min-replicas-to-write", 1)
+    request = job_kwargs()["request"]
+    with pair.replica_paused(), pytest.raises(NotDurableError) as raised:
+        producer.enqueue(request)
+    assert raised.value.foreign_ids == [request["foreign_id"]]
+    producer.close()
