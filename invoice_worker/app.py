@@ -6,11 +6,14 @@ This is the one place that maps Settings onto ``app.conf``; each choice says why
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
+import redis
 from celery import Celery, bootsteps
 
 from invoice_worker import logs, tasks
+from invoice_worker.barrier import find_barrier
 from invoice_worker.config import Settings
 from invoice_worker.connection import redis_client
 from invoice_worker.constants import TASK_NAME
@@ -93,12 +96,15 @@ def _sweeper_step(app: Celery, settings: Settings) -> type[bootsteps.StartStopSt
 def _preflight_step(settings: Settings) -> type[bootsteps.Step]:
     class Preflight(bootsteps.Step):  # type: ignore[misc]
         """Refuse to start a worker that could not keep its guarantees: no provider
-        credentials, or a job store that may evict records (not fail at the first job)."""
+        credentials, a job store that may evict records, or one that cannot confirm writes
+        the way the settings ask (not fail at the first job)."""
 
         def __init__(self, parent: Any, **kwargs: Any) -> None:
             settings.require_credentials()
             with redis_client(settings, socket_timeout=5) as client:
                 require_noeviction(client)
+                with contextlib.suppress(redis.ConnectionError):  # unreachable: see above
+                    find_barrier(client, settings)  # INVOICE_REDIS_WAIT_AOF it cannot honour
             super().__init__(parent, **kwargs)
 
     return Preflight

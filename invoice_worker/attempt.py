@@ -113,7 +113,8 @@ class Attempt:
             # A claim a failover could take back must not reach the provider (nor publish).
             return self._not_durable(undo_attempt=status is ClaimStatus.CLAIMED)
         if status is ClaimStatus.STAGED:
-            return self._settled(self.job.store.publish(self.foreign_id, self.owner), provider_id)
+            moved = self.job.store.publish(self.foreign_id, self.owner, again=True)
+            return self._settled(moved, provider_id)
         if status is ClaimStatus.POISON:
             # No call here: the call itself may be what kills the worker. The sweeper cancels.
             return self._end(
@@ -268,7 +269,7 @@ class Attempt:
             )  # fmt: skip
         self._circuit(moved)
         if not moved.durable:  # staged, unseen: whoever claims it next publishes it
-            return self._not_durable(undo_attempt=False)
+            return self._not_durable(undo_attempt=False, unseen=True)
         record = moved.record
         assert record is not None, "a final transition returns its record"
         self._log(record.state, error_code=record.error_code, orphan=record.orphan)
@@ -291,12 +292,14 @@ class Attempt:
         self.fenced_at = started
         return None
 
-    def _not_durable(self, *, undo_attempt: bool) -> Outcome:
+    def _not_durable(self, *, undo_attempt: bool, unseen: bool = False) -> Outcome:
         """Hand the job back without calling the provider: Redis did not confirm on enough
         replicas a write that a failover must not take back (a claim, a fence, a staged
         final). ``undo_attempt``: the claim's attempt was not used."""
         delay = self.settings.retry_base + full_jitter(self.settings.retry_base, self.job.rand)
-        fields = {"attempts": self.attempts - 1} if undo_attempt else {}
+        fields: dict[str, Any] = {"attempts": self.attempts - 1} if undo_attempt else {}
+        if unseen:  # a staged final handed back before anyone could read it (transition.lua)
+            fields["staged_unseen"] = 1
         moved = self.job.store.defer(self.foreign_id, self.owner, delay, self.report, **fields)
         self.report = Report()
         if moved is None:

@@ -3,7 +3,9 @@
 Production Redis loses acknowledged writes (a host crash under ``appendfsync everysec``, a
 failover to an asynchronous replica). With ``INVOICE_REDIS_MIN_REPLICAS`` the store pipelines a
 ``WAIT`` after each write that must survive (a claim, the fence before a provider call, a staged
-final, an enqueue): one round trip, on the script's own connection, as WAIT requires.
+final, an enqueue): one round trip, on the script's own connection, as WAIT requires. With
+``INVOICE_REDIS_WAIT_AOF`` it is ``WAITAOF 1 N`` instead: the primary's own AOF must have the
+write on disk too (Redis >= 7.2), which also covers a primary that restarts from its disk.
 """
 
 from __future__ import annotations
@@ -17,47 +19,60 @@ import redis
 from redis.client import Pipeline
 
 from invoice_worker.config import Settings
+from invoice_worker.errors import ConfigError
 
 
 @dataclass(frozen=True)
 class Barrier:
-    """What makes a write durable before anyone acts on it: ``WAIT`` until ``replicas``
-    replicas have it, or with none, ``WAITAOF`` until the local AOF has it (Redis >= 7.2 with
-    appendonly on). Redis cannot wait inside a script, so the caller pipelines it after one."""
+    """What makes a write durable before anyone acts on it: ``replicas`` replicas have it
+    (``WAIT``), and with ``aof`` the primary's AOF has it on disk too (``WAITAOF 1 replicas``).
+    Redis cannot wait inside a script, so the caller pipelines the wait after one."""
 
     replicas: int
     timeout_ms: int
+    aof: bool = False
 
     def add(self, pipe: Pipeline, probe_key: str) -> None:
         """Append the wait to ``pipe`` (after the writes it must cover)."""
         # WAIT covers this connection's last write; a script that wrote nothing (an existing
         # job) would leave an older one, so write something of our own first.
         pipe.set(probe_key, "1", px=60_000)
-        if self.replicas:
-            pipe.execute_command("WAIT", self.replicas, self.timeout_ms)  # type: ignore[no-untyped-call]
+        if self.aof:
+            command: tuple[Any, ...] = ("WAITAOF", 1, self.replicas, self.timeout_ms)
         else:
-            pipe.execute_command("WAITAOF", 1, 0, self.timeout_ms)  # type: ignore[no-untyped-call]
+            command = ("WAIT", self.replicas, self.timeout_ms)
+        pipe.execute_command(*command)  # type: ignore[no-untyped-call]
 
     def held(self, reply: Any) -> bool:
         """Whether the wait's reply says the writes are durable."""
-        if self.replicas:
-            return int(reply) >= self.replicas
-        return int(reply[0]) >= 1
+        if self.aof:
+            return int(reply[0]) >= 1 and int(reply[1]) >= self.replicas
+        return int(reply) >= self.replicas
 
 
 def find_barrier(client: redis.Redis, settings: Settings) -> Barrier | None:
-    """The Barrier for ``settings`` on this server, or None when writes are acted on at once
-    (no replicas asked for, and no AOF to fsync or a Redis before 7.2 without WAITAOF)."""
+    """The Barrier ``settings`` ask for, or None when writes are acted on at once.
+
+    Raises:
+        ConfigError: ``INVOICE_REDIS_WAIT_AOF`` on a server without ``WAITAOF`` (before 7.2)
+            or without an AOF: nothing could ever be confirmed.
+    """
     # Rounded up: a timeout of 0 ms would make WAIT (and WAITAOF) block until they are met.
     timeout_ms = max(1, math.ceil(settings.redis_wait_timeout * 1000))
+    if settings.redis_wait_aof:
+        try:
+            client.execute_command("WAITAOF", 0, 0, 0)  # type: ignore[no-untyped-call]
+        except redis.ResponseError:
+            raise ConfigError(
+                "INVOICE_REDIS_WAIT_AOF needs Redis >= 7.2 (WAITAOF) for the job store"
+            ) from None
+        persistence: Any = client.info("persistence")
+        if persistence.get("aof_enabled") != 1:
+            raise ConfigError("INVOICE_REDIS_WAIT_AOF needs appendonly yes on the job store")
+        return Barrier(settings.redis_min_replicas, timeout_ms, aof=True)
     if settings.redis_min_replicas:
         return Barrier(settings.redis_min_replicas, timeout_ms)
-    try:
-        client.execute_command("WAITAOF", 0, 0, 0)  # type: ignore[no-untyped-call]
-    except redis.ResponseError:
-        return None
-    aof: Any = client.info("persistence")
-    return Barrier(0, timeout_ms) if aof.get("aof_enabled") == 1 else None
+    return None
 
 
 def durably(

@@ -28,6 +28,8 @@ _HEADER_SAFE = re.compile(r"^[\x21-\x7e]*$")
 #: Longest countdown on RabbitMQ: below its default consumer_timeout (30 min), after which it
 #: closes the channel of a consumer holding an unacked (ETA) message.
 AMQP_MAX_COUNTDOWN = 900.0
+#: Seconds a write may wait for its AOF fsync under ``appendfsync everysec``, with a margin.
+AOF_SYNC_PERIOD = 1.2
 AMQP_SCHEMES = ("amqp://", "amqps://", "pyamqp://")
 #: Smallest INVOICE_VISIBILITY_TIMEOUT with quorum queues: the sweeper takes a message for lost
 #: that long after its countdown, and a countdown there ends up to ~2 s late (whole seconds,
@@ -70,10 +72,11 @@ class Settings(BaseSettings):
     lease_seconds: float | None = Field(None, gt=0)
     visibility_timeout: int | None = Field(None, ge=1)
     #: Replicas that must confirm a write (Redis WAIT) before the provider is called on it or
-    #: an outcome is shown; 0 = none (then WAITAOF on an AOF Redis that has it). README:
-    #: "Topologies".
+    #: an outcome is shown; 0 = none. README: "Topologies and what each guarantees".
     redis_min_replicas: int = Field(0, ge=0)
     redis_wait_timeout: float = Field(0.5, gt=0)
+    #: Also wait for the primary's own AOF fsync (WAITAOF, Redis >= 7.2); see barrier.py.
+    redis_wait_aof: bool = False
 
     # retries
     max_attempts: int = Field(8, ge=1)
@@ -143,11 +146,18 @@ class Settings(BaseSettings):
                 "lease lets a second worker call the provider while the first still waits"
             )
         margin = self.lease - 2 * self.http_deadline
-        if self.redis_min_replicas and self.redis_wait_timeout >= margin:
+        waits = self.redis_min_replicas or self.redis_wait_aof
+        if waits and self.redis_wait_timeout >= margin:
             raise ValueError(
                 f"INVOICE_REDIS_WAIT_TIMEOUT ({self.redis_wait_timeout}) must be below the "
                 f"lease's margin over two provider calls ({margin:g}"
                 " s): waiting for replicas counts against the lease"
+            )
+        if self.redis_wait_aof and self.redis_wait_timeout < AOF_SYNC_PERIOD:
+            raise ValueError(
+                f"INVOICE_REDIS_WAIT_TIMEOUT must be at least {AOF_SYNC_PERIOD} s with "
+                "INVOICE_REDIS_WAIT_AOF: under appendfsync everysec the AOF is synced once a "
+                "second, and a shorter wait would turn that into refusals"
             )
         if self.retry_cap < self.retry_base:
             raise ValueError("INVOICE_RETRY_CAP must be >= INVOICE_RETRY_BASE")

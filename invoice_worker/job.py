@@ -51,7 +51,7 @@ from invoice_worker.errors import (
 from invoice_worker.logs import log_circuit, log_job
 from invoice_worker.message import TaskMessage, raw_fingerprint
 from invoice_worker.models import check_foreign_id
-from invoice_worker.scripts import Claim, Moved
+from invoice_worker.scripts import Claim
 from invoice_worker.store import JobStore
 
 log = logging.getLogger(__name__)
@@ -171,17 +171,13 @@ class InvoiceJob:
             return self._reject(kwargs, exc, task_id=task_id, owner=owner, conflict=True)
         code = "conflict" if conflict else ErrorCode.INVALID_MESSAGE
         match claim.status:
-            case ClaimStatus.STAGED:  # recorded by an earlier delivery, not yet published
-                moved = self.store.publish(fid, owner) if claim.durable else Moved(None)
-            case ClaimStatus.CLAIMED | ClaimStatus.POISON:
+            case ClaimStatus.CLAIMED | ClaimStatus.POISON | ClaimStatus.STAGED:
+                # Not through the Barrier: no provider call or URL hangs on it, and a message
+                # Celery could not unpack never comes back to publish a staged failure.
                 values = {"error_code": code, "error": str(exc), "errors": exc.errors}
-                moved = self.store.finish(fid, owner, JobState.FAILED, values)
+                moved = self.store.finish(fid, owner, JobState.FAILED, values, wait=False)
             case _:
                 log_job(logging.WARNING, fid, task_id, "ignored", reason=ErrorCode.INVALID_MESSAGE)
                 return Outcome(claim.record)
-        if moved is not None and moved.record is None:
-            # Not durable yet: the record stays staged and held; this message comes back
-            # after the lease to publish it.
-            return Outcome(None, retry_in=self.settings.lease)
         log_job(logging.WARNING, fid, task_id, JobState.FAILED, error_code=code)
         return Outcome(moved.record if moved else None, finished=moved is not None)

@@ -267,9 +267,11 @@ class JobStore:
         report: Report | None = None,
         *,
         cleanup_in: float | None = None,
+        wait: bool = True,
     ) -> Moved | None:
         """Make an owned job final, append its event and announce it, in one atomic step;
-        with a Barrier, in two: staged, durable, then published (see :meth:`publish`).
+        with a Barrier (and ``wait``), in two: staged, durable, then published (see
+        :meth:`publish`).
 
         ``cleanup_in`` schedules a retried cancel of the job's provider id (a pending cleanup).
 
@@ -280,7 +282,7 @@ class JobStore:
             it stays staged, unseen, and the next claim publishes it).
         """
         assert state.final, state
-        if self.barrier is None:
+        if self.barrier is None or not wait:
             return self._run(foreign_id, owner, "final", state, fields, None, report, cleanup_in)
         staged = self._run(
             foreign_id, owner, "stage", state, fields, None, report, cleanup_in, durable=True
@@ -292,10 +294,15 @@ class JobStore:
             return moved
         return Moved(moved.record, staged.circuit)
 
-    def publish(self, foreign_id: str, owner: str) -> Moved | None:
+    def publish(self, foreign_id: str, owner: str, *, again: bool = False) -> Moved | None:
         """Make a held job's staged outcome final: its event and announcement, as ``finish``
-        does in one step. None if the caller no longer holds it or nothing is staged."""
-        return self._run(foreign_id, owner, "publish", None, None, None, None, None)
+        does in one step. None if the caller no longer holds it or nothing is staged.
+
+        ``again``: a staged outcome found by a claim, which may have been published (and read)
+        before a failover took that back: the deadline no longer refuses it (transition.lua).
+        """
+        mode = "republish" if again else "publish"
+        return self._run(foreign_id, owner, mode, None, None, None, None, None)
 
     def _run(
         self,

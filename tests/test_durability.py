@@ -22,12 +22,11 @@ from invoice_worker.app import create_app
 from invoice_worker.barrier import Barrier
 from invoice_worker.constants import INVALID_MESSAGE_ID, TASK_NAME, ClaimStatus, JobState
 from invoice_worker.devstack.embedded import EmbeddedRedis
-from invoice_worker.errors import NotDurableError
+from invoice_worker.errors import ConfigError, NotDurableError
 from invoice_worker.message import TaskMessage
 from invoice_worker.producer import Producer
 from invoice_worker.sandbox import Faults, Sandbox
 from invoice_worker.store import JobStore
-from invoice_worker.sweeper import Sweeper
 from tests.conftest import (
     KEY,
     MIN_AMOUNT,
@@ -132,10 +131,26 @@ def events(store: JobStore, fid: str) -> list[dict[str, str]]:
 def test_barrier_is_wait_for_the_replicas_asked_for(pair: Pair, sandbox: Sandbox) -> None:
     store = JobStore.from_settings(durable_settings(pair, sandbox, replicas=1))
     assert store.barrier == Barrier(1, 300)
-    # N = 0: WAITAOF where the server has it (7.2+) and keeps an AOF; else nothing to wait for.
-    plain = JobStore.from_settings(durable_settings(pair, sandbox, replicas=0))
-    version = tuple(int(p) for p in plain.redis.info("server")["redis_version"].split("."))
-    assert plain.barrier is None or (version >= (7, 2) and plain.barrier.replicas == 0)
+    # N = 0 without WAITAOF asked for: today's behaviour, nothing is awaited.
+    assert JobStore.from_settings(durable_settings(pair, sandbox, replicas=0)).barrier is None
+
+
+def test_waiting_for_the_aof_needs_a_server_that_can(pair: Pair, sandbox: Sandbox) -> None:
+    """INVOICE_REDIS_WAIT_AOF asks for WAITAOF 1 N: refused, naming the setting, where the
+    server cannot do it (before Redis 7.2, or without an AOF) instead of deferring forever."""
+    settings = durable_settings(
+        pair, sandbox, redis_wait_aof=True, redis_wait_timeout=1.5, lease_seconds=6
+    )
+    store = JobStore.from_settings(settings)
+    version = tuple(int(p) for p in store.redis.info("server")["redis_version"].split("."))
+    if version >= (7, 2):  # this server has WAITAOF: only the missing AOF is refused
+        with pytest.raises(ConfigError, match="INVOICE_REDIS_WAIT_AOF needs appendonly yes"):
+            _ = store.barrier
+        store.redis.config_set("appendonly", "yes")
+        assert store.barrier == Barrier(1, 1500, aof=True)
+    else:
+        with pytest.raises(ConfigError, match=r"INVOICE_REDIS_WAIT_AOF needs Redis >= 7\.2"):
+            _ = store.barrier
 
 
 def test_enqueue_returns_only_once_the_replica_has_the_job(pair: Pair, sandbox: Sandbox) -> None:
@@ -350,14 +365,6 @@ def test_a_wait_timeout_under_a_millisecond_still_bounds_the_wait(
     assert not answer.durable
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a publication is not waited for: when a failover takes it back, the staged "
-    "'created' is published again by the next claim, and past the deadline the script refuses "
-    "it, so the attempt cancels the invoice whose URL the shop already read (judgment call: "
-    "publish a staged 'created' whatever the deadline, or make a marker durable before "
-    "publishing; see the review report)",
-)
 def test_a_published_url_taken_back_by_a_failover_is_not_cancelled_at_the_deadline(
     pair: Pair, sandbox: Sandbox
 ) -> None:
@@ -408,7 +415,8 @@ def test_a_published_url_taken_back_by_a_failover_is_not_cancelled_at_the_deadli
     reason="WAIT is not persistence: a primary that restarts from data older than what its "
     "replica confirmed (RDB only, or appendfsync everysec after a host crash) before Sentinel "
     "fails it over makes the replica resync from it, and the confirmed claim and final are gone "
-    "from both (residual risk; WAITAOF 1 N on Redis >= 7.2 or appendfsync always would close it)",
+    "from both (residual risk, in the README: INVOICE_REDIS_WAIT_AOF, WAITAOF 1 N on Redis "
+    ">= 7.2, closes it; this machine's Redis 7.0 cannot run it)",
 )
 def test_a_primary_restarting_from_older_data_does_not_take_back_a_confirmed_url(
     pair: Pair, sandbox: Sandbox
@@ -467,13 +475,6 @@ def test_the_cli_reports_an_enqueue_redis_did_not_confirm(
     assert "enqueue again" in err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_reject answers retry_in when its staged failure is not confirmed, but the "
-    "consumer's record_invalid path ignores the outcome and the message is set aside; the "
-    "record keeps no copy for the sweeper, so nothing ever publishes it (judgment call: "
-    "publish an invalid_message failure without waiting, or keep a way to come back to it)",
-)
 def test_a_malformed_message_recorded_while_no_replica_confirms_still_ends_failed(
     pair: Pair, sandbox: Sandbox
 ) -> None:
@@ -487,13 +488,9 @@ def test_a_malformed_message_recorded_while_no_replica_confirms_still_ends_faile
         # The consumer's path for a message of ours whose kwargs Celery cannot unpack.
         task.record_invalid(["not", "an", "object"], "t-bad")
     store = JobStore.from_settings(settings)
-    fid = f"{INVALID_MESSAGE_ID}t-bad"
-    held = store.get(fid)
-    assert held is not None
-    assert held.state is JobState.PROCESSING  # staged, unseen
-    time.sleep(settings.lease + settings.broker_visibility_timeout + 0.5)
-    Sweeper(app, settings, store).sweep()  # what brings back a job whose message is gone
-    record = store.get(fid)
+    # Recorded at once, without waiting for the replica: no provider call or URL hangs on it,
+    # and nothing would ever come back to publish a staged failure of a message set aside.
+    record = store.get(f"{INVALID_MESSAGE_ID}t-bad")
     app.close()
     assert record is not None
     assert record.state is JobState.FAILED
@@ -534,3 +531,30 @@ def test_enqueue_refused_for_want_of_replicas_raises_not_durable(
         producer.enqueue(request)
     assert raised.value.foreign_ids == [request["foreign_id"]]
     producer.close()
+
+
+def test_an_outcome_never_shown_is_still_refused_past_the_deadline(
+    pair: Pair, slow_sandbox: Sandbox
+) -> None:
+    """The other half of the deadline rule: a staged 'created' handed back unconfirmed was
+    never published, so once the deadline passes it is cancelled, not reported."""
+    job = make_job(durable_settings(pair, slow_sandbox))
+    kwargs = job_kwargs(deadline=time.time() + 1.5)
+    fid = kwargs["request"]["foreign_id"]
+    pausing = threading.Timer(0.3, pair.pause)  # mid-call: the claim was confirmed
+    pausing.start()
+    try:
+        outcome = job.run(kwargs, task_id="t-1", owner="w1")
+    finally:
+        pausing.join()
+    assert outcome.retry_in is not None
+    assert outcome.record is None
+    pair.resume()
+    time.sleep(1.6)  # past the deadline
+    outcome = job.run(kwargs, task_id="t-1", owner="w2")
+    record = outcome.record
+    assert record is not None
+    assert record.state is JobState.EXPIRED
+    assert record.url is None
+    assert live(slow_sandbox, fid) == []  # the invoice nobody saw was cancelled
+    assert [e["state"] for e in events(job.store, fid)] == ["expired"]

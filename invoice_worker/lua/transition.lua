@@ -18,8 +18,9 @@ local cleanup_key = KEYS[7]
 local owner = ARGV[1]
 local op = ARGV[2]  -- unique per call: tells a re-run from a new transition
 local new_state = ARGV[3]
-local mode = ARGV[4]  -- renew | release | defer | stage | final | publish (defer: a release
--- because a write was not durable, so no call was made: not counted as a retry)
+-- renew | release | defer | stage | final | publish | republish (defer: a release because a
+-- write was not durable, so no call was made: not counted as a retry)
+local mode = ARGV[4]
 local delay_ms = tonumber(ARGV[5])  -- -1: none
 local done_channel = ARGV[6]
 local report = ARGV[7]  -- a CallReport: ok | failure | rate_limited | ''
@@ -105,15 +106,21 @@ end
 if held[1] ~= owner or not held[2] or FINAL[held[2]] then return {0} end
 -- A released lease (lease_until 0) keeps its owner recorded, but no longer lets it write.
 if tonumber(held[4] or '0') == 0 then return {0} end
-if mode == 'publish' then
+-- A job never reports ``created`` past its deadline: checked here, atomically, on Redis' clock;
+-- except when a staged outcome is published again ('republish', by the next claim): its first
+-- publication may have been read, then taken back by a failover, and a URL a shop showed must
+-- not be cancelled now. Only a stage whose holder handed it back unconfirmed (staged_unseen)
+-- is known never to have been published.
+local deadline_applies = true
+if mode == 'publish' or mode == 'republish' then
   local staged = redis.call('HGET', record_key, 'staged')
   if not staged then return {0} end
   staged = cjson.decode(staged)
   new_state, fields, event, cleanup_in_ms = staged[1], staged[2], staged[3], staged[4]
+  deadline_applies = mode == 'publish' or redis.call('HEXISTS', record_key, 'staged_unseen') == 1
   mode = 'final'
 end
--- A job never reports ``created`` past its deadline: checked here, atomically, on Redis' clock.
-if new_state == 'created' then
+if new_state == 'created' and deadline_applies then
   local deadline = tonumber(redis.call('HGET', record_key, 'deadline') or '')
   if deadline and now >= deadline * 1000 then return {2} end
 end
@@ -152,6 +159,6 @@ if mode ~= 'final' then
   redis.call('EXPIRE', copy_key, ttl_s)
   return {1, {}, change}
 end
-redis.call('HDEL', record_key, 'staged')
+redis.call('HDEL', record_key, 'staged', 'staged_unseen')
 finalize()
 return {1, redis.call('HGETALL', record_key), change}
