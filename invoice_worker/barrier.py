@@ -17,6 +17,7 @@ from typing import Any
 
 import redis
 from redis.client import Pipeline
+from redis.exceptions import NoScriptError
 
 from invoice_worker.config import Settings
 from invoice_worker.errors import ConfigError
@@ -82,11 +83,36 @@ def durably(
     write: Callable[[Pipeline], None],
 ) -> tuple[list[Any], bool]:
     """Run the commands ``write`` queues, then the Barrier, in one round trip; returns their
-    replies and whether they are durable (always, without a Barrier)."""
+    replies and whether they are durable (always, without a Barrier).
+
+    ``write`` may queue store scripts: they are sent as EVALSHA alone. redis-py's pipeline asks
+    SCRIPT EXISTS first, one more round trip every time; here a server that lacks a script (a
+    restart, a newly promoted replica) answers NOSCRIPT, and the whole pipeline runs again
+    after loading them (safe: each script answers a re-run as it did the first run).
+    """
+    pipe, scripts = _pipeline(client, barrier, probe_key, write)
+    try:
+        replies = pipe.execute()
+    except NoScriptError:
+        for script in scripts:
+            client.script_load(script.script)
+        replies = _pipeline(client, barrier, probe_key, write)[0].execute()
+    if barrier is None:
+        return replies, True
+    *replies, _, waited = replies
+    return replies, barrier.held(waited)
+
+
+def _pipeline(
+    client: redis.Redis,
+    barrier: Barrier | None,
+    probe_key: str,
+    write: Callable[[Pipeline], None],
+) -> tuple[Pipeline, list[Any]]:
     pipe = client.pipeline(transaction=False)
     write(pipe)
-    if barrier is None:
-        return pipe.execute(), True
-    barrier.add(pipe, probe_key)
-    *replies, _, waited = pipe.execute()
-    return replies, barrier.held(waited)
+    scripts = list(pipe.scripts)
+    pipe.scripts.clear()  # sent as plain EVALSHA: no SCRIPT EXISTS round trip first
+    if barrier is not None:
+        barrier.add(pipe, probe_key)
+    return pipe, scripts

@@ -558,3 +558,19 @@ def test_an_outcome_never_shown_is_still_refused_past_the_deadline(
     assert record.url is None
     assert live(slow_sandbox, fid) == []  # the invoice nobody saw was cancelled
     assert [e["state"] for e in events(job.store, fid)] == ["expired"]
+
+
+def test_a_store_pipeline_loads_its_scripts_where_the_server_lacks_them(
+    pair: Pair, sandbox: Sandbox
+) -> None:
+    """Pipelined scripts go out as plain EVALSHA (no SCRIPT EXISTS round trip first); a server
+    without them (restarted, or a replica just promoted) answers NOSCRIPT, and the pipeline runs
+    again after loading them."""
+    producer = Producer(durable_settings(pair, sandbox))
+    request = job_kwargs()["request"]
+    producer.store.redis.script_flush()
+    record = producer.enqueue(request)
+    assert record.state is JobState.QUEUED
+    commands = producer.store.redis.info("commandstats")
+    assert "cmdstat_script|exists" not in commands
+    producer.close()
