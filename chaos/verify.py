@@ -10,7 +10,7 @@ from decimal import Decimal
 from typing import Any
 
 from invoice_worker.constants import DERIVED_SEPARATOR, Cleanup
-from invoice_worker.models import JobRecord
+from invoice_worker.record import JobRecord
 from invoice_worker.sandbox.faults import HOSTILE
 from invoice_worker.store import JobStore
 

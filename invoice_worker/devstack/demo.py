@@ -10,8 +10,8 @@ from typing import Any
 from invoice_worker.constants import FINAL_STATES, JobState
 from invoice_worker.devstack.processes import ChildProcess
 from invoice_worker.errors import ConflictError, InvalidRequestError
-from invoice_worker.models import JobRecord
 from invoice_worker.producer import Producer
+from invoice_worker.record import JobRecord
 from invoice_worker.sandbox import Sandbox
 
 # Faults the demo injects (by job number) when it runs its own sandbox.
