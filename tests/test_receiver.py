@@ -88,8 +88,10 @@ def test_bad_signatures_and_reencoded_json_are_refused(
     stack: PayStack, caplog: pytest.LogCaptureFixture
 ) -> None:
     record = stack.create()
-    data: dict[str, object] = {"id": record.invoice_id, "foreign_id": record.foreign_id, "type": "invoice",
-            "status": "confirmed", "error": "", "transactions": []}  # fmt: skip
+    data: dict[str, object] = {
+        "id": record.invoice_id, "foreign_id": record.foreign_id, "type": "invoice",
+        "status": "confirmed", "error": "", "transactions": [],
+    }  # fmt: skip
     raw, signature = signed(data)
     reencoded = json.dumps(data).encode()  # the same JSON, with spaces: other bytes
     with caplog.at_level(logging.INFO, logger="invoice_worker"):
