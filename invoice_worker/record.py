@@ -36,6 +36,8 @@ def _by_number(raw: str | None) -> list[dict[str, Any]]:
     The scripts keep these as objects, not arrays: Lua's cjson cannot tell an empty array
     from an empty object, and an object merges by key."""
     items = json.loads(raw) if raw else {}
+    if isinstance(items, list):  # fakeredis' cjson writes an empty object as []
+        return items
     return [items[k] for k in sorted(items, key=lambda k: (len(k), k))]
 
 
