@@ -267,7 +267,8 @@ def make_server(receiver: Receiver, host: str, port: int) -> Any:
 
     class Handler(WSGIRequestHandler):
         def log_message(self, format: str, *args: Any) -> None:
-            log.debug("http %s", escape_controls(format % args))  # the request line, no body
+            if log.isEnabledFor(logging.DEBUG):  # the request line and status, no body
+                log.debug("http %s", escape_controls(format % args))
 
     return wsgiref_server(host, port, receiver.wsgi(), server_class=Server, handler_class=Handler)
 
