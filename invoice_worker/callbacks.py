@@ -245,9 +245,12 @@ class CallbackStore:
         )  # fmt: skip
         keys = [store.key(job_id), store.stream, store.stats, self.key(callback.id)]
         keys += [self.unknown, store.copy(job_id)]
-        [reply], durable = store.durably(
-            lambda pipe: self._apply(keys=keys, args=argv(args), client=pipe)
-        )
+        if store.barrier is None:  # one round trip: a pipeline asks SCRIPT EXISTS first
+            reply, durable = self._apply(keys=keys, args=argv(args)), True
+        else:
+            [reply], durable = store.durably(
+                lambda pipe: self._apply(keys=keys, args=argv(args), client=pipe)
+            )
         outcome, changed, notify, raw_record = reply
         record = None
         if notify:
