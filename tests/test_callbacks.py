@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from invoice_worker.attempt import derived_foreign_id
 from invoice_worker.callbacks import Callback, CallbackStore, job_of
 from invoice_worker.config import Settings
 from invoice_worker.constants import CallbackOutcome, InvoiceStatus, JobState
@@ -303,3 +304,21 @@ def test_a_confirmed_invoice_drops_the_message_copy(
     fid = created(store, 112)
     apply(callbacks, body(112, fid, "confirmed"))
     assert store.redis.get(store.copy(fid)) is None
+
+
+def test_a_hashed_derived_id_reaches_its_job_through_its_alias(
+    store: JobStore, callbacks: CallbackStore
+) -> None:
+    # Given a foreign_id too long to carry a derivation whole, re-created under generation 1
+    fid = "o" * 254
+    provider_id = derived_foreign_id(fid, 1)
+    assert not provider_id.startswith(fid)
+    store.claim(fid, "w1", fingerprint="fp", fields={"task_id": "t1"}, kwargs="{}")
+    values = {"invoice_id": 113, "status": "pending", "provider_foreign_id": provider_id,
+              "generation": 1}  # fmt: skip
+    store.finish(fid, "w1", JobState.CREATED, values)
+    # Then without its alias it names no job; with it (the attempt writes one), its job
+    assert apply(callbacks, body(113, provider_id, "processing")) == "unknown"
+    store.set_alias(provider_id, fid)
+    assert apply(callbacks, body(113, provider_id, "confirmed")) == "applied"
+    assert status_events(store, fid) == ["confirmed"]

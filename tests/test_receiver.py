@@ -20,13 +20,14 @@ import pytest
 import redis
 import requests
 
+from invoice_worker import receiver as receiver_module
 from invoice_worker.client import ProviderClient
 from invoice_worker.constants import InvoiceStatus
 from invoice_worker.devstack.embedded import EmbeddedRedis, free_port
 from invoice_worker.devstack.processes import ChildProcess, child_env
 from invoice_worker.models import parse_request
 from invoice_worker.producer import Producer
-from invoice_worker.receiver import CALLBACK_PATH, Receiver
+from invoice_worker.receiver import CALLBACK_PATH, Receiver, handle_callback
 from invoice_worker.sandbox import Faults
 from tests.conftest import KEY, SECRET, job_kwargs, make_settings, request_data
 from tests.paystack import PayStack
@@ -372,3 +373,22 @@ def test_wait_for_status_wakes_on_the_change(stack: PayStack) -> None:
         assert producer.wait_for_status("nobody", ["confirmed"], 0.1) is None
     finally:
         producer.close()
+
+
+def test_handle_callback_reads_the_environment_once(
+    stack: PayStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in stack.settings.to_env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(receiver_module, "_default", None)
+    record = stack.create()
+    raw, signature = signed(
+        {"id": record.invoice_id, "foreign_id": record.foreign_id, "status": "processing"}
+    )
+    asgi_headers = [
+        (b"x-processing-key", KEY.encode()),
+        (b"x-processing-signature", signature.encode()),
+    ]
+    assert handle_callback(raw, asgi_headers)[0] == 200
+    assert receiver_module.default_receiver() is receiver_module.default_receiver()
+    assert [e["status"] for e in stack.events(record.foreign_id)] == ["processing"]
