@@ -37,7 +37,7 @@ from invoice_worker.client import verify_signature
 from invoice_worker.config import Settings
 from invoice_worker.constants import CallbackOutcome
 from invoice_worker.errors import CallbackAuthError, InvalidCallbackError
-from invoice_worker.privacy import escape_controls
+from invoice_worker.privacy import escape_controls, redact
 from invoice_worker.record import JobRecord
 from invoice_worker.store import JobStore
 
@@ -119,14 +119,15 @@ class Receiver:
         except Exception as exc:
             log.exception("callback %s could not be applied", callback.id)
             return self._set_aside(raw_body, f"could not be applied: {type(exc).__name__}", 500)
+        # An id made outside this system is the merchant's text: masked like provider text.
         fields = {
-            "invoice_id": callback.id, "provider_foreign_id": callback.foreign_id,
+            "invoice_id": callback.id, "provider_foreign_id": redact(callback.foreign_id, 300),
             "status": str(callback.status), "outcome": str(applied.outcome),
         }  # fmt: skip
-        text = " ".join(f"{k}={escape_controls(str(v))}" for k, v in fields.items())
+        text = " ".join(f"{k}={v}" for k, v in fields.items())
         if applied.outcome is CallbackOutcome.EARLY or not applied.durable:
             reason = "early" if applied.durable else "not_durable"
-            log.info("callback %s %s retry_by_provider=%s", callback.id, text, reason)
+            log.info("callback %s retry_by_provider=%s", text, reason)
             return 503, _body(error=reason)
         if applied.notify is not None:
             try:
@@ -136,7 +137,7 @@ class Receiver:
                     "callback %s status task not sent (%s)", callback.id, type(exc).__name__
                 )
                 return 503, _body(error="status task not sent")
-        log.info("callback %s %s", callback.id, text, extra={"job": fields})
+        log.info("callback %s", text, extra={"job": fields})
         return 200, _body(ok=True, outcome=str(applied.outcome))
 
     def authenticate(self, raw_body: bytes, headers: Mapping[str, str]) -> None:
