@@ -5,7 +5,7 @@ read_globals = { "redis", "KEYS", "ARGV", "unpack", "cjson" }
 files["invoice_worker/lua/*.lua"] = {
   -- Defined by the header the store prepends (from constants.py) and by _lib.lua.
   read_globals = {
-    "FINAL", "JOB_KEY", "COPY_KEY", "ATTEMPT_FIELDS", "CONF",
+    "FINAL", "JOB_KEY", "COPY_KEY", "ATTEMPT_FIELDS", "INVOICE_RANK", "CONF",
     "now_ms", "move", "tail", "replayed", "remember",
   },
 }

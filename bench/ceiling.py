@@ -25,8 +25,9 @@ from invoice_worker.client import ProviderClient
 from invoice_worker.config import Settings
 from invoice_worker.job import InvoiceJob
 from invoice_worker.message import TaskMessage
-from invoice_worker.models import JobRecord, parse_request
+from invoice_worker.models import parse_request
 from invoice_worker.producer import Producer
+from invoice_worker.record import JobRecord
 from invoice_worker.store import JobStore
 
 

@@ -2,6 +2,11 @@
 answers with hostile, huge or trickled 200s, workers are SIGKILLed or frozen (SIGSTOP) for longer
 than their lease, Redis is killed and restarted from its AOF, and the provider vanishes.
 
+With callbacks (the default; ``--no-callbacks`` leaves them out) the sandbox also sends its signed
+callbacks, with their faults (duplicates, concurrent copies, bad signatures, out of order), to a
+callback receiver process that is itself SIGKILLed once, and a payer pays a share of the created
+invoices (in full, in instalments, less, or lets them expire).
+
 ``python -m chaos.run --jobs 5000`` (``make chaos``) prints the summary table and exits 1 when an
 invariant broke; ``tests/test_chaos.py`` runs a reduced version inside ``make test``.
 """
@@ -30,10 +35,11 @@ from chaos.proxy import Proxy
 from chaos.verify import Report, verify
 from invoice_worker.config import Settings
 from invoice_worker.devstack.embedded import EmbeddedRedis, free_port
-from invoice_worker.devstack.processes import ChildProcess, worker_process
+from invoice_worker.devstack.processes import ChildProcess, receiver_process, worker_process
 from invoice_worker.devstack.sentinel import SentinelCluster
 from invoice_worker.errors import ConflictError
 from invoice_worker.producer import Producer
+from invoice_worker.receiver import CALLBACK_PATH
 
 KEY, SECRET = "chaos-key", "chaos-secret-never-logged"
 POOLS = [("prefork", 2), ("threads", 8), ("threads", 8)]
@@ -47,6 +53,12 @@ FAULTS = {  # ~10% 5xx, ~5% 429 (half with Retry-After), ~5% commit-then-fail, a
     "answer-wrong-currency": 0.005, "answer-huge": 0.005, "trickle": 0.005,
     "trickle-seconds": 0.3,
 }  # fmt: skip
+CALLBACK_FAULTS = {
+    "callback-duplicate": 0.05, "callback-concurrent": 0.05, "callback-bad-signature": 0.05,
+    "callback-out-of-order": 0.1, "callback-time-scale": 0.001,
+}  # fmt: skip
+#: What the payer does with the invoices it pays, and how often.
+PAYER_MODES = (("full", 0.6), ("instalments", 0.2), ("less", 0.1), ("expire", 0.1))
 # Scripted for the first create call of one job each, so even a short run sees every one.
 SCRIPTED = ("answer_wrong_id", "answer_bad_url", "answer_wrong_amount", "answer_wrong_currency",
             "answer_huge", "trickle")  # fmt: skip
@@ -71,6 +83,8 @@ class Config:
     #: "redis": the job store's Redis is the broker too; "quorum": RabbitMQ quorum queues in
     #: a private vhost (INVOICE_QUEUE_TYPE=quorum).
     broker: str = "redis"
+    callbacks: bool = True
+    pay_share: float = 0.5  # of the created invoices
 
 
 @dataclass
@@ -144,6 +158,9 @@ class Chaos:
             aof = {"appendonly": "yes", "appendfsync": "everysec"}
             self.cluster = SentinelCluster(redis_options=aof)
         self.sandbox: ChildProcess | None = None
+        self.receiver: ChildProcess | None = None
+        self.receiver_port = free_port()
+        self.paid: dict[str, tuple[str, str]] = {}  # foreign_id: (provider id, payer mode)
         self.proxy: Proxy | None = None
         self.workers: list[ChildProcess] = []
         self.retired: list[ChildProcess] = []
@@ -168,6 +185,11 @@ class Chaos:
         argv = [sys.executable, "-m", "invoice_worker.sandbox", "--port", str(port), "--key", KEY,
                 "--secret", SECRET, "--seed", str(self.cfg.seed)]  # fmt: skip
         argv += [arg for name, value in FAULTS.items() for arg in (f"--{name}", str(value))]
+        if self.cfg.callbacks:
+            argv += ["--callback-url", f"http://127.0.0.1:{self.receiver_port}{CALLBACK_PATH}"]
+            argv += [
+                a for name, value in CALLBACK_FAULTS.items() for a in (f"--{name}", str(value))
+            ]
         self.sandbox = ChildProcess("sandbox", argv, {}, self.workdir).start()
         _wait_http(f"http://127.0.0.1:{port}/api/v2/ping")
         self.admin = f"http://127.0.0.1:{port}/_sandbox"
@@ -185,7 +207,39 @@ class Chaos:
         )  # fmt: skip
         for pool, concurrency in POOLS:
             self._start_worker(pool, concurrency)
+        if self.cfg.callbacks:
+            self._start_receiver()
         return self.settings
+
+    def _start_receiver(self) -> None:
+        self.receiver = receiver_process(self.settings, self.workdir, port=self.receiver_port)
+        self.receiver.start(ready="callback receiver at")
+
+    def pay(self, foreign_ids: list[str]) -> None:
+        """The payers: pay a share of the invoices as their jobs are created."""
+        rng, store = random.Random(self.cfg.seed + 2), Producer(self.settings).store
+        pending, modes = list(foreign_ids), [m for m, _ in PAYER_MODES]
+        weights = [w for _, w in PAYER_MODES]
+        while pending and not self.stop.wait(0.5):
+            try:
+                pipe = store.redis.pipeline(transaction=False)
+                for fid in pending:
+                    pipe.hmget(store.key(fid), "state", "provider_foreign_id")
+                found = pipe.execute()
+            except redis.RedisError:
+                continue
+            waiting = []
+            for fid, (state, provider_id) in zip(pending, found, strict=True):
+                if state in ("failed", "expired"):
+                    continue
+                if state != "created":
+                    waiting.append(fid)
+                elif rng.random() < self.cfg.pay_share:
+                    mode = rng.choices(modes, weights)[0]
+                    url = f"{self.admin}/invoices/{provider_id}/pay"
+                    if requests.post(url, json={"mode": mode}, timeout=10).status_code == 200:
+                        self.paid[fid] = (provider_id, mode)
+            pending = waiting
 
     def _start_worker(self, pool: str, concurrency: int) -> None:
         worker = worker_process(self.settings, self.workdir, pool=pool, concurrency=concurrency)
@@ -197,6 +251,7 @@ class Chaos:
         losing writes); once cut the provider off."""
         redis_at, outage_at = started + duration_hint * 0.3, started + duration_hint * 0.55
         lossy_at = started + duration_hint * 0.45
+        receiver_at = started + duration_hint * 0.45
         while not self.stop.wait(self.cfg.kill_every):
             with self.lock:  # a frozen worker is left to thaw: its waking up is the test
                 victim = self.rng.choice([w for w in self.workers if w is not self.frozen])
@@ -218,6 +273,11 @@ class Chaos:
                 time.sleep(3.0)  # longer than redis-py's own retries: callers see it
                 self.redis.start()
                 self.counts["redis kills"] += 1
+            if now >= receiver_at and self.receiver and not self.counts["receiver kills"]:
+                self.receiver.kill(signal.SIGKILL)  # mid-request, perhaps: the provider retries
+                time.sleep(2.0)  # (its successor appends to the same log)
+                self._start_receiver()
+                self.counts["receiver kills"] += 1
             if now >= outage_at and not self.counts["provider outages"]:
                 assert self.proxy is not None
                 self.proxy.cut()
@@ -246,13 +306,16 @@ class Chaos:
                 self.frozen = None
 
     def logs(self) -> str:
-        return "".join(w.log() for w in self.workers + self.retired)
+        receiver = [self.receiver] if self.receiver else []
+        return "".join(w.log() for w in self.workers + self.retired + receiver)
 
     def close(self) -> None:
         self.stop.set()
         self.thaw()
         for worker in self.workers:
             worker.stop(timeout=10)
+        if self.receiver is not None:
+            self.receiver.stop()
         if self.proxy is not None:
             self.proxy.close()
         if self.sandbox is not None:
@@ -292,6 +355,10 @@ def run(cfg: Config) -> Report:
             disruptor.start()
             freezer = threading.Thread(target=chaos.freeze, daemon=True)
             freezer.start()
+            every_id = [r["foreign_id"] for calls in plan.calls for r in calls]
+            payer = threading.Thread(target=chaos.pay, args=(list(dict.fromkeys(every_id)),))
+            if cfg.callbacks:
+                payer.start()
             results = [out.get(timeout=cfg.timeout) for _ in producers]
             for p in producers:
                 p.join(timeout=30)
@@ -305,6 +372,11 @@ def run(cfg: Config) -> Report:
             watching.set()
             shown, _ = shown_out.get(timeout=60)
             watcher.join(timeout=30)
+            if cfg.callbacks:
+                payer.join(timeout=max(1.0, deadline - time.monotonic()))
+                while time.monotonic() < deadline and not _all_settled(store, chaos.paid):
+                    time.sleep(0.5)
+            settled = time.monotonic() - started
             chaos.stop.set()
             disruptor.join(timeout=cfg.outage_seconds + 30)
             freezer.join(timeout=settings.lease + settings.broker_visibility_timeout + 30)
@@ -317,6 +389,7 @@ def run(cfg: Config) -> Report:
                 logs=chaos.logs(), secret=SECRET, counts=chaos.counts, wall=wall,
                 producer_retries=sum(r[2] for r in results), outcomes=outcomes,
                 shown=[tuple(pair) for pair in shown],
+                paid=chaos.paid if cfg.callbacks else None, settled=settled,
             )  # fmt: skip
             if report.problems:  # keep the evidence: the work directory goes away
                 kept = Path(tempfile.gettempdir()) / f"invoice-chaos-{run_id}.log"
@@ -333,6 +406,17 @@ def _all_final(store: Any, accepted: dict[str, str]) -> bool:
     except redis.RedisError:
         return False
     return all(state in ("created", "failed", "expired") for state in states)
+
+
+def _all_settled(store: Any, paid: dict[str, tuple[str, str]]) -> bool:
+    """Every paid invoice's final status has reached its record."""
+    try:
+        pipe = store.redis.pipeline(transaction=False)
+        for fid in paid:
+            pipe.hget(store.key(fid), "invoice_status")
+        return all(status in ("confirmed", "failed") for status in pipe.execute())
+    except redis.RedisError:
+        return False
 
 
 def _wait_http(url: str, timeout: float = 15.0) -> None:
@@ -360,10 +444,14 @@ def main(argv: list[str] | None = None) -> int:
         "--expect-broken", action="store_true",
         help="succeed only if an invariant breaks (to show what --min-replicas 0 risks)",
     )  # fmt: skip
+    parser.add_argument(
+        "--no-callbacks", dest="callbacks", action="store_false", help="no receiver, no payer"
+    )
     args = parser.parse_args(argv)
     cfg = Config(
         jobs=args.jobs, producers=args.producers, timeout=args.timeout, seed=args.seed,
         topology=args.topology, min_replicas=args.min_replicas, broker=args.broker,
+        callbacks=args.callbacks,
     )  # fmt: skip
     report = run(cfg)
     print(report.table())

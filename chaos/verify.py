@@ -10,7 +10,7 @@ from decimal import Decimal
 from typing import Any
 
 from invoice_worker.constants import DERIVED_SEPARATOR, Cleanup
-from invoice_worker.models import JobRecord
+from invoice_worker.record import JobRecord
 from invoice_worker.sandbox.faults import HOSTILE
 from invoice_worker.store import JobStore
 
@@ -58,6 +58,8 @@ def verify(
     producer_retries: int,
     outcomes: dict[str, int],
     shown: list[tuple[str, str]] | None = None,
+    paid: dict[str, tuple[str, str]] | None = None,
+    settled: float = 0.0,
 ) -> Report:
     report = Report()
     records = {fid: store.get(fid) for fid in accepted}
@@ -67,7 +69,8 @@ def verify(
         base = invoice["foreign_id"].split(DERIVED_SEPARATOR)[0]
         if base in live and not invoice["cancelled"]:
             live[base].append(invoice)
-    events = Counter(e["foreign_id"] for _, e in store.events())
+    every_event = store.events()
+    events = Counter(e["foreign_id"] for _, e in every_event if e.get("kind", "job") == "job")
 
     report.add("jobs accepted", len(accepted))
     report.add("final states", ", ".join(f"{states[s]} {s}" for s in FINAL if states[s]) or "none")
@@ -114,17 +117,8 @@ def verify(
     report.check(
         not bad_events, f"{len(bad_events)} jobs without exactly one event: {bad_events[:3]}"
     )
-    if shown is not None:  # every URL the shop read must stay the job's one live invoice
-        live_urls = {i["url"] for i in invoices if not i["cancelled"]}
-        taken_back = [
-            (fid, url) for fid, url in shown
-            if url not in live_urls or getattr(records.get(fid), "url", None) != url
-        ]  # fmt: skip
-        report.add("URLs the shop read", len(shown))
-        report.add("  of them taken back (cancelled, replaced or forgotten)", len(taken_back))
-        report.check(
-            not taken_back, f"{len(taken_back)} URLs shown, then taken back: {taken_back[:3]}"
-        )
+    if shown is not None:
+        _check_shown(report, shown, invoices, records)
     done = [r for r in records.values() if r]
     calls = sum(create_calls.values())
     report.add("provider create calls", f"{calls} ({calls / max(1, len(accepted)):.2f} per job)")
@@ -134,21 +128,24 @@ def verify(
     stats = store.redis.hgetall(store.stats)
     report.add("messages re-sent by the sweeper", stats.get("resent", 0))
     report.add("circuit opened", stats.get("circuit_opened", 0))
-    for name in ("worker kills", "worker freezes", "provider outages"):
+    # The last four happen only in some runs: shown when they did.
+    disruptions = ("worker kills", "worker freezes", "provider outages")
+    happened = ("receiver kills", "redis kills", "clean failovers", "failovers losing writes")
+    for name in (*disruptions, *(name for name in happened if name in counts)):
         report.add(name, counts[name])
-    for name in ("redis kills", "clean failovers", "failovers losing writes"):
-        if name in counts:
-            report.add(name, counts[name])
     report.add("attempts that found their lease lost", len(LEASE_LOST.findall(logs)))
     hostile = {name: outcomes.get(name, 0) for name in (*sorted(HOSTILE), "answer_huge")}
     detail = ", ".join(f"{n.removeprefix('answer_')} {k}" for n, k in hostile.items())
     report.add("hostile 200 answers injected", f"{sum(hostile.values())} ({detail})")
     report.add("trickled answers", outcomes.get("trickle", 0))
     report.add("producer retries while Redis was down", producer_retries)
+    if paid is not None:
+        _callbacks(report, store, records, paid, invoices, every_event)
+        report.add("paid invoices settled after", f"{settled:.1f} s")
     report.add("wall time", f"{wall:.1f} s")
     report.add("throughput", f"{len(accepted) / wall:.1f} jobs/s")
 
-    dumped = json.dumps([r.to_dict() for r in done]) + json.dumps([e for _, e in store.events()])
+    dumped = json.dumps([r.to_dict() for r in done]) + json.dumps([e for _, e in every_event])
     leaks = [
         name for name, found in (
             ("API secret in logs/records/events", secret in logs or secret in dumped),
@@ -159,6 +156,79 @@ def verify(
     report.add("secrets or personal data leaked", ", ".join(leaks) or "none")
     report.check(not leaks, f"leak: {leaks}")
     return report
+
+
+#: The final status each payer action leads to.
+EXPECTED = {"full": "confirmed", "instalments": "confirmed", "less": "failed", "expire": "failed"}
+
+
+def _callbacks(
+    report: Report,
+    store: JobStore,
+    records: dict[str, JobRecord | None],
+    paid: dict[str, tuple[str, str]],
+    invoices: list[dict[str, Any]],
+    events: list[tuple[str, dict[str, str]]],
+) -> None:
+    """Every paid invoice's final status applied exactly once (record and one status event),
+    and no status event twice for one invoice."""
+    status_at_provider = {i["foreign_id"]: i["status"] for i in invoices}
+    changes = Counter(
+        (e["foreign_id"], e["generation"], e["status"]) for _, e in events if e["kind"] == "status"
+    )
+    modes = Counter(mode for _, mode in paid.values())
+    report.add(
+        "invoices paid", f"{len(paid)} (" + ", ".join(f"{n} {m}" for m, n in modes.items()) + ")"
+    )
+    wrong = []
+    for fid, (provider_id, mode) in paid.items():
+        record, final = records.get(fid), EXPECTED[mode]
+        generation = str(record.generation if record else "?")
+        if (
+            record is None
+            or record.invoice_status != final
+            or status_at_provider.get(provider_id) != final
+            or changes[fid, generation, final] != 1
+        ):
+            wrong.append(
+                {"foreign_id": fid, "mode": mode, "record": record and record.invoice_status,
+                 "provider": status_at_provider.get(provider_id),
+                 "events": changes[fid, generation, final]}
+            )  # fmt: skip
+    report.add(
+        "paid invoices whose final status was applied exactly once",
+        f"{len(paid) - len(wrong)} of {len(paid)}",
+    )
+    report.check(not wrong, f"{len(wrong)} paid invoices not settled exactly once: {wrong[:3]}")
+    twice = [key for key, n in changes.items() if n > 1]
+    report.add("status events for a change already announced", len(twice))
+    report.check(not twice, f"status changes announced twice: {twice[:3]}")
+    stats: dict[str, str] = store.redis.hgetall(store.stats)  # type: ignore[assignment]
+    names = ("applied", "recorded", "duplicate", "orphan", "history", "early", "unknown",
+             "dead_letter")  # fmt: skip
+    report.add(
+        "callbacks (receiver's outcomes)",
+        ", ".join(f"{name} {stats.get(f'callbacks:{name}', 0)}" for name in names),
+    )
+    refused = sum(int(v) for k, v in stats.items() if k.startswith("callbacks:refused:"))
+    report.add("callbacks refused (bad signature fault)", refused)
+
+
+def _check_shown(
+    report: Report,
+    shown: list[tuple[str, str]],
+    invoices: list[dict[str, Any]],
+    records: dict[str, JobRecord | None],
+) -> None:
+    """Every URL the shop read must stay the job's one live invoice."""
+    live_urls = {i["url"] for i in invoices if not i["cancelled"]}
+    taken_back = [
+        (fid, url) for fid, url in shown
+        if url not in live_urls or getattr(records.get(fid), "url", None) != url
+    ]  # fmt: skip
+    report.add("URLs the shop read", len(shown))
+    report.add("  of them taken back (cancelled, replaced or forgotten)", len(taken_back))
+    report.check(not taken_back, f"{len(taken_back)} URLs shown, then taken back: {taken_back[:3]}")
 
 
 def _holds(record: JobRecord, live: list[dict[str, Any]], amount: str) -> bool:

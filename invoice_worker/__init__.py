@@ -3,25 +3,33 @@
 from __future__ import annotations
 
 from invoice_worker.config import Settings
-from invoice_worker.constants import Cleanup, JobState
+from invoice_worker.constants import Cleanup, EventKind, InvoiceStatus, JobState
 from invoice_worker.errors import (
+    CallbackAuthError,
+    CallbackError,
     ConfigError,
     ConflictError,
+    InvalidCallbackError,
     InvalidRequestError,
     InvoiceWorkerError,
     NotDurableError,
     PermanentProviderError,
     ProviderError,
+    ReissueRefusedError,
     TransientProviderError,
 )
-from invoice_worker.models import Invoice, InvoiceRequest, JobRecord
+from invoice_worker.models import Invoice, InvoiceRequest
 from invoice_worker.producer import (
     Producer,
     enqueue_invoice,
     enqueue_many,
     get_invoice,
+    reissue_invoice,
     wait_for_invoice,
+    wait_for_status,
 )
+from invoice_worker.receiver import Receiver, handle_callback, wsgi_app
+from invoice_worker.record import JobRecord
 
 __version__ = "0.1.0"
 
@@ -32,20 +40,32 @@ __all__ = [  # noqa: RUF022 - grouped by concern, as the style guide asks
     "enqueue_many",
     "get_invoice",
     "wait_for_invoice",
+    "wait_for_status",
+    "reissue_invoice",
+    # the callback receiver
+    "Receiver",
+    "handle_callback",
+    "wsgi_app",
     # records, models and settings
     "Cleanup",
+    "EventKind",
     "Invoice",
+    "InvoiceStatus",
     "InvoiceRequest",
     "JobRecord",
     "JobState",
     "Settings",
     # errors
+    "CallbackAuthError",
+    "CallbackError",
     "ConfigError",
     "ConflictError",
+    "InvalidCallbackError",
     "NotDurableError",
     "InvalidRequestError",
     "InvoiceWorkerError",
     "PermanentProviderError",
     "ProviderError",
+    "ReissueRefusedError",
     "TransientProviderError",
 ]

@@ -31,7 +31,8 @@ from invoice_worker.errors import (
 )
 from invoice_worker.logs import log_circuit, log_job
 from invoice_worker.message import TaskMessage
-from invoice_worker.models import Invoice, JobRecord
+from invoice_worker.models import Invoice
+from invoice_worker.record import JobRecord
 from invoice_worker.scripts import Moved, Report
 
 if TYPE_CHECKING:
@@ -178,6 +179,8 @@ class Attempt:
             return self._end(JobState.FAILED, True, **exc2.to_dict())
         self.generation += 1
         new_id = derived_foreign_id(self.foreign_id, self.generation)
+        if not new_id.startswith(self.foreign_id):  # hashed: its callbacks need the way back
+            self.job.store.set_alias(new_id, self.foreign_id)
         # Recorded before the call, so a crash mid-call retries this same id, never a new one.
         values = {"provider_foreign_id": new_id, "generation": self.generation, "ambiguous": 0}
         if (stop := self._fence(values)) is not None:

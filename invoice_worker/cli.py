@@ -1,4 +1,5 @@
-"""The ``invoice-worker`` command: enqueue, status, metrics, watch, check, flower; sandbox, dev.
+"""The ``invoice-worker`` command: enqueue, status, reissue, callbacks, metrics, watch, check,
+flower; sandbox, dev.
 
 Exit codes (also in the README):
     0 success; 1 the job ended failed/expired (``--wait``) or ``check`` found a fault;
@@ -47,6 +48,14 @@ TOOLING = {
         "invoice_worker.devstack.dev:configure",
     ),
 }
+# Product commands registered the same way, so `--help` and the other commands stay light.
+SERVICES = {
+    "callbacks": (
+        "serve the callback receiver (POST /callbacks/coinspaid)",
+        "invoice_worker.receiver:configure",
+    ),
+    "reissue": ("re-issue a failed invoice for the same order", "invoice_worker.reissue:configure"),
+}
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _REQUEST_FLAGS = (
     "type", "title", "description", "foreign_id", "currency", "sender_currency", "amount",
@@ -69,7 +78,7 @@ def cmd_enqueue(args: argparse.Namespace, settings: Settings) -> int:
             record = producer.wait(record.foreign_id, args.wait) or record
     finally:
         producer.close()
-    _print_record(record.to_dict(), as_json=args.json, brief=True)
+    print_record(record.to_dict(), as_json=args.json, brief=True)
     if args.wait is not None and not record.final:
         print(f"timed out after {args.wait}s waiting for a final state", file=sys.stderr)
         return EXIT_TIMEOUT
@@ -101,7 +110,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     if args.provider:
         from invoice_worker.fleet import provider_status
 
-        _print_record(provider_status(store, settings), as_json=args.json)
+        print_record(provider_status(store, settings), as_json=args.json)
         return 0
     if args.foreign_id is None:
         print("error: give a FOREIGN_ID, or --provider", file=sys.stderr)
@@ -110,7 +119,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     if record is None:
         print(f"no job with foreign_id {escape_controls(args.foreign_id)!r}", file=sys.stderr)
         return EXIT_NOT_FOUND
-    _print_record(record.to_dict(), as_json=args.json)
+    print_record(record.to_dict(), as_json=args.json)
     return 0
 
 
@@ -136,6 +145,11 @@ def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
                 after, seen = entry_id, seen + 1
                 if args.json:
                     print(json.dumps({"id": entry_id, **event}), flush=True)
+                elif event.get("kind") == "status":
+                    detail = (
+                        f"{event.get('previous')} -> {event['status']} {event.get('error', '')}"
+                    )
+                    print(f"{entry_id}  {event['foreign_id']}  status   {detail}", flush=True)
                 else:
                     detail = event.get("url") or f"{event.get('error_code')}: {event.get('error')}"
                     print(
@@ -258,7 +272,7 @@ def flower_argv(
     )
 
 
-def _print_record(record: dict[str, Any], *, as_json: bool, brief: bool = False) -> None:
+def print_record(record: dict[str, Any], *, as_json: bool, brief: bool = False) -> None:
     if as_json:
         print(json.dumps(record, indent=2, sort_keys=True, default=str))
         return
@@ -271,9 +285,13 @@ def _print_record(record: dict[str, Any], *, as_json: bool, brief: bool = False)
     width = max(len(k) for k in record)
     for key in sorted(record):
         value = record[key]
-        if key in ("created_at", "updated_at", "next_attempt_at", "deadline") and isinstance(
-            value, float
-        ):
+        if key in (
+            "created_at",
+            "updated_at",
+            "next_attempt_at",
+            "deadline",
+            "status_at",
+        ) and isinstance(value, float):
             value = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(value))
         print(f"{key:<{width}}  {value}")
 
@@ -315,7 +333,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     metrics.add_argument("--addr", default="0.0.0.0")  # noqa: S104 - an exporter is scraped
     metrics.set_defaults(run=cmd_metrics)
 
-    watch = commands.add_parser("watch", help="follow the final events stream")
+    watch = commands.add_parser("watch", help="follow the events stream (jobs and statuses)")
     watch.add_argument("--since", default="$", help="stream id to start after (0 = from the start)")
     watch.add_argument("--count", type=int, help="stop after this many events")
     watch.add_argument("--json", action="store_true")
@@ -342,7 +360,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )  # fmt: skip
     flower.set_defaults(run=cmd_flower, pass_through=True)
 
-    for name, (text, target) in TOOLING.items():
+    for name, (text, target) in {**SERVICES, **TOOLING}.items():
         tool = commands.add_parser(name, help=text, description=text)
         if name == command:
             module, _, function = target.partition(":")

@@ -94,6 +94,9 @@ class Settings(BaseSettings):
     circuit_cooldown: float = Field(15.0, gt=0)
     circuit_probes: int = Field(2, ge=1)
 
+    # callbacks: raw bodies kept for audit this long (at least the provider's ~24 h of retries)
+    callback_ttl: int = Field(30 * 86400, ge=2 * 86400)
+
     # operation
     task_events: bool = True
     log_format: Literal["text", "json"] = "text"

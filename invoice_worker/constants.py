@@ -41,6 +41,73 @@ class JobState(StrEnum):
 FINAL_STATES = frozenset({JobState.CREATED, JobState.FAILED, JobState.EXPIRED})
 
 
+class InvoiceStatus(StrEnum):
+    """The provider's status of one invoice, as its callbacks report it. It only moves forward:
+    ``created`` -> ``pending`` -> ``processing`` -> ``confirmed`` | ``failed`` (the last two
+    final, and neither ever left)."""
+
+    #: No currency chosen yet (an invoice created without ``timer``).
+    CREATED = "created"
+    #: Waiting for the payment (an invoice with ``timer`` starts here); part payments too.
+    PENDING = "pending"
+    #: A payment is in the mempool; treat as pending until ``confirmed``.
+    PROCESSING = "processing"
+    #: Final: paid.
+    CONFIRMED = "confirmed"
+    #: Final: expired, paid less, not confirmed in time, or cancelled (``invoice_error`` says).
+    FAILED = "failed"
+
+    @property
+    def rank(self) -> int:
+        """Its place in the order above; a callback never moves an invoice to a lower one."""
+        return INVOICE_RANK[self]
+
+    @property
+    def final(self) -> bool:
+        """True for ``confirmed`` and ``failed``."""
+        return self.rank == INVOICE_RANK[InvoiceStatus.CONFIRMED]
+
+
+INVOICE_RANK = {
+    InvoiceStatus.CREATED: 0,
+    InvoiceStatus.PENDING: 1,
+    InvoiceStatus.PROCESSING: 2,
+    InvoiceStatus.CONFIRMED: 3,
+    InvoiceStatus.FAILED: 3,
+}
+
+
+class EventKind(StrEnum):
+    """What an entry of the events stream reports (its ``kind`` field)."""
+
+    #: A job reached a final state (``state``: created, failed or expired).
+    JOB = "job"
+    #: The job's current invoice changed status (``status``), from a provider callback.
+    STATUS = "status"
+
+
+class CallbackOutcome(StrEnum):
+    """What the receiver made of one authenticated callback (also the metric label)."""
+
+    #: The job's current invoice moved to a new status (one status event).
+    APPLIED = "applied"
+    #: The job's current invoice, without a status change (an instalment, an older status
+    #: arriving late): its transactions are accumulated.
+    RECORDED = "recorded"
+    #: The same invoice, status and transactions were received before: nothing changes.
+    DUPLICATE = "duplicate"
+    #: An earlier invoice of the job (one it re-issued): its history entry is updated.
+    HISTORY = "history"
+    #: An invoice an ambiguous attempt created and the job replaced or cancelled: recorded in
+    #: the job's history, the job's invoice status untouched.
+    ORPHAN = "orphan"
+    #: No job of ours has that id: kept and counted, nothing else.
+    UNKNOWN = "unknown"
+    #: The job's current provider id, before its create answer is recorded: answered 503, so
+    #: the provider sends it again once the job knows its invoice (or has replaced it).
+    EARLY = "early"
+
+
 class ClaimStatus(StrEnum):
     """What the claim script answered to a worker that tried to take a job."""
 
@@ -163,6 +230,17 @@ CLEANUP_KEY = "cleanup"
 #: A script's answer kept for a short while under ``<prefix>batch:<op>``, so that a re-run after
 #: a lost reply (redis-py re-sends the script) answers what the first run did.
 BATCH_KEY = "batch:"
+#: Callbacks of one invoice: a hash of the raw bodies received (``raw:<sha256>``, kept
+#: ``INVOICE_CALLBACK_TTL`` for audit) and of what each distinct one came to (``seen:<id>``):
+#: ``<prefix>callback:<invoice id>``.
+CALLBACK_KEY = "callback:"
+#: Callbacks naming no job of ours (invoice id, provider id, status, when): a capped list.
+CALLBACK_UNKNOWN_KEY = "callbacks:unknown"
+#: Signed callbacks that could not be read or applied, raw: a capped list (never dropped).
+CALLBACK_DEAD_LETTER_KEY = "callbacks:dead-letter"
+#: The job of a derived provider id too long to carry its foreign_id whole (a hashed one):
+#: ``<prefix>alias:<provider id>`` holds the foreign_id.
+ALIAS_KEY = "alias:"
 #: Written just before a Redis WAIT, so the wait covers every write before it (store.Barrier).
 PROBE_KEY = "durable-probe"
 #: Cancels tried for one pending cleanup before it is left to a human (about 2 hours), and the

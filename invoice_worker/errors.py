@@ -8,6 +8,10 @@ can match on it::
     ├── InvalidRequestError             a request breaks a rule of the provider's page (ValueError)
     ├── ConflictError                   a foreign_id is reused with a different request
     ├── NotDurableError                 Redis did not confirm an enqueue on enough replicas
+    ├── ReissueRefusedError             the job's invoice can still be paid (or there is none)
+    ├── CallbackError                   a provider callback the receiver will not apply
+    │   ├── CallbackAuthError               wrong key or signature (answered 403, nothing kept)
+    │   └── InvalidCallbackError            signed, but unreadable (kept in the dead-letter list)
     └── ProviderError                   anything the provider (or the way to it) answered
         ├── TransientProviderError      worth retrying; ``ambiguous`` says the invoice may exist
         │   ├── ProviderConnectionError     not sent: connect refused / connect timeout
@@ -84,6 +88,56 @@ class NotDurableError(InvoiceWorkerError):
             f"Redis did not confirm the enqueue of {shown}{more} on enough replicas in time; "
             "enqueue again (idempotent)"
         )
+
+
+class ReissueRefusedError(InvoiceWorkerError):
+    """Raised when a re-issue is refused: the job has no failed invoice to replace (``reason``:
+    ``not_found``, ``not_created``, ``payable``, ``paid`` or ``no_such_generation``)."""
+
+    code = "reissue_refused"
+
+    def __init__(self, foreign_id: str, reason: str, record: Any = None) -> None:
+        self.foreign_id = foreign_id
+        self.reason = reason
+        #: The job record as the refusal found it (a JobRecord), None for an unknown job.
+        self.record = record
+        super().__init__(
+            f"re-issue of {foreign_id!r} refused: {REISSUE_REASONS.get(reason, reason)}"
+        )
+
+
+#: What each refusal reason means.
+REISSUE_REASONS = {
+    "not_found": "no job has this foreign_id",
+    "not_created": "the job has no invoice (it is being created, or it failed without one)",
+    "payable": "the current invoice can still be paid",
+    "paid": "the current invoice is paid",
+    "no_such_generation": "the job has no invoice of that generation yet",
+}
+
+
+class CallbackError(InvoiceWorkerError):
+    """Raised when a provider callback cannot be applied (the base of the receiver's errors)."""
+
+    code = "callback_error"
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+class CallbackAuthError(CallbackError):
+    """Raised when a callback's ``X-Processing-Key`` is not ours or its signature does not
+    verify over the raw body (``reason`` says which; the body is never part of the message)."""
+
+    code = "callback_auth"
+
+
+class InvalidCallbackError(CallbackError):
+    """Raised when a signed callback is not one we can read (not JSON, not an invoice, a status
+    we do not know); the receiver keeps it in the dead-letter list."""
+
+    code = "invalid_callback"
 
 
 class ProviderError(InvoiceWorkerError):

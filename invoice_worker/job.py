@@ -97,6 +97,8 @@ class InvoiceJob:
             "deadline": message.deadline,
             "callback_task": message.callback_task,
             "callback_queue": message.callback_queue,
+            "status_task": message.status_task,
+            "status_queue": message.status_queue,
         }
         claimed_at = time.monotonic()
         claim = self._claim(message, owner, fields)

@@ -6,6 +6,9 @@ kwargs:
     callback_task (string | null): a Celery task name sent the final record.
     callback_queue (string | null): the queue for that callback task; required with it, and
         not the invoice queue itself (our workers would discard the callback there).
+    status_task, status_queue (string | null, optional): a Celery task sent the record at each
+        change of the invoice's status (by the callback receiver), and its queue, under the
+        same rules. Left out of a message when unset, so workers that predate them read it.
 
 One model, :class:`TaskMessage`, validates the options for the producer (before anything is
 written) and for the worker (whatever sent the message), so both apply exactly the same rules.
@@ -19,6 +22,7 @@ import json
 import math
 import re
 import uuid
+from datetime import datetime
 from typing import Annotated, Any
 
 from celery import Celery
@@ -77,25 +81,28 @@ class TaskMessage(BaseModel):
     callback_task: Name | None = None
     callback_queue: Name | None = Field(None, validate_default=True)
 
-    @field_validator("callback_queue")
+    status_task: Name | None = None
+    status_queue: Name | None = Field(None, validate_default=True)
+
+    @field_validator("callback_queue", "status_queue")
     @classmethod
-    def _callback_route(cls, queue: str | None, info: ValidationInfo) -> str | None:
-        task = info.data.get("callback_task")
+    def _route(cls, queue: str | None, info: ValidationInfo) -> str | None:
+        task_field = f"{str(info.field_name).removesuffix('_queue')}_task"
+        task = info.data.get(task_field)
+        what = "the callback" if task_field == "callback_task" else "the status task"
         if queue is None:
             if task is not None:
                 raise ValueError(
-                    "is required with callback_task: Celery's default queue is the invoice "
-                    "queue, whose workers would discard the callback"
+                    f"is required with {task_field}: Celery's default queue is the invoice "
+                    f"queue, whose workers would discard {what}"
                 )
             return queue
-        if task is None and "callback_task" not in info.data:
-            return queue  # callback_task itself is invalid: that error says enough
+        if task is None and task_field not in info.data:
+            return queue  # the task name itself is invalid: that error says enough
         if task is None:
-            raise ValueError("is given without callback_task")
+            raise ValueError(f"is given without {task_field}")
         if queue == (info.context or {}).get("queue"):
-            raise ValueError(
-                "must not be the invoice queue: its workers would discard the callback"
-            )
+            raise ValueError(f"must not be the invoice queue: its workers would discard {what}")
         return queue
 
     @classmethod
@@ -128,16 +135,32 @@ class TaskMessage(BaseModel):
 
     def kwargs(self) -> dict[str, Any]:
         """Return the JSON-safe task kwargs."""
-        return {
+        kwargs = {
             "request": self.request.to_message(),
             "deadline": self.deadline,
             "callback_task": self.callback_task,
             "callback_queue": self.callback_queue,
         }
+        if self.status_task is not None:
+            kwargs.update(status_task=self.status_task, status_queue=self.status_queue)
+        return kwargs
 
     def fingerprint(self) -> str:
         """Hash of the request alone: options like the deadline do not make a conflict."""
         return self.request.fingerprint()
+
+
+def unix_deadline(deadline: datetime | float | None) -> float | None:
+    """A deadline option as Unix seconds (a producer may give an aware datetime).
+
+    Raises:
+        InvalidRequestError: for a naive datetime (its instant is unknown).
+    """
+    if isinstance(deadline, datetime):
+        if deadline.tzinfo is None:
+            raise InvalidRequestError({"deadline": "must be a timezone-aware datetime"})
+        return deadline.timestamp()
+    return deadline
 
 
 def raw_fingerprint(kwargs: Any) -> str:

@@ -21,7 +21,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from invoice_worker import constants as c
 from invoice_worker.config import Settings
-from invoice_worker.constants import Cleanup, DeferReason, JobState
+from invoice_worker.constants import CallbackOutcome, Cleanup, DeferReason, JobState
 from invoice_worker.fleet import CIRCUIT_LEVEL, job_stats, provider_status
 from invoice_worker.store import JobStore
 from invoice_worker.sweeper import broker_queue_depth
@@ -71,6 +71,7 @@ class FleetCollector(Collector):
             "Broker entries set aside undelivered (see <prefix>dead-letter)",
             value=stats.get("dead_letters", 0.0),
         )
+        yield from _callbacks(stats)
         yield _latency(stats)
         status = provider_status(self.store, self.settings)
         yield GaugeMetricFamily(
@@ -99,6 +100,24 @@ class FleetCollector(Collector):
         for outcome in (Cleanup.CANCELLED, Cleanup.FINAL, Cleanup.MAY_REMAIN):
             settled.add_metric([outcome], stats.get(f"cleanups:{outcome}", 0.0))
         yield settled
+
+
+def _callbacks(stats: dict[str, float]) -> Iterator[Metric]:
+    received = CounterMetricFamily(
+        "invoice_callbacks", "Authenticated provider callbacks, by outcome", labels=["outcome"]
+    )
+    for outcome in (*CallbackOutcome, "dead_letter"):
+        received.add_metric([outcome], stats.get(f"callbacks:{outcome}", 0.0))
+    yield received
+    refused = CounterMetricFamily(
+        "invoice_callbacks_refused", "Callbacks refused with 403, by reason", labels=["reason"]
+    )
+    for reason in ("no_key", "bad_key", "no_signature", "bad_signature"):
+        refused.add_metric([reason], stats.get(f"callbacks:refused:{reason}", 0.0))
+    yield refused
+    yield CounterMetricFamily(
+        "invoice_reissued", "Failed invoices re-issued", value=stats.get("reissued", 0.0)
+    )
 
 
 def _latency(stats: dict[str, float]) -> HistogramMetricFamily:

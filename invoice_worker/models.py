@@ -1,4 +1,7 @@
-"""The records we exchange: the create request, the provider's invoice, and our job record."""
+"""The records we exchange with the provider: the create request and the invoice it answers.
+
+Our own job record is ``record.JobRecord``; a provider callback is ``callbacks.Callback``.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,6 @@ import ipaddress
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -24,7 +26,7 @@ from pydantic import (
     field_validator,
 )
 
-from invoice_worker.constants import DERIVED_SEPARATOR, INVALID_MESSAGE_ID, Cleanup, JobState
+from invoice_worker.constants import DERIVED_SEPARATOR, INVALID_MESSAGE_ID
 from invoice_worker.errors import InvalidRequestError
 from invoice_worker.privacy import contains_email
 
@@ -252,109 +254,3 @@ class Invoice(BaseModel):
     fixed_at: int | None = None
     release_at: int | None = None
     seconds_left: int | None = None
-
-
-def _opt_int(raw: Mapping[str, str], key: str) -> int | None:
-    value = raw.get(key)
-    return int(value) if value not in (None, "") else None
-
-
-def _opt_float(raw: Mapping[str, str], key: str) -> float | None:
-    value = raw.get(key)
-    return float(value) if value not in (None, "") else None
-
-
-@dataclass(frozen=True)
-class JobRecord:
-    """A job as the store holds it: what ``enqueue``, ``get_invoice`` and the events report.
-
-    Parsed from the Redis hash in one place (:meth:`from_redis`); internal bookkeeping (the
-    fingerprint, the lease) stays behind. ``to_dict`` gives the JSON form the callback task and
-    the CLI receive.
-    """
-
-    foreign_id: str
-    state: JobState
-    task_id: str = ""
-    attempts: int = 0
-    created_at: float | None = None
-    updated_at: float | None = None
-    deadline: float | None = None
-    callback_task: str | None = None
-    callback_queue: str | None = None
-    #: The id sent to the provider: ``foreign_id``, or a derived ``<id>~r<n>`` after an orphan.
-    provider_foreign_id: str | None = None
-    generation: int = 0
-    # The invoice, once created.
-    invoice_id: int | None = None
-    url: str | None = None
-    address: str | None = None
-    status: str | None = None
-    amount: str | None = None
-    currency: str | None = None
-    fixed_at: int | None = None
-    release_at: int | None = None
-    # Why it failed (final) or why the last attempt did (retrying).
-    error_code: str | None = None
-    error: str | None = None
-    http_status: int | None = None
-    errors: dict[str, str] = field(default_factory=dict)
-    last_error: str | None = None
-    last_error_code: str | None = None
-    next_attempt_at: float | None = None
-    deferred: str | None = None
-    #: An attempt was sent and its answer lost: an invoice may exist under provider_foreign_id.
-    ambiguous: bool = False
-    #: What became of that possible invoice once the job was final.
-    orphan: Cleanup | None = None
-    crashes: int = 0
-    callback_sent: bool = False
-
-    @classmethod
-    def from_redis(cls, raw: Mapping[str, str]) -> JobRecord:
-        """Build the record from a Redis hash (strings); unknown fields are ignored."""
-        errors = raw.get("errors")
-        return cls(
-            foreign_id=raw.get("foreign_id", ""),
-            state=JobState(raw["state"]),
-            task_id=raw.get("task_id", ""),
-            attempts=int(raw.get("attempts") or 0),
-            created_at=_opt_float(raw, "created_at"),
-            updated_at=_opt_float(raw, "updated_at"),
-            deadline=_opt_float(raw, "deadline"),
-            callback_task=raw.get("callback_task"),
-            callback_queue=raw.get("callback_queue"),
-            provider_foreign_id=raw.get("provider_foreign_id"),
-            generation=int(raw.get("generation") or 0),
-            invoice_id=_opt_int(raw, "invoice_id"),
-            url=raw.get("url"),
-            address=raw.get("address"),
-            status=raw.get("status"),
-            amount=raw.get("amount"),
-            currency=raw.get("currency"),
-            fixed_at=_opt_int(raw, "fixed_at"),
-            release_at=_opt_int(raw, "release_at"),
-            error_code=raw.get("error_code"),
-            error=raw.get("error"),
-            http_status=_opt_int(raw, "http_status"),
-            errors=json.loads(errors) if errors else {},
-            last_error=raw.get("last_error"),
-            last_error_code=raw.get("last_error_code"),
-            next_attempt_at=_opt_float(raw, "next_attempt_at"),
-            deferred=raw.get("deferred"),
-            ambiguous=raw.get("ambiguous") == "1",
-            orphan=Cleanup(raw["orphan"]) if raw.get("orphan") else None,
-            crashes=int(raw.get("crashes") or 0),
-            callback_sent=raw.get("callback_sent") == "1",
-        )
-
-    @property
-    def final(self) -> bool:
-        """True once the job is created, failed or expired."""
-        return self.state.final
-
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON form (what the callback task receives): fields that are set."""
-        return {
-            k: v for k, v in asdict(self).items() if v is not None and v != {}
-        }  # fmt: skip

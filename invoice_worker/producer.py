@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import threading
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -18,11 +18,13 @@ from celery import Celery
 
 from invoice_worker.app import create_app
 from invoice_worker.config import REDIS_SCHEMES, Settings
-from invoice_worker.constants import TASK_NAME
+from invoice_worker.constants import TASK_NAME, InvoiceStatus
 from invoice_worker.errors import ConflictError, InvalidRequestError, NotDurableError
-from invoice_worker.message import TaskMessage, redis_envelope
-from invoice_worker.models import InvoiceRequest, JobRecord, parse_request
+from invoice_worker.message import TaskMessage, redis_envelope, unix_deadline
+from invoice_worker.models import InvoiceRequest, parse_request
 from invoice_worker.privacy import kwargs_repr
+from invoice_worker.record import JobRecord
+from invoice_worker.reissue import Reissuer
 from invoice_worker.scripts import NewJob
 from invoice_worker.store import JobStore
 
@@ -46,6 +48,7 @@ class Producer:
             settings.broker_url.startswith(REDIS_SCHEMES)
             and settings.broker_url == settings.state_url
         )
+        self.reissuer = Reissuer(self.store, self.app, settings, atomic=self.atomic)
 
     def enqueue(
         self,
@@ -54,8 +57,14 @@ class Producer:
         deadline: Deadline = None,
         callback_task: str | None = None,
         callback_queue: str | None = None,
+        status_task: str | None = None,
+        status_queue: str | None = None,
     ) -> JobRecord:
         """Validate, record as ``queued`` and send the job; idempotent per ``foreign_id``.
+
+        ``callback_task`` (on ``callback_queue``) is sent the final record; ``status_task`` (on
+        ``status_queue``) the record at each change of the invoice's status, by the callback
+        receiver (see ``invoice_worker.receiver``).
 
         Returns:
             The job record: a new one, or the existing one when the same request was
@@ -68,7 +77,8 @@ class Producer:
             NotDurableError: with ``INVOICE_REDIS_MIN_REPLICAS``, Redis did not confirm the
                 write in time; enqueue again (the record is returned once it is durable).
         """
-        message = self._message(parse_request(request), deadline, callback_task, callback_queue)
+        routes = (callback_task, callback_queue, status_task, status_queue)
+        message = self._message(parse_request(request), deadline, *routes)
         [result] = self._enqueue([message])
         if isinstance(result, ConflictError):
             raise result
@@ -81,6 +91,8 @@ class Producer:
         deadline: Deadline = None,
         callback_task: str | None = None,
         callback_queue: str | None = None,
+        status_task: str | None = None,
+        status_queue: str | None = None,
     ) -> list[JobRecord | ConflictError]:
         """Enqueue a batch in one pipelined round trip (plus one batched publish without the
         atomic path); each item behaves as :meth:`enqueue`.
@@ -95,11 +107,10 @@ class Producer:
             NotDurableError: as :meth:`enqueue`, for the whole batch.
         """
         messages, errors = [], {}
+        routes = (callback_task, callback_queue, status_task, status_queue)
         for i, request in enumerate(requests):
             try:
-                messages.append(
-                    self._message(parse_request(request), deadline, callback_task, callback_queue)
-                )
+                messages.append(self._message(parse_request(request), deadline, *routes))
             except InvalidRequestError as exc:
                 errors.update({f"[{i}].{field}": rule for field, rule in exc.errors.items()})
         if errors:
@@ -112,14 +123,13 @@ class Producer:
         deadline: Deadline,
         callback_task: str | None,
         callback_queue: str | None,
+        status_task: str | None,
+        status_queue: str | None,
     ) -> TaskMessage:
         """The task message, validated by the same model the worker decodes it with."""
-        if isinstance(deadline, datetime):
-            if deadline.tzinfo is None:
-                raise InvalidRequestError({"deadline": "must be a timezone-aware datetime"})
-            deadline = deadline.timestamp()
-        options = {"deadline": deadline, "callback_task": callback_task}
-        options["callback_queue"] = callback_queue
+        options = {"deadline": unix_deadline(deadline), "callback_task": callback_task}
+        options.update(callback_queue=callback_queue, status_task=status_task)
+        options["status_queue"] = status_queue
         return TaskMessage.parse({"request": request, **options}, queue=self.settings.queue)
 
     def _enqueue(self, messages: list[TaskMessage]) -> list[JobRecord | ConflictError]:
@@ -160,6 +170,8 @@ class Producer:
             "deadline": message.deadline,
             "callback_task": message.callback_task,
             "callback_queue": message.callback_queue,
+            "status_task": message.status_task,
+            "status_queue": message.status_queue,
             "provider_foreign_id": foreign_id,
         }
         queue = self.settings.queue
@@ -197,6 +209,35 @@ class Producer:
         """Block (on a Redis channel, not by polling) until the job is final or time is up."""
         return self.store.wait(foreign_id, timeout)
 
+    def wait_for_status(
+        self, foreign_id: str, statuses: Iterable[str], timeout: float
+    ) -> JobRecord | None:
+        """Block (on the same channel) until the invoice's status is one of ``statuses``
+        (``InvoiceStatus`` values, e.g. ``{"confirmed", "failed"}``) or time is up.
+
+        Returns:
+            The record (check ``invoice_status``: on a timeout it is whatever it was), or None
+            if no job with that id exists.
+        """
+        wanted = {InvoiceStatus(status) for status in statuses}
+        return self.store.wait(
+            foreign_id, timeout, until=lambda record: record.invoice_status in wanted
+        )
+
+    def reissue(
+        self,
+        foreign_id: str,
+        *,
+        generation: int | None = None,
+        deadline: Deadline = None,
+        request: Request | None = None,
+    ) -> JobRecord:
+        """Create a fresh invoice for an order whose invoice failed; see
+        :meth:`invoice_worker.reissue.Reissuer.reissue` (exactly once per failed invoice)."""
+        return self.reissuer.reissue(
+            foreign_id, generation=generation, deadline=deadline, request=request
+        )
+
     def close(self) -> None:
         """Release broker and Redis connections."""
         self.store.redis.close()
@@ -222,11 +263,14 @@ def enqueue_invoice(
     deadline: Deadline = None,
     callback_task: str | None = None,
     callback_queue: str | None = None,
+    status_task: str | None = None,
+    status_queue: str | None = None,
 ) -> JobRecord:
     """Enqueue with the default producer; see :meth:`Producer.enqueue`."""
     return default_producer().enqueue(
-        request, deadline=deadline, callback_task=callback_task, callback_queue=callback_queue
-    )
+        request, deadline=deadline, callback_task=callback_task, callback_queue=callback_queue,
+        status_task=status_task, status_queue=status_queue,
+    )  # fmt: skip
 
 
 def enqueue_many(
@@ -235,11 +279,14 @@ def enqueue_many(
     deadline: Deadline = None,
     callback_task: str | None = None,
     callback_queue: str | None = None,
+    status_task: str | None = None,
+    status_queue: str | None = None,
 ) -> list[JobRecord | ConflictError]:
     """Enqueue a batch with the default producer; see :meth:`Producer.enqueue_many`."""
     return default_producer().enqueue_many(
-        requests, deadline=deadline, callback_task=callback_task, callback_queue=callback_queue
-    )
+        requests, deadline=deadline, callback_task=callback_task, callback_queue=callback_queue,
+        status_task=status_task, status_queue=status_queue,
+    )  # fmt: skip
 
 
 def get_invoice(foreign_id: str) -> JobRecord | None:
@@ -250,3 +297,21 @@ def get_invoice(foreign_id: str) -> JobRecord | None:
 def wait_for_invoice(foreign_id: str, timeout: float) -> JobRecord | None:
     """Wait for a final state; see :meth:`Producer.wait`."""
     return default_producer().wait(foreign_id, timeout)
+
+
+def wait_for_status(foreign_id: str, statuses: Iterable[str], timeout: float) -> JobRecord | None:
+    """Wait for an invoice status; see :meth:`Producer.wait_for_status`."""
+    return default_producer().wait_for_status(foreign_id, statuses, timeout)
+
+
+def reissue_invoice(
+    foreign_id: str,
+    *,
+    generation: int | None = None,
+    deadline: Deadline = None,
+    request: Request | None = None,
+) -> JobRecord:
+    """Re-issue a failed invoice with the default producer; see :meth:`Producer.reissue`."""
+    return default_producer().reissue(
+        foreign_id, generation=generation, deadline=deadline, request=request
+    )

@@ -17,8 +17,8 @@ from typing import Any
 
 from invoice_worker import constants as c
 from invoice_worker.config import Settings
-from invoice_worker.constants import CallReport, Circuit, ClaimStatus
-from invoice_worker.models import JobRecord
+from invoice_worker.constants import CallReport, Circuit, ClaimStatus, EventKind, JobState
+from invoice_worker.record import JobRecord
 
 #: Record fields a claimed attempt reads (the claim returns only these, not the whole record).
 ATTEMPT_FIELDS = (
@@ -48,11 +48,13 @@ def load(name: str, conf: Mapping[str, str | float]) -> str:
     (``CONF``: constant per store, so calls do not carry them), the shared functions
     (``_lib.lua``), then the script itself."""
     finals = ", ".join(f"{state}=true" for state in sorted(c.FINAL_STATES))
+    ranks = ", ".join(f"{status}={rank}" for status, rank in c.INVOICE_RANK.items())
     settings = ", ".join(f"{key}={lua_value(value)}" for key, value in sorted(conf.items()))
     header = (
         f"local FINAL = {{{finals}}}\n"
         f"local JOB_KEY, COPY_KEY = '{c.JOB_KEY}', '{c.COPY_KEY}'\n"
         f"local ATTEMPT_FIELDS = {_lua_list(ATTEMPT_FIELDS)}\n"
+        f"local INVOICE_RANK = {{{ranks}}}\n"
         f"local CONF = {{{settings}}}\n"
     )
     lua = resources.files("invoice_worker") / "lua"
@@ -77,6 +79,7 @@ def script_conf(settings: Settings) -> dict[str, str | float]:
         "probes": settings.circuit_probes,
         "stream_maxlen": settings.events_maxlen,
         "cleanup_horizon_s": int(settings.cleanup_horizon),
+        "callback_ttl_s": settings.callback_ttl,
     }
 
 
@@ -131,6 +134,48 @@ class TransitionArgs:
     cleanup_in_ms: int
     n_fields: int
     fields_and_event: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class CallbackArgs:
+    """ARGV of callback.lua, in order."""
+
+    op: str
+    invoice_id: str
+    provider_id: str  # lower-cased, as the store keys ids
+    generation: int  # -1: not an id we derive
+    digest: str  # of the raw body
+    raw_body: str
+    identity: str  # (invoice id, status, transaction ids): what makes two callbacks one
+    status: str
+    error: str
+    transactions: str  # JSON object by transaction id
+    done_channel: str
+    invoice_fields: tuple[str, ...]  # sent/received amounts, as field/value pairs
+
+
+@dataclass(frozen=True)
+class ReissueArgs:
+    """ARGV of reissue.lua, in order."""
+
+    replaces: int  # the generation whose failed invoice the caller saw
+    provider_id: str  # derived id of the next generation
+    task_id: str
+    broker_message: str
+    task_kwargs: str
+    due_member: str
+    deadline: str  # '' for none
+
+
+#: What a job's event carries besides ``kind``, ``foreign_id`` and ``state`` (the stream
+#: schema; the README documents it, status events included).
+EVENT_FIELDS = ("url", "invoice_id", "error_code", "error", "task_id", "attempts", "orphan")
+
+
+def job_event(foreign_id: str, state: JobState, fields: Mapping[str, Any]) -> tuple[str, ...]:
+    """The stream entry of a job's final state, as transition.lua appends it."""
+    kept = {k: fields.get(k) for k in EVENT_FIELDS}
+    return flatten({"kind": EventKind.JOB, "foreign_id": foreign_id, "state": state, **kept})
 
 
 def pairs(fields: Mapping[str, Any]) -> list[tuple[str, str]]:

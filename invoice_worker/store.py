@@ -25,7 +25,7 @@ from invoice_worker.barrier import Barrier, durably, find_barrier
 from invoice_worker.config import Settings
 from invoice_worker.connection import redis_client
 from invoice_worker.constants import Circuit, ClaimStatus, DeferReason, JobState
-from invoice_worker.models import JobRecord
+from invoice_worker.record import JobRecord
 from invoice_worker.scripts import (
     Claim,
     ClaimArgs,
@@ -37,13 +37,11 @@ from invoice_worker.scripts import (
     TransitionArgs,
     argv,
     flatten,
+    job_event,
     latency_bucket,
     load,
     script_conf,
 )
-
-#: What a job's event carries (the stream schema; the README documents it).
-EVENT_FIELDS = ("url", "invoice_id", "error_code", "error", "task_id", "attempts", "orphan")
 
 
 class JobStore:
@@ -86,8 +84,9 @@ class JobStore:
             self._barrier = find_barrier(self.redis, self.settings)
         return self._barrier  # type: ignore[return-value]
 
-    def _durably(self, write: Callable[[Pipeline], None]) -> tuple[list[Any], bool]:
-        """``durably`` on this store's Barrier (one round trip)."""
+    def durably(self, write: Callable[[Pipeline], None]) -> tuple[list[Any], bool]:
+        """``barrier.durably`` on this store's Barrier: the commands ``write`` queues, then the
+        wait, in one round trip; returns their replies and whether they are durable."""
         return durably(self.redis, self.barrier, f"{self.prefix}{c.PROBE_KEY}", write)
 
     @staticmethod
@@ -100,6 +99,15 @@ class JobStore:
     def key(self, foreign_id: str) -> str:
         """Return the record key of ``foreign_id``."""
         return f"{self.prefix}{c.JOB_KEY}{self.member(foreign_id)}"
+
+    def alias(self, provider_id: str) -> str:
+        """Return the key naming the job of a hashed derived provider id (see ALIAS_KEY)."""
+        return f"{self.prefix}{c.ALIAS_KEY}{self.member(provider_id)}"
+
+    def set_alias(self, provider_id: str, foreign_id: str) -> None:
+        """Name the job of a hashed derived provider id, so its callbacks find it."""
+        ttl = max(self.ttl, self.settings.callback_ttl)
+        self.redis.set(self.alias(provider_id), foreign_id, ex=ttl)
 
     def copy(self, foreign_id: str) -> str:
         """Return the key of the stored task kwargs of ``foreign_id``."""
@@ -125,7 +133,7 @@ class JobStore:
                 keys.append(self.copy(job.foreign_id))
                 self._enqueue(keys=keys, args=argv(args), client=pipe)
 
-        replies, durable = self._durably(write)
+        replies, durable = self.durably(write)
         out = []
         for reply in replies:
             record = _record(reply[1]) if len(reply) > 1 else None
@@ -211,7 +219,7 @@ class JobStore:
         if self.barrier is None:
             reply, durable = self._claim(keys=keys, args=argv(args)), True
         else:
-            [reply], durable = self._durably(
+            [reply], durable = self.durably(
                 lambda pipe: self._claim(keys=keys, args=argv(args), client=pipe)
             )
         status, raw, wait_ms, reason, circuit = reply
@@ -320,7 +328,7 @@ class JobStore:
         report = report or Report()
         values = {k: v for k, v in (fields or {}).items() if v is not None}
         pairs = flatten(values)
-        event = _event(foreign_id, state, values) if state and state.final else ()
+        event = job_event(foreign_id, state, values) if state and state.final else ()
         latency = report.latency
         args = TransitionArgs(
             owner, self.token(), str(state or ""), mode,
@@ -334,7 +342,7 @@ class JobStore:
         keys += [self.copy(foreign_id), self.cleanups]
         held = True
         if durable and self.barrier is not None:
-            [reply], held = self._durably(
+            [reply], held = self.durably(
                 lambda pipe: self._transition(keys=keys, args=argv(args), client=pipe)
             )
         else:
@@ -361,9 +369,15 @@ class JobStore:
         reply: Any = self.redis.xread({self.stream: after}, count=count, block=block_ms)
         return [(entry_id, fields) for _, entries in reply or [] for entry_id, fields in entries]
 
-    def wait(self, foreign_id: str, timeout: float) -> JobRecord | None:
-        """Block until the job is final or ``timeout`` passes; returns the record, or None if
-        no job with that id exists by then."""
+    def wait(
+        self,
+        foreign_id: str,
+        timeout: float,
+        until: Callable[[JobRecord], bool] = lambda record: record.final,
+    ) -> JobRecord | None:
+        """Block until the job is final (or ``until`` holds) or ``timeout`` passes; returns
+        the record, or None if no job with that id exists by then. Final states and invoice
+        status changes are announced on one channel."""
         deadline = time.monotonic() + timeout
         pubsub = self.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
         try:
@@ -371,7 +385,7 @@ class JobStore:
             pubsub.subscribe(self.channel(foreign_id))
             record = self.get(foreign_id)
             # An unknown job may still appear (a message sent without the producer).
-            while record is None or not record.final:
+            while record is None or not until(record):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -380,11 +394,6 @@ class JobStore:
             return record
         finally:
             pubsub.close()
-
-
-def _event(foreign_id: str, state: JobState, fields: Mapping[str, Any]) -> tuple[str, ...]:
-    kept = {k: fields.get(k) for k in EVENT_FIELDS}
-    return flatten({"foreign_id": foreign_id, "state": state, **kept})
 
 
 def _record(raw: list[str]) -> JobRecord:

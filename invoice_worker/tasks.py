@@ -14,9 +14,9 @@ from invoice_worker.client import ProviderClient
 from invoice_worker.config import Settings
 from invoice_worker.constants import TASK_NAME
 from invoice_worker.job import InvoiceJob, safe_task_id
-from invoice_worker.models import JobRecord
 from invoice_worker.privacy import kwargs_repr
 from invoice_worker.queues import broker_countdown
+from invoice_worker.record import JobRecord
 from invoice_worker.store import JobStore
 
 log = logging.getLogger(__name__)

@@ -28,6 +28,16 @@ def test_reduced_chaos_run_keeps_every_invariant() -> None:
     assert sorted(hostile) == ["bad_url", "huge", "wrong_amount", "wrong_currency", "wrong_id"]
     assert all(int(n) >= 1 for n in hostile.values()), hostile
     assert int(rows["trickled answers"]) >= 1
+    # Callbacks: a share of the invoices paid, each final status applied exactly once, through
+    # duplicates, concurrent copies, bad signatures, reordering and a killed receiver.
+    assert rows["receiver kills"] == "1"
+    paid = int(rows["invoices paid"].split()[0])
+    assert paid >= 50
+    assert rows["paid invoices whose final status was applied exactly once"] == f"{paid} of {paid}"
+    assert rows["status events for a change already announced"] == "0"
+    outcomes = dict(re.findall(r"(\w+) (\d+)", rows["callbacks (receiver's outcomes)"]))
+    assert int(outcomes["duplicate"]) >= 1
+    assert int(rows["callbacks refused (bad signature fault)"]) >= 1
 
 
 needs_sentinel = pytest.mark.skipif(

@@ -29,7 +29,7 @@ def procfile() -> dict[str, str]:
 
 def test_compose_services() -> None:
     services = compose()["services"]
-    assert set(services) == {"redis", "worker", "flower", "sandbox"}
+    assert set(services) == {"redis", "worker", "flower", "callbacks", "sandbox"}
     assert "--appendonly" in services["redis"]["command"]
     assert services["worker"]["deploy"]["replicas"] >= 2
     assert services["sandbox"]["profiles"] == ["sandbox"]
@@ -60,8 +60,13 @@ def test_worker_commands_agree() -> None:
 
 def test_procfile() -> None:
     processes = procfile()
-    assert set(processes) == {"worker", "flower"}
+    assert set(processes) == {"worker", "flower", "callbacks"}
     assert "--port=$PORT" in processes["flower"]
+    assert shlex.split(processes["callbacks"]) == [
+        "invoice-worker", "callbacks", "--host", "0.0.0.0", "--port", "$PORT"  # noqa: S104
+    ]  # fmt: skip
+    compose_callbacks = compose()["services"]["callbacks"]["command"]
+    assert compose_callbacks[:2] == ["invoice-worker", "callbacks"]
 
 
 def flower_commands() -> dict[str, list[str]]:

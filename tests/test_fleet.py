@@ -15,8 +15,8 @@ from invoice_worker.config import Settings
 from invoice_worker.constants import Circuit, ErrorCode, JobState
 from invoice_worker.fleet import provider_status
 from invoice_worker.job import InvoiceJob
-from invoice_worker.models import JobRecord
 from invoice_worker.producer import Producer
+from invoice_worker.record import JobRecord
 from invoice_worker.sandbox import Faults, Sandbox
 from tests.conftest import KEY, SECRET, job_kwargs, make_job, make_settings, request_data
 

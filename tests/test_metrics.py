@@ -44,6 +44,9 @@ def test_metrics_reflect_the_fleet(settings: Settings, sandbox: Sandbox) -> None
     job.run(failing, task_id="c", owner="c")
     # And two broker entries a worker set aside (as invoice_worker.transport counts them)
     job.store.redis.hincrby(job.store.stats, "dead_letters", 2)
+    # And callbacks, as the receiver's script and refusals count them
+    job.store.redis.hincrby(job.store.stats, "callbacks:applied", 3)
+    job.store.redis.hincrby(job.store.stats, "callbacks:refused:bad_signature", 1)
     metrics = scrape(port)
     producer.close()
     # Then
@@ -57,3 +60,6 @@ def test_metrics_reflect_the_fleet(settings: Settings, sandbox: Sandbox) -> None
     assert metrics[("invoice_circuit_state", ())] == 2  # two failures in a row: open
     assert metrics[("invoice_circuit_opened_total", ())] == 1
     assert metrics[("invoice_dead_letters_total", ())] == 2
+    assert metrics[("invoice_callbacks_total", (("outcome", "applied"),))] == 3
+    assert metrics[("invoice_callbacks_total", (("outcome", "unknown"),))] == 0
+    assert metrics[("invoice_callbacks_refused_total", (("reason", "bad_signature"),))] == 1

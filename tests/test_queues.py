@@ -29,7 +29,7 @@ from invoice_worker.constants import QUORUM_DELIVERY_LIMIT, TASK_NAME, JobState,
 from invoice_worker.devstack.embedded import EmbeddedRedis
 from invoice_worker.devstack.processes import ChildProcess, worker_process
 from invoice_worker.errors import ConfigError
-from invoice_worker.models import JobRecord, parse_request
+from invoice_worker.models import parse_request
 from invoice_worker.producer import Producer
 from invoice_worker.queues import (
     broker_countdown,
@@ -38,6 +38,7 @@ from invoice_worker.queues import (
     quorum_arguments,
     quorum_support,
 )
+from invoice_worker.record import JobRecord
 from invoice_worker.sandbox import Faults, Sandbox
 from invoice_worker.sweeper import broker_queue_depth
 from tests.conftest import KEY, MIN_AMOUNT, SECRET, live, make_settings, request_data
@@ -296,7 +297,7 @@ def test_a_lost_message_is_sent_again_by_the_sweeper(stack: Stack, park_sandbox:
     # Given a job recorded whose message never reached the queue (a producer that died between
     # its record and its publish)
     data = request_data()
-    message = producer._message(parse_request(data), None, None, None)
+    message = producer._message(parse_request(data), None, None, None, None, None)
     [result] = producer.store.enqueue([producer._new_job(message)])
     assert result.new
     # When its due time passes, the worker's sweeper sends it again

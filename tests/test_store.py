@@ -195,7 +195,7 @@ def test_final_transition_writes_one_event_and_is_terminal(store: JobStore) -> N
     assert store.finish(fid, "w1", JobState.FAILED, {"error_code": "x"}) is None
     events = [f for _, f in store.events() if f["foreign_id"] == fid]
     assert events == [
-        {"foreign_id": fid, "state": "created", "url": "https://i.example.com/x",
+        {"kind": "job", "foreign_id": fid, "state": "created", "url": "https://i.example.com/x",
          "invoice_id": "7", "attempts": "1"}
     ]  # fmt: skip
     assert claim(store, fid, "w3").status == "done"

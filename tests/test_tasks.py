@@ -19,7 +19,7 @@ from invoice_worker.app import create_app
 from invoice_worker.config import Settings
 from invoice_worker.constants import TASK_NAME, JobState
 from invoice_worker.job import InvoiceJob
-from invoice_worker.models import JobRecord
+from invoice_worker.record import JobRecord
 from invoice_worker.tasks import _send_callback, _summary
 from tests.conftest import job_kwargs, make_job, make_settings
 

@@ -31,8 +31,8 @@ from invoice_worker.constants import JobState
 from invoice_worker.devstack.embedded import EmbeddedRedis, free_port
 from invoice_worker.devstack.sentinel import SentinelCluster
 from invoice_worker.message import redis_envelope
-from invoice_worker.models import JobRecord
 from invoice_worker.producer import Producer
+from invoice_worker.record import JobRecord
 from invoice_worker.sandbox import Sandbox
 from tests.conftest import job_kwargs, make_settings, request_data
 

@@ -22,8 +22,8 @@ from invoice_worker.constants import ErrorCode, JobState
 from invoice_worker.devstack.embedded import EmbeddedRedis
 from invoice_worker.devstack.processes import worker_process
 from invoice_worker.errors import ConflictError
-from invoice_worker.models import JobRecord
 from invoice_worker.producer import Producer
+from invoice_worker.record import JobRecord
 from invoice_worker.sandbox import Faults, Sandbox
 from tests.conftest import KEY, SECRET, live, make_settings, request_data
 

@@ -1,4 +1,6 @@
-"""The demo of ``invoice-worker dev --demo N``: sample invoices, duplicates, faults, a report."""
+"""The demo of ``invoice-worker dev --demo N``: sample invoices, duplicates, faults; then the payer
+pays most of them (one underpaid, one left to expire) and the callbacks bring every invoice to
+``confirmed`` or ``failed``; a report."""
 
 from __future__ import annotations
 
@@ -7,15 +9,28 @@ import sys
 import time
 from typing import Any
 
-from invoice_worker.constants import FINAL_STATES, JobState
+from invoice_worker.constants import FINAL_STATES, InvoiceStatus, JobState
 from invoice_worker.devstack.processes import ChildProcess
 from invoice_worker.errors import ConflictError, InvalidRequestError
-from invoice_worker.models import JobRecord
 from invoice_worker.producer import Producer
-from invoice_worker.sandbox import Sandbox
+from invoice_worker.record import JobRecord
+from invoice_worker.sandbox import Faults, Sandbox
 
 # Faults the demo injects (by job number) when it runs its own sandbox.
 DEMO_FAULTS = {3: ["503"], 5: ["429"], 8: ["502", "500"], 11: ["commit_then_502"]}
+# Callback faults while the invoices are paid: the receiver absorbs them.
+CALLBACK_FAULTS = Faults(callback_duplicate=0.15, callback_out_of_order=0.25, seed=11)
+SETTLED = (InvoiceStatus.CONFIRMED, InvoiceStatus.FAILED)
+
+
+def payer_mode(n: int, count: int) -> str:
+    """What the payer does with the n-th (0-based) of ``count`` invoices: most pay in full,
+    every fourth in two instalments, the second pays less, the third lets the timer run out."""
+    if count >= 3 and n == 1:
+        return "less"
+    if count >= 3 and n == 2:
+        return "expire"
+    return "instalments" if n % 4 == 3 else "full"
 
 
 def demo_request(run: str, n: int) -> dict[str, Any]:
@@ -43,10 +58,55 @@ class Demo:
         self.tty = sys.stdout.isatty()
 
     def run(self, count: int, *, timeout: float) -> int:
+        started = time.monotonic()
         ids, duplicates = self._enqueue(count)
         records = self._follow(ids, timeout)
-        self._report(records, duplicates)
-        return 0 if all(r["state"] in FINAL_STATES for r in records.values()) else 1
+        created = all(r["state"] == JobState.CREATED for r in records.values())
+        modes: dict[str, str] = {}
+        if self.sandbox is not None and created:
+            modes = self._pay(records)
+            records = self._follow_payments(ids, started + timeout)
+        self._report(records, duplicates, modes)
+        if not all(r["state"] in FINAL_STATES for r in records.values()):
+            return 1
+        return 0 if all(r.get("invoice_status") in SETTLED for r in records.values()) else 1
+
+    def _pay(self, records: dict[str, dict[str, Any]]) -> dict[str, str]:
+        """Play the payer on each invoice page (the buttons' admin twin), callback faults on."""
+        assert self.sandbox is not None
+        self.sandbox.set_faults(CALLBACK_FAULTS)
+        modes = {fid: payer_mode(n, len(records)) for n, fid in enumerate(records)}
+        counts = {mode: list(modes.values()).count(mode) for mode in dict.fromkeys(modes.values())}
+        print(
+            "\ndemo: the payer acts on each invoice page: "
+            + ", ".join(f"{n} {_MODE_TEXT[mode]}" for mode, n in counts.items())
+            + "; callbacks sent twice or out of order now and then"
+        )
+        for fid, mode in modes.items():
+            self.sandbox.pay(records[fid]["provider_foreign_id"], mode)
+        return modes
+
+    def _follow_payments(self, ids: list[str], deadline: float) -> dict[str, dict[str, Any]]:
+        store, last = self.producer.store, ""
+        while True:
+            pipe = store.redis.pipeline(transaction=False)
+            for fid in ids:
+                pipe.hmget(store.key(fid), "invoice_status", "status")
+            statuses = [a or b or "?" for a, b in pipe.execute()]
+            counts = {s: statuses.count(s) for s in (*InvoiceStatus, "?") if statuses.count(s)}
+            done = sum(counts.get(s, 0) for s in SETTLED)
+            bar = "#" * (30 * done // len(ids)) + "." * (30 - 30 * done // len(ids))
+            line = f"[{bar}] {done}/{len(ids)} settled  " + "  ".join(
+                f"{k} {v}" for k, v in counts.items()
+            )
+            if line != last:
+                print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", flush=True)
+                last = line
+            if done == len(ids) or time.monotonic() > deadline:
+                if self.tty:
+                    print()
+                return {fid: _as_dict(self.producer.get(fid)) for fid in ids}
+            time.sleep(0.1)
 
     def _enqueue(self, count: int) -> tuple[list[str], int]:
         print(f"\ndemo: enqueueing {count} invoices (every 4th twice; faults injected into some)")
@@ -97,11 +157,14 @@ class Demo:
                 return {fid: _as_dict(self.producer.get(fid)) for fid in ids}
             time.sleep(0.1)
 
-    def _report(self, records: dict[str, dict[str, Any]], duplicates: int) -> None:
-        print(f"\n{'foreign_id':<22} {'state':<8} {'tries':>5}  url / error")
+    def _report(
+        self, records: dict[str, dict[str, Any]], duplicates: int, modes: dict[str, str]
+    ) -> None:
+        print(f"\n{'foreign_id':<22} {'state':<8} {'invoice':<10} {'tries':>5}  url / error")
         for fid, r in records.items():
             detail = r.get("url") or f"{r.get('error_code')}: {r.get('error')}"
-            print(f"{fid:<22} {r['state']:<8} {r.get('attempts', 0):>5}  {detail}")
+            invoice = r.get("invoice_status", "")
+            print(f"{fid:<22} {r['state']:<8} {invoice:<10} {r.get('attempts', 0):>5}  {detail}")
         states = [r["state"] for r in records.values()]
         summary = ", ".join(
             f"{states.count(s)} {s}"
@@ -125,6 +188,33 @@ class Demo:
                 f"; provider: {calls} create calls, {live} live invoices for {len(records)} orders"
             )
         print(line)
+        if modes:
+            print(self._invoices_line(records, modes))
+
+    def _invoices_line(self, records: dict[str, dict[str, Any]], modes: dict[str, str]) -> str:
+        """How the invoices ended, and what the receiver made of the callbacks."""
+        ended = [r.get("invoice_status") for r in records.values()]
+        failed = [modes[fid] for fid, r in records.items() if r.get("invoice_status") == "failed"]
+        reasons = ", ".join(
+            f"{failed.count(mode)} {_MODE_TEXT[mode]}" for mode in dict.fromkeys(failed)
+        )
+        stats = self.producer.store.redis.hgetall(self.producer.store.stats)
+        applied, duplicate = (int(stats.get(f"callbacks:{k}", 0)) for k in ("applied", "duplicate"))
+        recorded = int(stats.get("callbacks:recorded", 0))
+        return (
+            f"invoices: {ended.count('confirmed')} confirmed, {ended.count('failed')} failed"
+            + (f" ({reasons})" if reasons else "")
+            + f"; callbacks: {applied} status changes applied, {recorded} without a change"
+            f" (instalments, late ones), {duplicate} duplicates absorbed"
+        )
+
+
+_MODE_TEXT = {
+    "full": "paid in full",
+    "instalments": "paid in two instalments",
+    "less": "paid less",
+    "expire": "let expire",
+}
 
 
 def _as_dict(record: JobRecord | None) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 Redis: ``INVOICE_BROKER_URL`` / ``INVOICE_REDIS_URL`` when set, else an embedded one.
 Provider: ``INVOICE_API_URL`` when set, else the sandbox with generated keys.
-Then a worker, Flower when installed, and with ``--demo N`` a scripted run of N invoices.
+Then a worker, the callback receiver (the sandbox's callbacks go to it), Flower when installed,
+and with ``--demo N`` a scripted run of N invoices, created, then paid (or not).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import importlib.util
 import secrets
 import signal
+import sys
 import tempfile
 import threading
 from contextlib import ExitStack
@@ -20,10 +22,14 @@ from types import FrameType
 from invoice_worker.config import Settings
 from invoice_worker.devstack.demo import Demo
 from invoice_worker.devstack.embedded import EmbeddedRedis, free_port
-from invoice_worker.devstack.processes import flower_process, worker_process
+from invoice_worker.devstack.processes import flower_process, receiver_process, worker_process
 from invoice_worker.privacy import redact_url
 from invoice_worker.producer import Producer
+from invoice_worker.receiver import CALLBACK_PATH
 from invoice_worker.sandbox import Sandbox
+
+#: The sandbox's callback retries, 100 times faster than the provider's: the first after 0.6 s.
+CALLBACK_TIME_SCALE = 0.01
 
 
 def add_dev_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,6 +65,15 @@ def run_dev(args: argparse.Namespace, settings: Settings) -> int:
         worker.start(ready="ready.")
         print(f"worker     {args.pool} x {args.concurrency} on queue {settings.queue!r}")
         print(f"           log: {worker.log_path}")
+        port = free_port()
+        receiver = receiver_process(settings, log_dir, port=port)
+        stack.callback(receiver.stop)
+        receiver.start(ready="callback receiver at")
+        callback_url = f"http://127.0.0.1:{port}{CALLBACK_PATH}"
+        if sandbox is not None:
+            sandbox.set_callbacks(url=callback_url, time_scale=CALLBACK_TIME_SCALE)
+        print(f"callbacks  {callback_url}" + (" (the sandbox sends here)" if sandbox else ""))
+        print(f"           log: {receiver.log_path}")
         if args.flower and importlib.util.find_spec("flower") is not None:
             flower = flower_process(settings, log_dir, port=args.flower_port)
             stack.callback(flower.stop)
@@ -69,7 +84,11 @@ def run_dev(args: argparse.Namespace, settings: Settings) -> int:
         producer = Producer(settings)
         stack.callback(producer.close)
         if args.demo:
-            return Demo(producer, sandbox, worker).run(args.demo, timeout=args.timeout)
+            code = Demo(producer, sandbox, worker).run(args.demo, timeout=args.timeout)
+            if sys.stdout.isatty():  # so the invoice pages printed above open in a browser
+                print("\nthe stack stays up (the invoice pages above open); Ctrl-C stops")
+                _wait_for_signal()
+            return code
         print("\nready: enqueue with  invoice-worker enqueue --file request.json --wait 30")
         print(
             "        (in another shell, with the INVOICE_* variables printed above); Ctrl-C stops"

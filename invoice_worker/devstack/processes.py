@@ -1,4 +1,5 @@
-"""Child processes the dev stack and the tests run: Celery workers and Flower."""
+"""Child processes the dev stack and the tests run: Celery workers, the callback receiver and
+Flower."""
 
 from __future__ import annotations
 
@@ -100,6 +101,13 @@ def worker_process(
         "--without-gossip", "--without-mingle", "--without-heartbeat",
     ]  # fmt: skip
     return ChildProcess(name, argv, child_env(settings), log_dir)
+
+
+def receiver_process(settings: Settings, log_dir: Path, *, port: int) -> ChildProcess:
+    """The callback receiver, ``invoice-worker callbacks``, on loopback ``port``."""
+    argv = [sys.executable, "-m", "invoice_worker.cli", "callbacks", "--host", "127.0.0.1"]
+    argv += ["--port", str(port)]
+    return ChildProcess(f"receiver-{port}", argv, child_env(settings), log_dir)
 
 
 def flower_process(

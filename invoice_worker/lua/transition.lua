@@ -89,7 +89,13 @@ end
 local function finalize()
   redis.call('XADD', stream_key, 'MAXLEN', '~', stream_maxlen, '*', unpack(event))
   redis.call('ZREM', due_key, due_member)
-  redis.call('DEL', copy_key)
+  if new_state == 'created' then
+    -- Kept with the record: a re-issue after the invoice fails sends the same request again
+    -- (a confirmed invoice deletes it, see callback.lua).
+    redis.call('EXPIRE', copy_key, ttl_s)
+  else
+    redis.call('DEL', copy_key)
+  end
   if cleanup_in_ms >= 0 then
     redis.call('ZADD', cleanup_key, now + cleanup_in_ms, due_member)
     -- The record must outlive the cleanup's tries: it holds the id to cancel.

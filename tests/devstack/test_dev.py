@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -53,6 +54,9 @@ def test_dev_demo(redis_kind: str, tmp_path: Path) -> None:
     assert "summary: 12 jobs: 12 created; 3 duplicate enqueues absorbed" in out
     assert "rejected one invalid request" in out
     assert "12 live invoices for 12 orders" in out
+    # Then the payer's part: every invoice confirmed or failed through the receiver
+    assert "invoices: 10 confirmed, 2 failed (1 paid less, 1 let expire)" in out
+    assert re.search(r"\[#{30}\] 12/12 settled  confirmed 10  failed 2", out), out
     assert "buyer1@example.com" not in out
 
 
