@@ -43,8 +43,8 @@ run: $(STAMP)
 # control, the same failovers with 0, which must break the promises.
 chaos: $(STAMP)
 	$(BIN)/python -m chaos.run --jobs 5000
-	$(BIN)/python -m chaos.run --jobs 3000 --topology sentinel --min-replicas 1
-	$(BIN)/python -m chaos.run --jobs 3000 --topology sentinel --min-replicas 1 --broker quorum
+	$(BIN)/python -m chaos.run --jobs 3000 --topology sentinel --min-replicas 1 --callback-time-scale 0.01
+	$(BIN)/python -m chaos.run --jobs 3000 --topology sentinel --min-replicas 1 --broker quorum --callback-time-scale 0.01
 	$(BIN)/python -m chaos.run --jobs 1000 --topology sentinel --min-replicas 0 --expect-broken --timeout 300
 
 bench: $(STAMP)
