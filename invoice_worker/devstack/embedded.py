@@ -30,6 +30,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def kill_process(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL and reap a child (no shutdown save, sockets reset); gone already is fine."""
+    with contextlib.suppress(ProcessLookupError):
+        process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
 class EmbeddedRedis:
     """A Redis that this process owns: start, hard-kill and restart it at will.
 
@@ -132,9 +139,7 @@ class EmbeddedRedis:
     def kill(self) -> None:
         """Stop the server at once (SIGKILL for redis-server: no shutdown save)."""
         if self.process is not None:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.send_signal(signal.SIGKILL)
-            self.process.wait()
+            kill_process(self.process)
             self.process = None
         if self._fake is not None:
             self._fake.shutdown()

@@ -18,6 +18,8 @@ from typing import Any
 
 import redis
 
+from invoice_worker.devstack.embedded import kill_process
+
 HOST = "127.0.0.1"
 #: Options every data node gets (``redis_options`` may override them). Replication starts at
 #: once (no diskless-sync delay), and a primary drops a replica silent for 2 s (``repl-timeout``)
@@ -109,9 +111,7 @@ class Node:
     def kill(self) -> None:
         """SIGKILL and reap (no shutdown save, sockets reset); nothing if not running."""
         if self.process is not None:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.send_signal(signal.SIGKILL)
-            self.process.wait()
+            kill_process(self.process)
             self.process = None
         self.paused = False
 
