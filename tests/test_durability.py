@@ -124,6 +124,17 @@ def durable_settings(pair: Pair, sandbox: Sandbox, replicas: int = 1, **override
     return make_settings(pair.primary.url, sandbox.url, redis_min_replicas=replicas, **overrides)
 
 
+def run_pausing_mid_call(pair: Pair, job: Any, kwargs: dict[str, Any]) -> Any:
+    """Run one delivery and pause the replica 0.3 s in: inside the slow sandbox's call, after
+    the claim was confirmed, before the final is."""
+    pausing = threading.Timer(0.3, pair.pause)
+    pausing.start()
+    try:
+        return job.run(kwargs, task_id="t-1", owner="w1")
+    finally:
+        pausing.join()
+
+
 def events(store: JobStore, fid: str) -> list[dict[str, str]]:
     return [fields for _, fields in store.events() if fields["foreign_id"] == fid]
 
@@ -210,12 +221,7 @@ def test_an_outcome_not_confirmed_stays_unseen_until_published(
     job = make_job(settings)
     kwargs = job_kwargs()
     fid = kwargs["request"]["foreign_id"]
-    pausing = threading.Timer(0.3, pair.pause)  # mid-call: the claim was confirmed
-    pausing.start()
-    try:
-        outcome = job.run(kwargs, task_id="t-1", owner="w1")
-    finally:
-        pausing.join()
+    outcome = run_pausing_mid_call(pair, job, kwargs)
     seen = job.store.get(fid)
     assert outcome.retry_in is not None
     assert outcome.record is None
@@ -541,12 +547,7 @@ def test_an_outcome_never_shown_is_still_refused_past_the_deadline(
     job = make_job(durable_settings(pair, slow_sandbox))
     kwargs = job_kwargs(deadline=time.time() + 1.5)
     fid = kwargs["request"]["foreign_id"]
-    pausing = threading.Timer(0.3, pair.pause)  # mid-call: the claim was confirmed
-    pausing.start()
-    try:
-        outcome = job.run(kwargs, task_id="t-1", owner="w1")
-    finally:
-        pausing.join()
+    outcome = run_pausing_mid_call(pair, job, kwargs)
     assert outcome.retry_in is not None
     assert outcome.record is None
     pair.resume()
