@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -82,7 +83,10 @@ def test_paying_in_full_in_a_real_browser(browser: webdriver.Chrome) -> None:
         # When the payer clicks "Pay in full"
         browser.find_element(By.ID, "pay-full").click()
         # Then the page shows the invoice confirmed, with nothing left to click
-        WebDriverWait(browser, 10).until(lambda b: text(b, "status") == "confirmed")
+        # The form post reloads the page: an element read just before it can go stale.
+        WebDriverWait(browser, 10, ignored_exceptions=(StaleElementReferenceException,)).until(
+            lambda b: text(b, "status") == "confirmed"
+        )
         assert browser.find_elements(By.TAG_NAME, "button") == []
         assert browser.current_url == data["url"]
         # And the receiver got the signed callbacks
