@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import redis
+from selenium import webdriver
 
 from invoice_worker.client import ProviderClient
 from invoice_worker.config import Settings
@@ -25,6 +26,7 @@ from invoice_worker.message import TaskMessage
 from invoice_worker.models import parse_request
 from invoice_worker.sandbox import Sandbox
 from invoice_worker.store import JobStore
+from tests.browser import chromium
 
 KEY = "test-key"
 SECRET = "test-secret"
@@ -50,6 +52,13 @@ def sentinel_cluster() -> Iterator[SentinelCluster]:
 def sandbox() -> Iterator[Sandbox]:
     with Sandbox(KEY, SECRET, min_amount=MIN_AMOUNT) as server:
         yield server
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[webdriver.Chrome]:
+    """Headless Chromium (tests/browser.py); mark the test `needs_chromium`."""
+    with chromium(tmp_path) as driver:
+        yield driver
 
 
 def make_settings(redis_url: str, api_url: str, **overrides: Any) -> Settings:
