@@ -53,6 +53,14 @@ from invoice_worker.message import TaskMessage
 from invoice_worker.record import JobRecord
 from invoice_worker.scripts import Enqueued, NewJob, load, script_conf
 
+#: Round trips one AsyncProducer has in flight at once (enqueue, get, discard); more wait their
+#: turn here. Redis runs commands one at a time, so beyond a few dozen connections more only
+#: add connection churn; ``redis.asyncio``'s pool would refuse them past its size instead.
+MAX_IN_FLIGHT = 64
+#: The client's pool size: the round trips above, plus one connection per wait in progress
+#: (a wait holds its subscription until the job is final or the timeout passes).
+MAX_CONNECTIONS = 2048
+
 __all__ = [
     "AsyncJobStore",
     "AsyncProducer",
@@ -78,11 +86,12 @@ class AsyncJobStore(Keys):
         self._enqueue = client.register_script(load("enqueue", conf))
         self._discard = client.register_script(load("discard", conf))
         self._barrier: Barrier | bool | None = False  # False: not looked up yet
+        self._turns = asyncio.Semaphore(MAX_IN_FLIGHT)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AsyncJobStore:
         """Connect to ``settings.state_url`` (any form ``invoice_worker.connection`` takes)."""
-        return cls(async_redis_client(settings), settings)
+        return cls(async_redis_client(settings, max_connections=MAX_CONNECTIONS), settings)
 
     async def barrier(self) -> Barrier | None:
         """As ``JobStore.barrier`` (looked up once).
@@ -106,11 +115,12 @@ class AsyncJobStore(Keys):
         (no SCRIPT EXISTS first; on NOSCRIPT it is loaded and the pipeline run again, which
         the script answers as it did the first time), then the Barrier's wait."""
         barrier = await self.barrier()
-        try:
-            replies = await self._pipeline(jobs, barrier).execute()
-        except NoScriptError:
-            await self.redis.script_load(self._enqueue.script)
-            replies = await self._pipeline(jobs, barrier).execute()
+        async with self._turns:
+            try:
+                replies = await self._pipeline(jobs, barrier).execute()
+            except NoScriptError:
+                await self.redis.script_load(self._enqueue.script)
+                replies = await self._pipeline(jobs, barrier).execute()
         replies, durable = settle(barrier, replies)
         return [Enqueued.from_reply(reply, durable) for reply in replies]
 
@@ -126,11 +136,13 @@ class AsyncJobStore(Keys):
     async def discard(self, foreign_id: str, task_id: str) -> None:
         """As ``JobStore.discard``."""
         keys, args = self.discard_call(foreign_id, task_id)
-        await self._discard(keys=keys, args=args)
+        async with self._turns:
+            await self._discard(keys=keys, args=args)
 
     async def get(self, foreign_id: str) -> JobRecord | None:
         """As ``JobStore.get``."""
-        raw: dict[str, str] = await self.redis.hgetall(self.key(foreign_id))  # type: ignore[assignment]
+        async with self._turns:
+            raw: dict[str, str] = await self.redis.hgetall(self.key(foreign_id))  # type: ignore[assignment]
         return JobRecord.from_redis(raw) if raw.get("state") else None
 
     async def wait(
