@@ -25,12 +25,12 @@ from urllib.parse import parse_qs
 
 from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
-from invoice_worker.aio import AsyncProducer
 from starlette.concurrency import run_in_threadpool
 
 from examples.fastapi_shop import pages
 from examples.fastapi_shop.consumer import consume
 from examples.fastapi_shop.orders import Order, Orders
+from invoice_worker.aio import AsyncProducer
 from invoice_worker.config import Settings
 from invoice_worker.connection import async_redis_client
 from invoice_worker.constants import JobState

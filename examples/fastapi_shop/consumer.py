@@ -31,7 +31,9 @@ async def apply(orders: Orders, event: Event) -> None:
         return
     match event.kind:
         case EventKind.JOB if event.state is JobState.CREATED:
-            await orders.advance(order.id, OrderStatus.AWAITING_PAYMENT, invoice_url=event.url)
+            await orders.advance(
+                order.id, OrderStatus.AWAITING_PAYMENT, invoice_url=event.url or ""
+            )
         case EventKind.JOB:
             error = f"The invoice could not be created ({event.error_code or event.state})."
             await orders.advance(order.id, OrderStatus.FAILED, error=error)

@@ -86,7 +86,8 @@ def test_a_slow_invoice_goes_through_the_waiting_page(
     # When the customer clicks "Pay with crypto"
     shop_browser.find_element(By.ID, "pay").click()
     # Then the waiting page shows, following the job with server-sent events
-    assert shop_browser.current_url == f"{shop_stack.public_url}/orders/1/invoice"
+    waiting_url = f"{shop_stack.public_url}/orders/1/invoice"
+    wait_until(shop_browser, lambda b: b.current_url == waiting_url)
     assert "Creating your invoice" in text(shop_browser, "waiting")
     screenshot(shop_browser, "fastapi-shop-waiting")
     # And moves on to the invoice page by itself once the invoice exists
