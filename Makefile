@@ -3,12 +3,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install lint lint-ruff lint-format lint-lua format mypy test run chaos bench all clean
+.PHONY: install lint lint-ruff lint-format lint-lua format mypy test e2e run chaos bench all clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev,flower]'
+	$(BIN)/python -m pip install -q -e '.[dev,flower,examples]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -34,6 +34,10 @@ mypy: $(STAMP)
 # Coverage here only: a targeted `pytest tests/test_x.py` stays quick.
 test: lint mypy
 	$(BIN)/pytest --cov=invoice_worker --cov-report=term-missing:skip-covered
+
+# Every example shop's browser test (make test runs the Django one only).
+e2e: $(STAMP)
+	$(BIN)/pytest tests/examples -m 'e2e or not e2e'
 
 run: $(STAMP)
 	$(BIN)/invoice-worker dev --demo 20
