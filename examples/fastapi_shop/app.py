@@ -15,6 +15,7 @@ import hmac
 import logging
 import os
 import secrets
+import socket
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -63,7 +64,9 @@ class ShopConfig:
     #: Where customers come back after paying: ``url_success``/``url_failed`` of each invoice.
     #: The provider requires https and a public domain name, so a local shop keeps the default.
     public_url: str
-    #: This process's name in the ``shop`` consumer group of the events stream.
+    #: The events stream's consumer group: one per shop (each shop sees every event once).
+    group: str
+    #: This host's name in that group.
     consumer: str
 
     @classmethod
@@ -71,7 +74,8 @@ class ShopConfig:
         return cls(
             database=Path(environ.get("SHOP_DATABASE", "fastapi-shop.sqlite3")),
             public_url=environ.get("SHOP_PUBLIC_URL", "https://shop.example.com").rstrip("/"),
-            consumer=environ.get("SHOP_EVENTS_CONSUMER", "web-1"),
+            group=environ.get("SHOP_EVENTS_GROUP", "fastapi-shop"),
+            consumer=environ.get("SHOP_EVENTS_CONSUMER") or socket.gethostname(),
         )
 
 
@@ -128,7 +132,7 @@ class Shop:
         self.producer = AsyncProducer(settings)
         self.receiver = Receiver(settings)
         self.consumer = AsyncEventConsumer(
-            async_redis_client(settings), stream=settings.events_stream, group="shop",
+            async_redis_client(settings), stream=settings.events_stream, group=config.group,
             consumer=config.consumer,
         )  # fmt: skip
 
@@ -138,7 +142,7 @@ class Shop:
         await self.orders.create_table()
         stop = asyncio.Event()
         task = asyncio.create_task(consume(self.orders, self.consumer, stop), name="consumer")
-        log.info("events consumer %r started", self.config.consumer)
+        log.info("events consumer %r of %r started", self.config.consumer, self.config.group)
         try:
             yield
         finally:
