@@ -65,18 +65,6 @@ MAX_PIPELINE = 1000
 #: (a wait holds its subscription until the job is final or the timeout passes).
 MAX_CONNECTIONS = 2048
 
-__all__ = [
-    "AsyncJobStore",
-    "AsyncProducer",
-    "aclose_default",
-    "default_producer",
-    "enqueue_invoice",
-    "enqueue_many",
-    "get_invoice",
-    "wait_for_invoice",
-    "wait_for_status",
-]
-
 
 _Answer = asyncio.Future[list[Enqueued]]
 
