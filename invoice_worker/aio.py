@@ -2,12 +2,14 @@
 
 ``AsyncProducer`` keeps the sync Producer's rules (``invoice_worker.enqueue``: validation,
 idempotency per foreign_id, the atomic enqueue script, the Barrier, results and errors); only
-the I/O differs. Broker and state in one Redis: one pipelined script call per enqueue, as in
+the I/O differs, and one thing is added: enqueues made in the same turn of the event loop share
+one pipelined round trip (each job's script still runs alone, so each behaves exactly as if
+sent by itself). Broker and state in one Redis: record and message in one script call, as in
 the sync path. Otherwise (RabbitMQ, another Redis) the records are written here and the
 messages published through Celery, whose publish blocks: it runs in a thread
 (``asyncio.to_thread``), and a publish that fails discards the records it just created, as the
-sync path does. A cancelled enqueue may still have been written (and sent); enqueueing the same
-request again returns that record and sends nothing twice.
+sync path does. A cancelled enqueue may still have been written (and sent) with its round trip,
+never half of it; enqueueing the same request again returns that record and sends nothing twice.
 
 ``redis.asyncio`` connections belong to the event loop that opened them, so the module-level
 coroutines keep one default AsyncProducer per running loop, built from ``Settings.load()`` on
@@ -57,21 +59,14 @@ from invoice_worker.scripts import Enqueued, NewJob, load, script_conf
 #: turn here. Redis runs commands one at a time, so beyond a few dozen connections more only
 #: add connection churn; ``redis.asyncio``'s pool would refuse them past its size instead.
 MAX_IN_FLIGHT = 64
+#: Jobs in one coalesced pipeline at most (a round trip's reply stays a few hundred KB).
+MAX_PIPELINE = 1000
 #: The client's pool size: the round trips above, plus one connection per wait in progress
 #: (a wait holds its subscription until the job is final or the timeout passes).
 MAX_CONNECTIONS = 2048
 
-__all__ = [
-    "AsyncJobStore",
-    "AsyncProducer",
-    "aclose_default",
-    "default_producer",
-    "enqueue_invoice",
-    "enqueue_many",
-    "get_invoice",
-    "wait_for_invoice",
-    "wait_for_status",
-]
+
+_Answer = asyncio.Future[list[Enqueued]]
 
 
 class AsyncJobStore(Keys):
@@ -87,6 +82,8 @@ class AsyncJobStore(Keys):
         self._discard = client.register_script(load("discard", conf))
         self._barrier: Barrier | bool | None = False  # False: not looked up yet
         self._turns = asyncio.Semaphore(MAX_IN_FLIGHT)
+        self._pending: list[tuple[Sequence[NewJob], _Answer]] = []  # enqueues of this turn
+        self._tasks: set[asyncio.Task[None]] = set()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AsyncJobStore:
@@ -111,9 +108,54 @@ class AsyncJobStore(Keys):
         return self._barrier  # type: ignore[return-value]
 
     async def enqueue(self, jobs: Sequence[NewJob]) -> list[Enqueued]:
-        """As ``JobStore.enqueue``: one pipelined round trip, the script sent as plain EVALSHA
-        (no SCRIPT EXISTS first; on NOSCRIPT it is loaded and the pipeline run again, which
-        the script answers as it did the first time), then the Barrier's wait."""
+        """As ``JobStore.enqueue``; calls made in the same turn of the event loop share one
+        pipelined round trip (1,000 enqueues gathered at once are a few pipelines, not
+        1,000): each job's script runs alone as ever, and the Barrier's wait covers them all.
+        """
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[list[Enqueued]] = loop.create_future()
+        self._pending.append((jobs, answer))
+        if len(self._pending) == 1:
+            loop.call_soon(self._flush)
+        return await answer
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        batch: list[tuple[Sequence[NewJob], _Answer]] = []
+        size = 0
+        for n, item in enumerate(pending, start=1):
+            batch.append(item)
+            size += len(item[0])
+            if size >= MAX_PIPELINE or n == len(pending):
+                task = asyncio.create_task(self._send_batch(batch))
+                self._tasks.add(task)  # the loop keeps only a weak reference
+                task.add_done_callback(self._tasks.discard)
+                batch, size = [], 0
+
+    async def _send_batch(self, batch: list[tuple[Sequence[NewJob], _Answer]]) -> None:
+        try:
+            replies = await self._round_trip([job for jobs, _ in batch for job in jobs])
+        except BaseException as exc:
+            for _, answer in batch:
+                if answer.done():
+                    continue
+                if isinstance(exc, asyncio.CancelledError):
+                    answer.cancel()
+                else:
+                    answer.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        start = 0
+        for jobs, answer in batch:
+            if not answer.done():  # a caller that was cancelled meanwhile
+                answer.set_result(replies[start : start + len(jobs)])
+            start += len(jobs)
+
+    async def _round_trip(self, jobs: Sequence[NewJob]) -> list[Enqueued]:
+        """The script sent as plain EVALSHA (no SCRIPT EXISTS first; on NOSCRIPT it is loaded
+        and the pipeline run again, which the script answers as it did the first time), then
+        the Barrier's wait, in one round trip."""
         barrier = await self.barrier()
         async with self._turns:
             try:

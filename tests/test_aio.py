@@ -197,6 +197,28 @@ def test_a_thousand_concurrent_enqueues_from_one_loop(
     print(f"1,000 concurrent enqueues from one loop: {took:.2f} s ({1000 / took:,.0f}/s)")
 
 
+def test_a_cancelled_enqueue_is_written_whole_or_not_at_all(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    requests = [request_data() for _ in range(10)]
+
+    async def main(p: AsyncProducer) -> tuple[list[Any], JobRecord | None, JobRecord]:
+        # Given ten enqueues sharing one round trip, one of them cancelled before it goes out
+        tasks = [asyncio.create_task(p.enqueue(r)) for r in requests]
+        await asyncio.sleep(0)  # each has joined the round trip
+        tasks[3].cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        # Then the round trip went out whole, and enqueueing again returns the record
+        return results, await p.get(requests[3]["foreign_id"]), await p.enqueue(requests[3])
+
+    results, stored, again = run(main, settings)
+    assert isinstance(results[3], asyncio.CancelledError)
+    assert all(isinstance(r, JobRecord) for i, r in enumerate(results) if i != 3)
+    assert stored is not None
+    assert again.task_id == stored.task_id
+    assert len(messages(redis_client, settings)) == 10
+
+
 def test_sync_and_async_producers_racing_on_the_same_ids_send_once(
     settings: Settings, redis_client: redis.Redis
 ) -> None:
@@ -348,9 +370,7 @@ def test_default_producer_is_one_per_loop_and_closed_with_it(
     assert len(messages(redis_client, settings)) == 1
 
 
-def test_async_client_through_sentinel(
-    sentinel_cluster: SentinelCluster, sandbox: Sandbox
-) -> None:
+def test_async_client_through_sentinel(sentinel_cluster: SentinelCluster, sandbox: Sandbox) -> None:
     settings = make_settings(
         sentinel_cluster.url, sandbox.url, redis_sentinel_master=sentinel_cluster.master_name
     )
