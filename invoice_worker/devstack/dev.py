@@ -1,9 +1,12 @@
 """``invoice-worker dev``: the whole stack on one machine, with nothing installed beforehand.
 
 Redis: ``INVOICE_BROKER_URL`` / ``INVOICE_REDIS_URL`` when set, else an embedded one.
-Provider: ``INVOICE_API_URL`` when set, else the sandbox with generated keys.
-Then a worker, the callback receiver (the sandbox's callbacks go to it), Flower when installed,
-and with ``--demo N`` a scripted run of N invoices, created, then paid (or not).
+Provider: ``INVOICE_API_URL`` when set, else the sandbox, with ``INVOICE_API_KEY`` /
+``INVOICE_API_SECRET`` when both are set (so an app's own receiver verifies its callbacks),
+else with generated ones.
+Then a worker, the callback receiver (the sandbox's callbacks go to it; with
+``--callback-url`` they go to that URL instead, an app's receiver, and none is started), Flower
+when installed, and with ``--demo N`` a scripted run of N invoices, created, then paid (or not).
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ from invoice_worker.config import Settings
 from invoice_worker.devstack.demo import Demo
 from invoice_worker.devstack.embedded import EmbeddedRedis, free_port
 from invoice_worker.devstack.processes import flower_process, receiver_process, worker_process
+from invoice_worker.errors import ConfigError
 from invoice_worker.privacy import redact_url
 from invoice_worker.producer import Producer
 from invoice_worker.receiver import CALLBACK_PATH
 from invoice_worker.sandbox import Sandbox
+from invoice_worker.sandbox.callbacks import check_url
 
 #: The sandbox's callback retries, 100 times faster than the provider's: the first after 0.6 s.
 CALLBACK_TIME_SCALE = 0.01
@@ -47,6 +52,12 @@ def add_dev_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fakeredis", action="store_true", help="embed fakeredis even if redis-server exists"
     )
+    parser.add_argument(
+        "--callback-url",
+        metavar="URL",
+        help="the sandbox sends its callbacks here (your app's receiver) instead of to a "
+        "receiver of its own; set INVOICE_API_KEY and INVOICE_API_SECRET so both sides agree",
+    )
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -56,7 +67,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run_dev(args: argparse.Namespace, settings: Settings) -> int:
-    """Start the stack; with ``--demo`` run it and exit, else serve until Ctrl-C."""
+    """Start the stack; with ``--demo`` run it and exit, else serve until Ctrl-C.
+
+    Raises:
+        ConfigError: for ``--callback-url`` with ``--demo`` or a provider that is not the
+            sandbox, a bad callback URL, or only one of INVOICE_API_KEY / INVOICE_API_SECRET.
+    """
+    _check_options(args, settings)
     with ExitStack() as stack:
         log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="invoice-dev-")))
         settings, sandbox = _start_services(settings, stack, use_binary=not args.fakeredis)
@@ -65,15 +82,11 @@ def run_dev(args: argparse.Namespace, settings: Settings) -> int:
         worker.start(ready="ready.")
         print(f"worker     {args.pool} x {args.concurrency} on queue {settings.queue!r}")
         print(f"           log: {worker.log_path}")
-        port = free_port()
-        receiver = receiver_process(settings, log_dir, port=port)
-        stack.callback(receiver.stop)
-        receiver.start(ready="callback receiver at")
-        callback_url = f"http://127.0.0.1:{port}{CALLBACK_PATH}"
-        if sandbox is not None:
-            sandbox.set_callbacks(url=callback_url, time_scale=CALLBACK_TIME_SCALE)
-        print(f"callbacks  {callback_url}" + (" (the sandbox sends here)" if sandbox else ""))
-        print(f"           log: {receiver.log_path}")
+        if args.callback_url and sandbox is not None:
+            sandbox.set_callbacks(url=args.callback_url, time_scale=CALLBACK_TIME_SCALE)
+            print(f"callbacks  {args.callback_url} (the sandbox sends here; no receiver started)")
+        else:
+            _start_receiver(settings, sandbox, stack, log_dir)
         if args.flower and importlib.util.find_spec("flower") is not None:
             flower = flower_process(settings, log_dir, port=args.flower_port)
             stack.callback(flower.stop)
@@ -98,6 +111,42 @@ def run_dev(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _check_options(args: argparse.Namespace, settings: Settings) -> None:
+    given = settings.model_fields_set
+    if len(given & {"api_key", "api_secret"}) == 1 and "api_url" not in given:
+        raise ConfigError(
+            "set both INVOICE_API_KEY and INVOICE_API_SECRET for the sandbox, or neither "
+            "(then it makes up its own)"
+        )
+    if not args.callback_url:
+        return
+    if args.demo:
+        raise ConfigError("--callback-url and --demo: the demo needs the stack's own receiver")
+    if "api_url" in given:
+        raise ConfigError(
+            "--callback-url sets where the sandbox sends callbacks; with INVOICE_API_URL set the "
+            "provider is not the sandbox: set the callback URL in its back office"
+        )
+    try:
+        check_url(args.callback_url)
+    except ValueError as exc:
+        raise ConfigError(f"--callback-url: {exc}") from None
+
+
+def _start_receiver(
+    settings: Settings, sandbox: Sandbox | None, stack: ExitStack, log_dir: Path
+) -> None:
+    port = free_port()
+    receiver = receiver_process(settings, log_dir, port=port)
+    stack.callback(receiver.stop)
+    receiver.start(ready="callback receiver at")
+    callback_url = f"http://127.0.0.1:{port}{CALLBACK_PATH}"
+    if sandbox is not None:
+        sandbox.set_callbacks(url=callback_url, time_scale=CALLBACK_TIME_SCALE)
+    print(f"callbacks  {callback_url}" + (" (the sandbox sends here)" if sandbox else ""))
+    print(f"           log: {receiver.log_path}")
+
+
 def _start_services(
     settings: Settings, stack: ExitStack, *, use_binary: bool
 ) -> tuple[Settings, Sandbox | None]:
@@ -112,10 +161,19 @@ def _start_services(
     if "api_url" in given:
         print(f"provider   {redact_url(settings.api_url)} (from INVOICE_API_URL)")
     else:
-        key, secret = f"dev-{secrets.token_hex(6)}", secrets.token_urlsafe(24)
+        own = {"api_key", "api_secret"} <= given
+        if own:
+            key, secret = (
+                settings.api_key.get_secret_value(),
+                settings.api_secret.get_secret_value(),
+            )
+        else:
+            key, secret = f"dev-{secrets.token_hex(6)}", secrets.token_urlsafe(24)
         sandbox = stack.enter_context(Sandbox(key, secret, port=free_port()))
         settings = settings.replace(api_url=sandbox.url, api_key=key, api_secret=secret)
         print(f"provider   {sandbox.url} (sandbox; admin at {sandbox.admin_url})")
+        if own:
+            print(f"           key {key!r} and its secret from INVOICE_API_KEY / _SECRET")
     print(f"\n{export_lines(settings, given)}")
     return settings, sandbox
 

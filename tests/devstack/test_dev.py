@@ -7,12 +7,20 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import requests
 
+from invoice_worker.cli import EXIT_CONFIG
+from invoice_worker.client import verify_signature
 from invoice_worker.config import Settings
 from invoice_worker.devstack.dev import export_lines
 from invoice_worker.devstack.embedded import EmbeddedRedis, free_port
+from invoice_worker.devstack.processes import ChildProcess
+from invoice_worker.producer import Producer
+from tests.conftest import request_data
+from tests.sandbox.receiver import Receiver
 
 
 def dev(tmp_path: Path, *argv: str, **environ: str) -> subprocess.CompletedProcess[str]:
@@ -127,3 +135,73 @@ def test_export_lines() -> None:
         "# and INVOICE_BROKER_URL, INVOICE_API_URL as set in this shell "
         "(not printed: may hold a password)"
     )
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "message"),
+    [
+        (["--callback-url", "http://127.0.0.1:1/cb", "--demo", "1"], {}, "--demo"),
+        (
+            ["--callback-url", "http://127.0.0.1:1/cb"],
+            {"INVOICE_API_URL": "https://example.com/api/v2"},
+            "not the sandbox",
+        ),
+        (["--callback-url", "ftp://shop.example.com/cb"], {}, "not an http(s) callback URL"),
+        ([], {"INVOICE_API_KEY": "only-the-key"}, "both INVOICE_API_KEY and INVOICE_API_SECRET"),
+    ],
+)
+def test_dev_refuses_callback_options_that_cannot_work(
+    tmp_path: Path, argv: list[str], environ: dict[str, str], message: str
+) -> None:
+    proc = dev(tmp_path, *argv, "--no-flower", **environ)
+    assert proc.returncode == EXIT_CONFIG, proc.stdout + proc.stderr
+    assert message in proc.stderr
+    assert proc.stdout == ""  # refused before anything started
+
+
+@pytest.mark.slow
+def test_dev_sends_callbacks_to_the_app_signed_with_its_key(tmp_path: Path) -> None:
+    # Given an app's receiver, and its key and secret in the environment
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INVOICE_")}
+    env |= {"INVOICE_API_KEY": "shop-key", "INVOICE_API_SECRET": "shop-secret-never-shown"}
+    with Receiver() as receiver:
+        # When the dev stack runs with --callback-url pointing at it
+        argv = [sys.executable, "-m", "invoice_worker.cli", "dev", "--no-flower"]
+        stack = ChildProcess("dev", [*argv, "--callback-url", receiver.url], env, tmp_path)
+        stack.start(ready="Ctrl-C stops")
+        try:
+            out = stack.log()
+            # Then it starts no receiver of its own, and shows the key but never the secret
+            assert f"callbacks  {receiver.url} (the sandbox sends here; no receiver" in out
+            assert "callback receiver at" not in out
+            assert "key 'shop-key' and its secret from INVOICE_API_KEY" in out
+            # And an invoice created through it and paid sends signed callbacks to the app
+            exported = re.search(r"^export (.*)$", out, re.MULTILINE)
+            assert exported is not None, out
+            urls: dict[str, Any] = {}
+            for pair in exported[1].split():
+                name, value = pair.split("=", 1)
+                urls[name.removeprefix("INVOICE_").lower()] = value
+            settings = Settings(_env_file=None, **urls)
+            producer = Producer(settings)
+            try:
+                data = request_data()
+                producer.enqueue(data)
+                record = producer.wait(data["foreign_id"], timeout=30)
+                assert record is not None
+                assert record.state == "created", record
+            finally:
+                producer.close()
+            admin = settings.api_url.removesuffix("/api/v2") + "/_sandbox"
+            paid = requests.post(
+                f"{admin}/invoices/{data['foreign_id']}/pay", json={"mode": "full"}, timeout=10
+            )
+            assert paid.status_code == 200, paid.text
+            received = receiver.wait_for(2)
+            for r in received:
+                assert r.headers["X-Processing-Key"] == "shop-key"
+                signature = r.headers["X-Processing-Signature"]
+                assert verify_signature(r.body, signature, "shop-secret-never-shown")
+        finally:
+            stack.stop()
+    assert "shop-secret-never-shown" not in stack.log()
