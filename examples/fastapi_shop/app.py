@@ -59,7 +59,7 @@ _MAX_FORM_BYTES = 4096
 class ShopConfig:
     """The shop's own settings (``SHOP_*``); the invoice ones are ``INVOICE_*`` (Settings)."""
 
-    #: The SQLite file (created on first start).
+    #: The SQLite file (created on first start; by default next to this module).
     database: Path
     #: Where customers come back after paying: ``url_success``/``url_failed`` of each invoice.
     #: The provider requires https and a public domain name, so a local shop keeps the default.
@@ -72,7 +72,7 @@ class ShopConfig:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> ShopConfig:
         return cls(
-            database=Path(environ.get("SHOP_DATABASE", "fastapi-shop.sqlite3")),
+            database=Path(environ.get("SHOP_DATABASE") or Path(__file__).parent / "shop.sqlite3"),
             public_url=environ.get("SHOP_PUBLIC_URL", "https://shop.example.com").rstrip("/"),
             group=environ.get("SHOP_EVENTS_GROUP", "fastapi-shop"),
             consumer=environ.get("SHOP_EVENTS_CONSUMER") or socket.gethostname(),
