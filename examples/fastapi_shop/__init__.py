@@ -1,0 +1,1 @@
+"""The FastAPI example shop (see its README.md); ``app.create_app`` is what uvicorn runs."""
