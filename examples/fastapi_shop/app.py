@@ -47,8 +47,9 @@ WAIT_SECONDS = 3.0
 DEADLINE_SECONDS = 120.0
 #: A comment line this often keeps proxies from closing the events stream.
 HEARTBEAT_SECONDS = 10.0
-#: An events stream ends after this many heartbeats; the browser's EventSource reconnects.
-STREAM_BEATS = 30
+#: An events stream ends after this many heartbeats and the browser's EventSource reconnects:
+#: no answer stays open for long (uvicorn waits for open answers before it shuts down).
+STREAM_BEATS = 6
 #: On shutdown, the consumer finishes its event for this long, then is cancelled.
 STOP_SECONDS = 5.0
 CSRF_COOKIE = "shop_csrf"
