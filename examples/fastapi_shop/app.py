@@ -37,6 +37,7 @@ from invoice_worker.connection import async_redis_client
 from invoice_worker.constants import JobState
 from invoice_worker.errors import ConflictError, InvalidRequestError
 from invoice_worker.events import AsyncEventConsumer
+from invoice_worker.models import EMAIL_RE
 from invoice_worker.receiver import CALLBACK_PATH, Receiver
 
 log = logging.getLogger(__name__)
@@ -167,7 +168,11 @@ class Shop:
 
     async def place(self, request: Request) -> Response:
         form = await checked_form(request)
-        order = await self.orders.place(form.get("email", "").strip())
+        email = form.get("email", "").strip()
+        # The invoice request's own rule, checked now: an order it refuses could never be paid.
+        if len(email) > 254 or not EMAIL_RE.fullmatch(email):
+            return pages.problem("Cannot place this order", "Give a valid e-mail address.", 422)
+        order = await self.orders.place(email)
         return RedirectResponse(f"/orders/{order.id}", status_code=303)
 
     async def show(self, request: Request, order_id: int) -> Response:
@@ -184,7 +189,9 @@ class Shop:
                 deadline=time.time() + DEADLINE_SECONDS,
             )
         except InvalidRequestError as exc:
-            return pages.problem("Cannot pay this order", str(exc), 422, exc.errors)
+            return pages.problem(
+                "Cannot pay this order", "Its invoice breaks a rule:", 422, exc.errors
+            )
         except ConflictError:
             return pages.problem("Cannot pay this order", "it changed since its invoice", 409)
         record = await self.producer.wait(order.foreign_id, WAIT_SECONDS)

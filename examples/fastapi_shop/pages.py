@@ -12,7 +12,7 @@ from html import escape
 
 from fastapi.responses import HTMLResponse
 
-from examples.fastapi_shop.orders import Order, OrderStatus
+from examples.fastapi_shop.orders import CURRENCY, PRICE, PRODUCT, Order, OrderStatus
 
 _STYLE = """
 body { font: 16px/1.5 system-ui, sans-serif; margin: 0; background: #f6f3ee; color: #2b2520; }
@@ -86,7 +86,7 @@ def index(orders: list[Order], csrf: str) -> HTMLResponse:
         for o in orders
     )
     body = (
-        "<h1>Two bags of coffee beans</h1><p>0.00042 BTC, delivered to your door.</p>"
+        f"<h1>{escape(PRODUCT)}</h1><p>{PRICE} {escape(CURRENCY)}, delivered to your door.</p>"
         f'<form method="post" action="/orders">{_token(csrf)}'
         '<input id="email" name="email" type="email" required value="buyer@example.com"'
         ' aria-label="e-mail">'

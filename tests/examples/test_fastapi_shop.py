@@ -71,9 +71,15 @@ def test_order_pay_and_see_it_paid(
     assert invoice["foreign_id"].startswith("fastapi-shop-")
     assert shop_stack.sandbox.create_calls(invoice["foreign_id"]) == 1
     assert severe_console_errors(shop_browser) == []
-    # And a POST without this browser's form token is refused
-    answer = requests.post(f"{shop_stack.base_url}/orders/1/pay", data={"csrf": "x"}, timeout=5)
-    assert answer.status_code == 403
+    # And a POST without this browser's form token is refused, and an order that could
+    # never be paid is not placed
+    with requests.Session() as http:
+        answer = http.post(f"{shop_stack.base_url}/orders/1/pay", data={"csrf": "x"}, timeout=5)
+        assert answer.status_code == 403
+        http.get(shop_stack.base_url + "/", timeout=5)
+        form = {"csrf": http.cookies["shop_csrf"], "email": "not an address"}
+        answer = http.post(f"{shop_stack.base_url}/orders", data=form, timeout=5)
+        assert (answer.status_code, answer.url) == (422, f"{shop_stack.base_url}/orders")
 
 
 def test_a_slow_invoice_goes_through_the_waiting_page(
