@@ -47,7 +47,7 @@ _AMOUNT_MAX_CHARS = 64
 #: Validation context key set by the worker's decoding (``TaskMessage.parse(wire=True)``): a
 #: JSON number is how a non-Python producer naturally writes an amount, see ``json_amount``.
 JSON_NUMBERS = "json_numbers"
-#: JSON number amounts (not integers) must be below this: where a double resolves 10^-8.
+#: JSON number amounts (not integers) must be below this: a double holds 8 places exactly.
 JSON_AMOUNT_LIMIT = 10_000_000
 
 
@@ -81,9 +81,9 @@ def json_amount(value: float) -> str:
     """The decimal a JSON number amount stands for: the float's shortest form (``repr``).
 
     That is the text JavaScript, PHP and every JSON encoder print for it, so ``0.1`` means 0.1.
-    Below 10^7 a double keeps every decimal of at most 8 places (15 significant digits), so no
-    such number, however written, is read as another amount; a number needing more places
-    (``0.30000000000000004``, ``1e-9``) or beyond that range is refused, never rounded.
+    Below 10^7 a double holds every decimal of at most 8 places exactly (15 significant
+    digits), so such a number is read as written; one whose shortest form needs more places
+    (``0.30000000000000004``, ``1e-9``), or beyond that range, is refused, never rounded.
 
     Raises:
         ValueError: naming the rule broken.
@@ -100,7 +100,7 @@ def json_amount(value: float) -> str:
     if abs(value) >= JSON_AMOUNT_LIMIT:
         raise ValueError(
             f"as a JSON number with a fraction or exponent must be below {JSON_AMOUNT_LIMIT:,} "
-            "(a double's exact range for 8 decimal places): send a decimal string or an integer"
+            "(where a double holds 8 decimal places exactly): send a decimal string or an integer"
         )
     return text
 
