@@ -26,6 +26,7 @@ from invoice_worker.config import Settings
 from invoice_worker.constants import ErrorCode, JobState
 from invoice_worker.devstack.embedded import EmbeddedRedis
 from invoice_worker.devstack.processes import ChildProcess, worker_process
+from invoice_worker.producer import Producer
 from invoice_worker.record import JobRecord
 from invoice_worker.sandbox import Sandbox
 from invoice_worker.store import JobStore
@@ -164,6 +165,14 @@ def test_node_number_amount_creates_the_invoice(node: str, stack: Stack, sandbox
     event = stack.received(task_id)
     assert json.loads(event["kwargs"])["request"]["email_user"] == "***"
     assert BUYER not in json.dumps(event)
+    # And the same order from Python, amount "0.1", is the same request: no conflict, no resend
+    producer = Producer(stack.settings)
+    try:
+        again = producer.enqueue({**request, "amount": "0.1"})
+    finally:
+        producer.close()
+    assert (again.state, again.task_id) == (JobState.CREATED, task_id)
+    assert len(live(sandbox, request["foreign_id"])) == 1
 
 
 def test_node_invalid_message_fails_with_field_errors(
