@@ -239,7 +239,11 @@ def test_sync_and_async_producers_racing_on_the_same_ids_send_once(
     async def async_side(p: AsyncProducer) -> list[JobRecord]:
         await p.get("warm-up")  # connect first, so both sides start together
         go.set()
-        return await asyncio.gather(*(p.enqueue(r) for r in reversed(requests)))
+        # Ten at a time, so both sides go at a similar pace and meet in the middle
+        backwards, out = requests[::-1], []
+        for i in range(0, len(backwards), 10):
+            out += await asyncio.gather(*(p.enqueue(r) for r in backwards[i : i + 10]))
+        return out
 
     from_loop = run(async_side, settings)
     for thread in threads:
