@@ -257,8 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--producers", type=int, default=1, help="producer processes")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply job counts")
     parser.add_argument(
-        "--only", nargs="+", metavar="POOL:C", help="e.g. threads:16 gevent:64, or durability"
-    )
+        "--only", nargs="+", metavar="POOL:C",
+        help="e.g. threads:16 gevent:64, or durability, or enqueue-aio (sync vs asyncio enqueue"
+        " rate, alone)",
+    )  # fmt: skip
     parser.add_argument("--producers-only", action="store_true", help="skip worker scenarios")
     parser.add_argument("--strict", action="store_true", help="exit 2 when a target is missed")
     parser.add_argument(
@@ -274,6 +276,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out = args.out.resolve()
     if args.commit:
         return from_commit(args.commit, sys.argv[1:] if argv is None else argv, args)
+    if args.only and "enqueue-aio" in args.only:
+        from bench import enqueue_aio
+
+        return enqueue_aio.main(args.scale)
     return run(args)
 
 

@@ -1,4 +1,8 @@
-"""invoice-worker: create CoinsPaid / CryptoProcessing invoices exactly once, from Celery."""
+"""invoice-worker: create CoinsPaid / CryptoProcessing invoices exactly once, from Celery.
+
+Asyncio apps import ``invoice_worker.aio`` (the same names, as coroutines); it is not imported
+here, so a sync app never loads it.
+"""
 
 from __future__ import annotations
 

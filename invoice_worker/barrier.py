@@ -11,9 +11,9 @@ write on disk too (Redis >= 7.2), which also covers a primary that restarts from
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from redis.client import Pipeline
@@ -21,6 +21,11 @@ from redis.exceptions import NoScriptError
 
 from invoice_worker.config import Settings
 from invoice_worker.errors import ConfigError
+
+if TYPE_CHECKING:
+    from redis.asyncio.client import Pipeline as AsyncPipeline
+
+NO_WAITAOF = "INVOICE_REDIS_WAIT_AOF needs Redis >= 7.2 (WAITAOF) for the job store"
 
 
 @dataclass(frozen=True)
@@ -33,8 +38,9 @@ class Barrier:
     timeout_ms: int
     aof: bool = False
 
-    def add(self, pipe: Pipeline, probe_key: str) -> None:
-        """Append the wait to ``pipe`` (after the writes it must cover)."""
+    def add(self, pipe: Pipeline | AsyncPipeline, probe_key: str) -> None:
+        """Append the wait to ``pipe`` (after the writes it must cover); either transport's
+        pipeline queues without I/O."""
         # WAIT covers this connection's last write; a script that wrote nothing (an existing
         # job) would leave an older one, so write something of our own first.
         pipe.set(probe_key, "1", px=60_000)
@@ -42,13 +48,31 @@ class Barrier:
             command: tuple[Any, ...] = ("WAITAOF", 1, self.replicas, self.timeout_ms)
         else:
             command = ("WAIT", self.replicas, self.timeout_ms)
-        pipe.execute_command(*command)  # type: ignore[no-untyped-call]
+        pipe.execute_command(*command)
 
     def held(self, reply: Any) -> bool:
         """Whether the wait's reply says the writes are durable."""
         if self.aof:
             return int(reply[0]) >= 1 and int(reply[1]) >= self.replicas
         return int(reply) >= self.replicas
+
+
+def wanted_barrier(settings: Settings) -> Barrier | None:
+    """The Barrier ``settings`` ask for (no I/O: one with ``aof`` still needs
+    :func:`check_aof` on the server), or None when writes are acted on at once."""
+    # Rounded up: a timeout of 0 ms would make WAIT (and WAITAOF) block until they are met.
+    timeout_ms = max(1, math.ceil(settings.redis_wait_timeout * 1000))
+    if settings.redis_wait_aof:
+        return Barrier(settings.redis_min_replicas, timeout_ms, aof=True)
+    if settings.redis_min_replicas:
+        return Barrier(settings.redis_min_replicas, timeout_ms)
+    return None
+
+
+def check_aof(persistence: Mapping[str, Any]) -> None:
+    """Raise ConfigError unless ``INFO persistence`` says the AOF is on."""
+    if persistence.get("aof_enabled") != 1:
+        raise ConfigError("INVOICE_REDIS_WAIT_AOF needs appendonly yes on the job store")
 
 
 def find_barrier(client: redis.Redis, settings: Settings) -> Barrier | None:
@@ -58,22 +82,15 @@ def find_barrier(client: redis.Redis, settings: Settings) -> Barrier | None:
         ConfigError: ``INVOICE_REDIS_WAIT_AOF`` on a server without ``WAITAOF`` (before 7.2)
             or without an AOF: nothing could ever be confirmed.
     """
-    # Rounded up: a timeout of 0 ms would make WAIT (and WAITAOF) block until they are met.
-    timeout_ms = max(1, math.ceil(settings.redis_wait_timeout * 1000))
-    if settings.redis_wait_aof:
+    barrier = wanted_barrier(settings)
+    if barrier is not None and barrier.aof:
         try:
             client.execute_command("WAITAOF", 0, 0, 0)  # type: ignore[no-untyped-call]
         except redis.ResponseError:
-            raise ConfigError(
-                "INVOICE_REDIS_WAIT_AOF needs Redis >= 7.2 (WAITAOF) for the job store"
-            ) from None
+            raise ConfigError(NO_WAITAOF) from None
         persistence: Any = client.info("persistence")
-        if persistence.get("aof_enabled") != 1:
-            raise ConfigError("INVOICE_REDIS_WAIT_AOF needs appendonly yes on the job store")
-        return Barrier(settings.redis_min_replicas, timeout_ms, aof=True)
-    if settings.redis_min_replicas:
-        return Barrier(settings.redis_min_replicas, timeout_ms)
-    return None
+        check_aof(persistence)
+    return barrier
 
 
 def durably(
@@ -97,6 +114,12 @@ def durably(
         for script in scripts:
             client.script_load(script.script)
         replies = _pipeline(client, barrier, probe_key, write)[0].execute()
+    return settle(barrier, replies)
+
+
+def settle(barrier: Barrier | None, replies: list[Any]) -> tuple[list[Any], bool]:
+    """Split a pipeline's replies (the Barrier's two last) into the writes' and whether they
+    are durable."""
     if barrier is None:
         return replies, True
     *replies, _, waited = replies

@@ -24,7 +24,9 @@ to the new master. Sentinel itself closes every client connection of a node it d
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
@@ -34,6 +36,8 @@ from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
 if TYPE_CHECKING:
+    import redis.asyncio
+
     from invoice_worker.config import Settings
 
 SENTINEL_SCHEME = "sentinel://"
@@ -60,13 +64,14 @@ def sentinel_options(password: str | None) -> dict[str, Any]:
     return options
 
 
-def default_options() -> dict[str, Any]:
-    """What every client gets unless overridden: the job store's policy."""
+def default_options(retry: type[Any] = Retry) -> dict[str, Any]:
+    """What every client gets unless overridden: the job store's policy (``retry``: the
+    transport's Retry class, ``redis.asyncio.retry.Retry`` for an asyncio client)."""
     return {
         "decode_responses": True,
         # Ride out a short Redis restart or a failover; a script re-run after a lost reply is
         # safe because every script is idempotent for the same caller.
-        "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=5),
+        "retry": retry(ExponentialBackoff(cap=1.0, base=0.05), retries=5),
         "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
         "health_check_interval": 30,
     }
@@ -137,13 +142,22 @@ def parse_sentinel_url(url: str) -> SentinelURL:
 
 def redis_client(settings: Settings, **overrides: Any) -> redis.Redis:
     """A client of the job store's Redis (``settings.state_url``); see ``client_from_url``."""
+    client: redis.Redis = client_from_url(settings.state_url, **_master(settings), **overrides)
+    return client
+
+
+def async_redis_client(settings: Settings, **overrides: Any) -> redis.asyncio.Redis:
+    """An asyncio client of the job store's Redis, as :func:`redis_client` (same URL forms,
+    options and retry policy). Its connections belong to the event loop that first uses it."""
+    return _connect(settings.state_url, _asyncio(), **_master(settings), **overrides)  # type: ignore[no-any-return]
+
+
+def _master(settings: Settings) -> dict[str, Any]:
     secret = settings.redis_sentinel_password
-    return client_from_url(
-        settings.state_url,
-        master_name=settings.redis_sentinel_master,
-        sentinel_password=secret.get_secret_value() if secret else None,
-        **overrides,
-    )
+    return {
+        "master_name": settings.redis_sentinel_master,
+        "sentinel_password": secret.get_secret_value() if secret else None,
+    }
 
 
 def client_from_url(
@@ -162,23 +176,53 @@ def client_from_url(
     Raises:
         ValueError: a ``sentinel://`` URL without ``master_name``, or a malformed one.
     """
-    options = {**default_options(), **overrides}
+    flavour = _Flavour(redis, Retry, Sentinel, _SentinelPool)
+    client: redis.Redis = _connect(url, flavour, master_name, sentinel_password, **overrides)
+    return client
+
+
+@dataclass(frozen=True)
+class _Flavour:
+    """One transport of redis-py: its client module and the classes ``_connect`` needs."""
+
+    module: ModuleType
+    retry: type[Any]
+    sentinel: type[Any]
+    pool: type[Any]
+
+
+def _asyncio() -> _Flavour:
+    # Imported here: only the asyncio producer (invoice_worker.aio) needs it.
+    import redis.asyncio
+    from redis.asyncio.retry import Retry as AsyncRetry
+    from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+
+    return _Flavour(redis.asyncio, AsyncRetry, AsyncSentinel, _async_sentinel_pool())
+
+
+def _connect(
+    url: str,
+    flavour: _Flavour,
+    master_name: str | None = None,
+    sentinel_password: str | None = None,
+    **overrides: Any,
+) -> Any:
+    options = {**default_options(flavour.retry), **overrides}
     if not is_sentinel(url):
-        return redis.Redis.from_url(url, **options)
+        return flavour.module.Redis.from_url(url, **options)
     if not master_name:
         raise ValueError("a sentinel:// URL needs the master's name")
     parsed = parse_sentinel_url(url)
     sentinel_kwargs = sentinel_options(sentinel_password)
-    manager = Sentinel(list(parsed.sentinels), sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
-    client: redis.Redis = manager.master_for(  # type: ignore[no-untyped-call]
+    manager = flavour.sentinel(list(parsed.sentinels), sentinel_kwargs=sentinel_kwargs)
+    return manager.master_for(
         master_name,
-        connection_pool_class=_SentinelPool,
+        connection_pool_class=flavour.pool,
         db=parsed.db,
         username=parsed.username,
         password=parsed.password,
         **options,
     )
-    return client
 
 
 class _SentinelPool(SentinelConnectionPool):
@@ -189,3 +233,17 @@ class _SentinelPool(SentinelConnectionPool):
         super().disconnect(inuse_connections)
         if inuse_connections:
             self.sentinel_manager.close()
+
+
+@functools.cache
+def _async_sentinel_pool() -> type[Any]:
+    """:class:`_SentinelPool` for asyncio (``await client.aclose()``)."""
+    from redis.asyncio.sentinel import SentinelConnectionPool as AsyncPool
+
+    class _AsyncSentinelPool(AsyncPool):
+        async def disconnect(self, inuse_connections: bool = True) -> None:
+            await super().disconnect(inuse_connections)
+            if inuse_connections:
+                await self.sentinel_manager.aclose()
+
+    return _AsyncSentinelPool

@@ -6,30 +6,34 @@ Producer (thread-safe: redis-py and Celery's producer pool both pool their conne
 
 from __future__ import annotations
 
-import json
 import threading
-import uuid
-from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime
-from typing import Any
+from collections.abc import Iterable, Sequence
 
-import redis
 from celery import Celery
 
 from invoice_worker.app import create_app
-from invoice_worker.config import REDIS_SCHEMES, Settings
-from invoice_worker.constants import TASK_NAME, InvoiceStatus
-from invoice_worker.errors import ConflictError, InvalidRequestError, NotDurableError
-from invoice_worker.message import TaskMessage, redis_envelope, unix_deadline
-from invoice_worker.models import InvoiceRequest, parse_request
-from invoice_worker.privacy import kwargs_repr
+from invoice_worker.config import Settings
+from invoice_worker.enqueue import (
+    Deadline,
+    Outcome,
+    Request,
+    Result,
+    Routes,
+    Send,
+    is_atomic,
+    new_job,
+    one,
+    publish,
+    refused_for_want_of_replicas,
+    status_in,
+    task_message,
+    task_messages,
+)
+from invoice_worker.errors import ConflictError
+from invoice_worker.message import TaskMessage
 from invoice_worker.record import JobRecord
 from invoice_worker.reissue import Reissuer
-from invoice_worker.scripts import NewJob
 from invoice_worker.store import JobStore
-
-Deadline = datetime | float | None
-Request = InvoiceRequest | Mapping[str, Any]
 
 
 class Producer:
@@ -41,13 +45,7 @@ class Producer:
         self.settings = settings
         self.app = app or create_app(settings)
         self.store = store or JobStore.from_settings(settings)
-        # Broker and job state in one Redis: the record and its message are written by one
-        # script, so no crash can leave a queued record without a message (and it is one
-        # round trip instead of two). Otherwise messages go through Celery after the record.
-        self.atomic = (
-            settings.broker_url.startswith(REDIS_SCHEMES)
-            and settings.broker_url == settings.state_url
-        )
+        self.atomic = is_atomic(settings)  # see invoice_worker.enqueue
         self.reissuer = Reissuer(self.store, self.app, settings, atomic=self.atomic)
 
     def enqueue(
@@ -77,12 +75,8 @@ class Producer:
             NotDurableError: with ``INVOICE_REDIS_MIN_REPLICAS``, Redis did not confirm the
                 write in time; enqueue again (the record is returned once it is durable).
         """
-        routes = (callback_task, callback_queue, status_task, status_queue)
-        message = self._message(parse_request(request), deadline, *routes)
-        [result] = self._enqueue([message])
-        if isinstance(result, ConflictError):
-            raise result
-        return result
+        routes = Routes(callback_task, callback_queue, status_task, status_queue)
+        return one(self._enqueue([task_message(request, deadline, routes, self.settings)]))
 
     def enqueue_many(
         self,
@@ -106,96 +100,21 @@ class Producer:
                 and nothing at all is enqueued.
             NotDurableError: as :meth:`enqueue`, for the whole batch.
         """
-        messages, errors = [], {}
-        routes = (callback_task, callback_queue, status_task, status_queue)
-        for i, request in enumerate(requests):
-            try:
-                messages.append(self._message(parse_request(request), deadline, *routes))
-            except InvalidRequestError as exc:
-                errors.update({f"[{i}].{field}": rule for field, rule in exc.errors.items()})
-        if errors:
-            raise InvalidRequestError(errors)
-        return self._enqueue(messages)
+        routes = Routes(callback_task, callback_queue, status_task, status_queue)
+        return self._enqueue(task_messages(requests, deadline, routes, self.settings))
 
-    def _message(
-        self,
-        request: InvoiceRequest,
-        deadline: Deadline,
-        callback_task: str | None,
-        callback_queue: str | None,
-        status_task: str | None,
-        status_queue: str | None,
-    ) -> TaskMessage:
-        """The task message, validated by the same model the worker decodes it with."""
-        options = {"deadline": unix_deadline(deadline), "callback_task": callback_task}
-        options.update(callback_queue=callback_queue, status_task=status_task)
-        options["status_queue"] = status_queue
-        return TaskMessage.parse({"request": request, **options}, queue=self.settings.queue)
+    def _enqueue(self, messages: list[TaskMessage]) -> list[Result]:
+        jobs = [new_job(m, self.settings, self.app, atomic=self.atomic) for m in messages]
+        with refused_for_want_of_replicas(jobs):
+            outcome = Outcome.of(messages, jobs, self.store.enqueue(jobs))
+        if outcome.sends:
+            self._send(outcome.sends)
+        return outcome.checked()
 
-    def _enqueue(self, messages: list[TaskMessage]) -> list[JobRecord | ConflictError]:
-        jobs = [self._new_job(message) for message in messages]
+    def _send(self, sends: list[Send]) -> None:
         try:
-            results = self.store.enqueue(jobs)
-        except redis.ResponseError as exc:
-            # min-replicas-to-write: the primary refused the write for want of replicas.
-            if "NOREPLICAS" not in str(exc):
-                raise
-            raise NotDurableError([job.foreign_id for job in jobs]) from None
-        out: list[JobRecord | ConflictError] = []
-        sends: list[tuple[TaskMessage, str, bool]] = []  # (message, task_id, record is new)
-        for message, job, result in zip(messages, jobs, results, strict=True):
-            if result.record is None:
-                out.append(ConflictError(job.foreign_id))
-                continue
-            if result.new and not job.message:
-                sends.append((message, job.task_id, True))
-            elif result.resend:
-                # Still queued long after it was sent: its message may be lost. A second
-                # message is harmless; the worker's claim absorbs it.
-                sends.append((message, result.record.task_id, False))
-            out.append(result.record)
-        if sends:
-            self._send(sends)
-        # Sent even so: a write that is merely late must not leave its job waiting for the
-        # sweeper; the caller learns that a failover now could lose it, and enqueues again.
-        if not all(result.durable for result in results):
-            raise NotDurableError([job.foreign_id for job in jobs])
-        return out
-
-    def _new_job(self, message: TaskMessage) -> NewJob:
-        foreign_id = message.request.foreign_id
-        task_id = str(uuid.uuid4())
-        fields = {
-            "foreign_id": foreign_id,
-            "deadline": message.deadline,
-            "callback_task": message.callback_task,
-            "callback_queue": message.callback_queue,
-            "status_task": message.status_task,
-            "status_queue": message.status_queue,
-            "provider_foreign_id": foreign_id,
-        }
-        queue = self.settings.queue
-        kwargs = message.kwargs()
-        envelope = redis_envelope(self.app, kwargs, task_id, queue) if self.atomic else ""
-        return NewJob(
-            foreign_id, task_id, message.fingerprint(), fields, json.dumps(kwargs), envelope,
-            queue,
-        )  # fmt: skip
-
-    def _send(self, sends: list[tuple[TaskMessage, str, bool]]) -> None:
-        try:
-            with (
-                self.app.producer_or_acquire() as producer,
-                producer.batch(max_size=2 * len(sends)),
-            ):
-                for message, task_id, _ in sends:
-                    kwargs = message.kwargs()
-                    self.app.send_task(
-                        TASK_NAME, kwargs=kwargs, task_id=task_id, queue=self.settings.queue,
-                        producer=producer, argsrepr="()", kwargsrepr=kwargs_repr(kwargs),
-                    )  # fmt: skip
+            publish(self.app, self.settings.queue, sends)
         except Exception:
-            # Undo the records whose first message did not go out, so a retry starts clean.
             for message, task_id, new in sends:
                 if new:
                     self.store.discard(message.request.foreign_id, task_id)
@@ -219,10 +138,7 @@ class Producer:
             The record (check ``invoice_status``: on a timeout it is whatever it was), or None
             if no job with that id exists.
         """
-        wanted = {InvoiceStatus(status) for status in statuses}
-        return self.store.wait(
-            foreign_id, timeout, until=lambda record: record.invoice_status in wanted
-        )
+        return self.store.wait(foreign_id, timeout, until=status_in(statuses))
 
     def reissue(
         self,

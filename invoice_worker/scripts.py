@@ -205,6 +205,11 @@ def latency_bucket(latency: float) -> str:
     return "inf"
 
 
+def record_of(raw: list[str]) -> JobRecord:
+    """A record as the scripts return it: a flat field/value list."""
+    return JobRecord.from_redis(dict(zip(raw[::2], raw[1::2], strict=True)))
+
+
 @dataclass(frozen=True)
 class NewJob:
     """A job to record as queued (and, with ``message``, to push onto ``queue`` atomically)."""
@@ -231,6 +236,12 @@ class Enqueued:
     record: JobRecord | None
     resend: bool = False
     durable: bool = True
+
+    @classmethod
+    def from_reply(cls, reply: list[Any], durable: bool) -> Enqueued:
+        """Parse one enqueue.lua reply: status, then the record and the resend flag if any."""
+        record = record_of(reply[1]) if len(reply) > 1 else None
+        return cls(reply[0] == "new", record, len(reply) > 2 and bool(reply[2]), durable)
 
 
 @dataclass(frozen=True)

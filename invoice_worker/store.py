@@ -25,11 +25,11 @@ from invoice_worker.barrier import Barrier, durably, find_barrier
 from invoice_worker.config import Settings
 from invoice_worker.connection import redis_client
 from invoice_worker.constants import Circuit, ClaimStatus, DeferReason, JobState
+from invoice_worker.keys import Keys
 from invoice_worker.record import JobRecord
 from invoice_worker.scripts import (
     Claim,
     ClaimArgs,
-    EnqueueArgs,
     Enqueued,
     Moved,
     NewJob,
@@ -40,24 +40,20 @@ from invoice_worker.scripts import (
     job_event,
     latency_bucket,
     load,
+    record_of,
     script_conf,
 )
 
 
-class JobStore:
+class JobStore(Keys):
     """Job records in Redis under ``key_prefix``; every method is one round trip."""
 
     def __init__(self, client: redis.Redis, settings: Settings) -> None:
+        super().__init__(settings)
         self.redis = client
         self.settings = settings
-        self.prefix = settings.key_prefix
-        self.stream = settings.events_stream
         self.ttl = settings.record_ttl
         self.requeue_after_ms = settings.broker_visibility_timeout * 1000
-        self.provider = f"{self.prefix}{c.PROVIDER_KEY}"
-        self.stats = f"{self.prefix}{c.STATS_KEY}"
-        self.due = f"{self.prefix}{c.DUE_KEY}"
-        self.cleanups = f"{self.prefix}{c.CLEANUP_KEY}"
         conf = script_conf(settings)
         # A random prefix, then a counter: uuid4 per call cost ~2 % of a busy worker's CPU.
         self._token_prefix = uuid.uuid4().hex[:12]
@@ -87,35 +83,12 @@ class JobStore:
     def durably(self, write: Callable[[Pipeline], None]) -> tuple[list[Any], bool]:
         """``barrier.durably`` on this store's Barrier: the commands ``write`` queues, then the
         wait, in one round trip; returns their replies and whether they are durable."""
-        return durably(self.redis, self.barrier, f"{self.prefix}{c.PROBE_KEY}", write)
-
-    @staticmethod
-    def member(foreign_id: str) -> str:
-        """The id under which the store keys a job: case-folded, because the provider may
-        compare ids case-insensitively (two ids differing only in case are one job here, and
-        the second request is a conflict)."""
-        return foreign_id.lower()
-
-    def key(self, foreign_id: str) -> str:
-        """Return the record key of ``foreign_id``."""
-        return f"{self.prefix}{c.JOB_KEY}{self.member(foreign_id)}"
-
-    def alias(self, provider_id: str) -> str:
-        """Return the key naming the job of a hashed derived provider id (see ALIAS_KEY)."""
-        return f"{self.prefix}{c.ALIAS_KEY}{self.member(provider_id)}"
+        return durably(self.redis, self.barrier, self.probe, write)
 
     def set_alias(self, provider_id: str, foreign_id: str) -> None:
         """Name the job of a hashed derived provider id, so its callbacks find it."""
         ttl = max(self.ttl, self.settings.callback_ttl)
         self.redis.set(self.alias(provider_id), foreign_id, ex=ttl)
-
-    def copy(self, foreign_id: str) -> str:
-        """Return the key of the stored task kwargs of ``foreign_id``."""
-        return f"{self.prefix}{c.COPY_KEY}{self.member(foreign_id)}"
-
-    def channel(self, foreign_id: str) -> str:
-        """Return the pub/sub channel announcing the final state of ``foreign_id``."""
-        return f"{self.prefix}{c.DONE_CHANNEL}{self.member(foreign_id)}"
 
     def enqueue(self, jobs: Sequence[NewJob]) -> list[Enqueued]:
         """Record each job as queued unless its foreign_id exists: one pipelined round trip.
@@ -125,21 +98,11 @@ class JobStore:
 
         def write(pipe: Pipeline) -> None:
             for job in jobs:
-                args = EnqueueArgs(
-                    job.fingerprint, job.task_id, job.message, job.kwargs,
-                    self.member(job.foreign_id), flatten(job.fields),
-                )  # fmt: skip
-                keys = [self.key(job.foreign_id), job.queue, self.stats, self.due]
-                keys.append(self.copy(job.foreign_id))
-                self._enqueue(keys=keys, args=argv(args), client=pipe)
+                keys, args = self.enqueue_call(job)
+                self._enqueue(keys=keys, args=args, client=pipe)
 
         replies, durable = self.durably(write)
-        out = []
-        for reply in replies:
-            record = _record(reply[1]) if len(reply) > 1 else None
-            resend = len(reply) > 2 and bool(reply[2])
-            out.append(Enqueued(reply[0] == "new", record, resend, durable))
-        return out
+        return [Enqueued.from_reply(reply, durable) for reply in replies]
 
     def states(self, foreign_ids: Sequence[str]) -> list[JobState | None]:
         """The state of each job (None when unknown), in one pipelined round trip."""
@@ -150,8 +113,8 @@ class JobStore:
 
     def discard(self, foreign_id: str, task_id: str) -> None:
         """Delete a still-queued record created by ``task_id`` (its message was never sent)."""
-        keys = [self.key(foreign_id), self.stats, self.due, self.copy(foreign_id)]
-        self._discard(keys=keys, args=[task_id, self.member(foreign_id)])
+        keys, args = self.discard_call(foreign_id, task_id)
+        self._discard(keys=keys, args=args)
 
     def sweep(self, queue_depth: int, limit: int = 100) -> list[tuple[str, str, dict[str, Any]]]:
         """Take the jobs whose message was lost: (foreign_id, task_id, task kwargs) each.
@@ -225,7 +188,7 @@ class JobStore:
         status, raw, wait_ms, reason, circuit = reply
         return Claim(
             ClaimStatus(status),
-            _record(raw) if raw else None,
+            record_of(raw) if raw else None,
             float(wait_ms) / 1000,
             reason,
             Circuit(circuit) if circuit else None,
@@ -352,7 +315,7 @@ class JobStore:
         if reply[0] == 2:
             return Moved(None, past_deadline=True)
         return Moved(
-            _record(reply[1]) if reply[1] else None,
+            record_of(reply[1]) if reply[1] else None,
             Circuit(reply[2]) if reply[2] else None,
             durable=held,
         )
@@ -394,7 +357,3 @@ class JobStore:
             return record
         finally:
             pubsub.close()
-
-
-def _record(raw: list[str]) -> JobRecord:
-    return JobRecord.from_redis(dict(zip(raw[::2], raw[1::2], strict=True)))

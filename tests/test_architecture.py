@@ -91,6 +91,13 @@ def test_product_module_imports_no_tooling(path: Path) -> None:
     assert sorted(n for n in imports_of(path) if is_forbidden(n)) == []
 
 
+def test_only_asyncio_apps_import_the_asyncio_producer() -> None:
+    importers = [
+        module_name(p) for p in PACKAGE.rglob("*.py") if "invoice_worker.aio" in imports_of(p)
+    ]
+    assert importers == []
+
+
 @pytest.mark.parametrize("path", tooling_modules(), ids=lambda p: module_name(p))
 def test_tooling_never_imports_the_cli(path: Path) -> None:
     # invoice_worker.cli loads the tooling on demand; importing it back would be a cycle again.
@@ -115,6 +122,7 @@ def test_product_imports_load_no_tooling(tmp_path: Path) -> None:
     result = json.loads(proc.stdout)
     assert "invoice_worker.cli" in result["modules"]
     assert [m for m in result["modules"] if is_forbidden(m)] == []
+    assert "invoice_worker.aio" not in result["modules"]  # asyncio apps import it themselves
     for command in ("sandbox", "dev", "enqueue", "flower"):
         assert re.search(rf"^    {command} +\S", result["help"], re.M), result["help"]
 

@@ -28,8 +28,8 @@ from invoice_worker.config import Settings
 from invoice_worker.constants import QUORUM_DELIVERY_LIMIT, TASK_NAME, JobState, QueueType
 from invoice_worker.devstack.embedded import EmbeddedRedis
 from invoice_worker.devstack.processes import ChildProcess, worker_process
+from invoice_worker.enqueue import Routes, new_job, task_message
 from invoice_worker.errors import ConfigError
-from invoice_worker.models import parse_request
 from invoice_worker.producer import Producer
 from invoice_worker.queues import (
     broker_countdown,
@@ -297,8 +297,9 @@ def test_a_lost_message_is_sent_again_by_the_sweeper(stack: Stack, park_sandbox:
     # Given a job recorded whose message never reached the queue (a producer that died between
     # its record and its publish)
     data = request_data()
-    message = producer._message(parse_request(data), None, None, None, None, None)
-    [result] = producer.store.enqueue([producer._new_job(message)])
+    message = task_message(data, None, Routes(), producer.settings)
+    job = new_job(message, producer.settings, producer.app, atomic=producer.atomic)
+    [result] = producer.store.enqueue([job])
     assert result.new
     # When its due time passes, the worker's sweeper sends it again
     record = final(producer, data["foreign_id"], timeout=SWEEP_MARGIN + 20)
