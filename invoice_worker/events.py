@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from invoice_worker.connection import redis_client
+from invoice_worker.connection import async_redis_client, redis_client
 from invoice_worker.constants import EventKind, InvoiceStatus, JobState
 
 if TYPE_CHECKING:
@@ -268,6 +268,15 @@ class AsyncEventConsumer:
     ) -> None:
         self.redis = client
         self.reader = Reader(Group(stream, group, consumer, claim_idle, start))
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, *, group: str, consumer: str, **options: Any
+    ) -> AsyncEventConsumer:
+        """A consumer of ``settings.events_stream`` on the job store's Redis (Sentinel too)."""
+        client = async_redis_client(settings)
+        stream = settings.events_stream
+        return cls(client, stream=stream, group=group, consumer=consumer, **options)
 
     async def read(self, count: int = 100, block_ms: int = 5000) -> list[Event]:
         """Events for this consumer, waiting up to ``block_ms`` for new ones."""

@@ -88,7 +88,7 @@ class InvoiceJob:
         """Run one delivery of a task message; never raises for a job-level failure."""
         task_id = safe_task_id(task_id)
         try:
-            message = TaskMessage.parse(kwargs, queue=self.settings.queue)
+            message = TaskMessage.parse(kwargs, queue=self.settings.queue, wire=True)
         except InvalidRequestError as exc:
             return self._reject(kwargs, exc, task_id=task_id, owner=owner)
         foreign_id = message.request.foreign_id

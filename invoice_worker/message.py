@@ -1,7 +1,8 @@
 """The task message contract: what a producer (Python or not) puts in ``invoices.create``.
 
 kwargs:
-    request (object): the create-invoice fields; ``amount`` a decimal *string* (e.g. "0.1").
+    request (object): the create-invoice fields; ``amount`` a decimal string (e.g. "0.1"), an
+        integer, or a JSON number exact to 8 decimal places (``models.json_amount``).
     deadline (number | null): Unix seconds; past it the job ends ``expired`` uncalled.
     callback_task (string | null): a Celery task name sent the final record.
     callback_queue (string | null): the queue for that callback task; required with it, and
@@ -39,7 +40,7 @@ from pydantic import (
 
 from invoice_worker.constants import TASK_NAME
 from invoice_worker.errors import InvalidRequestError
-from invoice_worker.models import InvoiceRequest, validation_messages
+from invoice_worker.models import JSON_NUMBERS, InvoiceRequest, validation_messages
 from invoice_worker.privacy import kwargs_repr
 
 #: Latest deadline accepted (the year 2100): a larger number is a unit mistake (milliseconds).
@@ -106,8 +107,12 @@ class TaskMessage(BaseModel):
         return queue
 
     @classmethod
-    def parse(cls, kwargs: Any, *, queue: str | None = None) -> TaskMessage:
+    def parse(cls, kwargs: Any, *, queue: str | None = None, wire: bool = False) -> TaskMessage:
         """Validate task kwargs (or producer options) from any source.
+
+        ``wire`` is for kwargs decoded from a broker message (the worker): there a JSON number
+        ``amount`` is read as its shortest decimal form (``models.json_amount``), which the
+        Python API refuses.
 
         Raises:
             InvalidRequestError: naming each bad field (request fields as ``request.<name>``).
@@ -125,7 +130,7 @@ class TaskMessage(BaseModel):
         try:
             message = cls.model_validate(
                 {k: v for k, v in kwargs.items() if k in cls.model_fields},
-                context={"queue": queue},
+                context={"queue": queue, JSON_NUMBERS: wire},
             )
         except ValidationError as exc:
             errors = {**validation_messages(exc), **errors}

@@ -9,6 +9,7 @@ import functools
 import hashlib
 import ipaddress
 import json
+import math
 import re
 from collections.abc import Mapping
 from decimal import Decimal
@@ -23,6 +24,7 @@ from pydantic import (
     Field,
     StrictBool,
     ValidationError,
+    ValidationInfo,
     field_validator,
 )
 
@@ -42,12 +44,20 @@ AMOUNT_MAX_DIGITS = 30
 #: Largest amount: 10^22 - 1 (30 digits, 8 of them decimals), far above any real invoice.
 AMOUNT_MAX_INTEGER_DIGITS = AMOUNT_MAX_DIGITS - AMOUNT_MAX_DECIMALS
 _AMOUNT_MAX_CHARS = 64
+#: Validation context key set by the worker's decoding (``TaskMessage.parse(wire=True)``): a
+#: JSON number is how a non-Python producer naturally writes an amount, see ``json_amount``.
+JSON_NUMBERS = "json_numbers"
+#: JSON number amounts (not integers) must be below this: a double holds 8 places exactly.
+JSON_AMOUNT_LIMIT = 10_000_000
 
 
-def _decimal(value: Any) -> Any:
-    # A float has already lost the amount (0.1 + 0.2 is 0.30000000000000004): refuse it.
+def _decimal(value: Any, info: ValidationInfo) -> Any:
     if isinstance(value, float):
-        raise ValueError("must be a decimal string or an integer, not a float")
+        if not (info.context or {}).get(JSON_NUMBERS):
+            # A Python caller has Decimal and str at hand: a float there is almost always a
+            # sum that has already lost the amount (0.1 + 0.2 is 0.30000000000000004).
+            raise ValueError("must be a decimal string or an integer, not a float")
+        value = json_amount(value)
     if isinstance(value, bool):
         raise ValueError("must be a decimal number, not a boolean")
     # Bound the text and the exponent before any arithmetic: "1E+100000000" is 10 characters
@@ -65,6 +75,34 @@ def _decimal(value: Any) -> Any:
             raise ValueError(f"must be below 10^{AMOUNT_MAX_INTEGER_DIGITS}")
         return number
     return value
+
+
+def json_amount(value: float) -> str:
+    """The decimal a JSON number amount stands for: the float's shortest form (``repr``).
+
+    That is the text JavaScript, PHP and every JSON encoder print for it, so ``0.1`` means 0.1.
+    Below 10^7 a double holds every decimal of at most 8 places exactly (15 significant
+    digits), so such a number is read as written; one whose shortest form needs more places
+    (``0.30000000000000004``, ``1e-9``), or beyond that range, is refused, never rounded.
+
+    Raises:
+        ValueError: naming the rule broken.
+    """
+    if not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    text = repr(value)
+    exponent = Decimal(text).as_tuple().exponent
+    if isinstance(exponent, int) and -exponent > AMOUNT_MAX_DECIMALS:
+        raise ValueError(
+            f"as a JSON number must be exactly a decimal of at most {AMOUNT_MAX_DECIMALS} places "
+            "in its shortest form (0.1 + 0.2 is 0.30000000000000004): send a decimal string"
+        )
+    if abs(value) >= JSON_AMOUNT_LIMIT:
+        raise ValueError(
+            f"as a JSON number with a fraction or exponent must be below {JSON_AMOUNT_LIMIT:,} "
+            "(where a double holds 8 decimal places exactly): send a decimal string or an integer"
+        )
+    return text
 
 
 # Shops send the same few URLs with every order: validating each once saves ~20 us a request.

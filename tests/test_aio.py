@@ -239,7 +239,11 @@ def test_sync_and_async_producers_racing_on_the_same_ids_send_once(
     async def async_side(p: AsyncProducer) -> list[JobRecord]:
         await p.get("warm-up")  # connect first, so both sides start together
         go.set()
-        return await asyncio.gather(*(p.enqueue(r) for r in reversed(requests)))
+        # Ten at a time, so both sides go at a similar pace and meet in the middle
+        backwards, out = requests[::-1], []
+        for i in range(0, len(backwards), 10):
+            out += await asyncio.gather(*(p.enqueue(r) for r in backwards[i : i + 10]))
+        return out
 
     from_loop = run(async_side, settings)
     for thread in threads:
@@ -283,20 +287,26 @@ def test_not_durable_without_the_replica_asked_for(
 
 
 @pytest.mark.skipif(EmbeddedRedis().kind != "redis-server", reason="needs a real redis-server")
-def test_noreplicas_refusal_is_not_durable_error(sandbox: Sandbox) -> None:
-    with EmbeddedRedis() as server:
-        with redis.Redis(port=server.port) as r:
-            r.config_set("min-replicas-to-write", 1)
+def test_scripts_reloaded_and_noreplicas_refusal_is_not_durable_error(sandbox: Sandbox) -> None:
+    with EmbeddedRedis() as server, redis.Redis(port=server.port) as admin:
         settings = make_settings(server.url, sandbox.url, redis_min_replicas=1)
-        data = request_data()
+        data, later = request_data(), request_data()
 
         async def main(p: AsyncProducer) -> NotDurableError:
-            with pytest.raises(NotDurableError) as raised:
+            # A server that lost its scripts (a restart, a promoted replica) gets them again
+            await p.get("connect")
+            admin.script_flush()
+            with pytest.raises(NotDurableError):  # written, but no replica confirmed it
                 await p.enqueue(data)
-            assert await p.get(data["foreign_id"]) is None
+            assert await p.get(data["foreign_id"]) is not None
+            # A primary that refuses writes for want of replicas: NotDurableError, not written
+            admin.config_set("min-replicas-to-write", 1)
+            with pytest.raises(NotDurableError) as raised:
+                await p.enqueue(later)
+            assert await p.get(later["foreign_id"]) is None
             return raised.value
 
-        assert run(main, settings).foreign_ids == [data["foreign_id"]]
+        assert run(main, settings).foreign_ids == [later["foreign_id"]]
 
 
 # -- through Celery when the broker is not the state Redis -----------------------------------

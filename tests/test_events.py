@@ -14,7 +14,6 @@ import redis.asyncio
 
 from invoice_worker.config import Settings
 from invoice_worker.constants import EventKind, InvoiceStatus, JobState
-from invoice_worker.devstack.embedded import EmbeddedRedis
 from invoice_worker.events import AsyncEventConsumer, Event, EventConsumer
 from tests.conftest import job_kwargs, make_job
 
@@ -154,14 +153,15 @@ def test_a_lost_group_is_created_again_and_reads_from_the_start(
 
 
 def test_the_async_consumer_reads_claims_and_runs_as_the_sync_one(
-    redis_server: EmbeddedRedis, redis_client: redis.Redis, stream: str
+    settings: Settings, redis_client: redis.Redis
 ) -> None:
+    stream = settings.events_stream
     ids = add_jobs(redis_client, stream, 5)
 
     async def main() -> list[str]:
-        client = redis.asyncio.Redis.from_url(redis_server.url, decode_responses=True)
+        client = redis.asyncio.Redis.from_url(settings.state_url, decode_responses=True)
         a = AsyncEventConsumer(client, stream=stream, group="shop", consumer="a")
-        b = AsyncEventConsumer(client, stream=stream, group="shop", consumer="b", claim_idle=0.1)
+        b = AsyncEventConsumer.from_settings(settings, group="shop", consumer="b", claim_idle=0.1)
         first = await a.read(count=2, block_ms=10)  # a dies holding these two
         await asyncio.sleep(0.15)
         handled: list[str] = []
@@ -174,6 +174,7 @@ def test_the_async_consumer_reads_claims_and_runs_as_the_sync_one(
 
         await asyncio.wait_for(b.run(handle, stop=stop, block_ms=20), 5)
         await b.aclose()
+        await a.aclose()
         assert [e.id for e in first] == ids[:2]
         return handled
 

@@ -228,3 +228,37 @@ def test_redis_envelope_shape() -> None:
             "delivery_tag"
         ]
     )
+
+
+def test_a_json_number_amount_is_the_same_request_as_its_string() -> None:
+    # Given the same order sent by a JavaScript producer (0.1) and by a Python one ("0.1")
+    data = request_data(amount="0.1")
+    wire = TaskMessage.parse({"request": {**data, "amount": 0.1}}, queue=QUEUE, wire=True)
+    python = TaskMessage.parse({"request": data}, queue=QUEUE)
+    # Then the worker sees one request: no conflict, the same copy and provider body
+    assert wire.fingerprint() == python.fingerprint()
+    assert wire.kwargs() == python.kwargs()
+    assert wire.kwargs()["request"]["amount"] == "0.1"
+    assert b'"amount":0.1,' in wire.request.to_body()
+
+
+@pytest.mark.parametrize(
+    ("amount", "rule"),
+    [
+        (0.1 + 0.2, "at most 8 places in its shortest form"),
+        (1e-9, "at most 8 places in its shortest form"),
+        (float("nan"), "must be a finite number"),
+        (True, "must be a decimal number, not a boolean"),
+        (-0.5, "greater than 0"),
+    ],
+)
+def test_a_json_number_amount_is_refused_unless_exact(amount: Any, rule: str) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        TaskMessage.parse({"request": request_data(amount=amount)}, queue=QUEUE, wire=True)
+    assert list(info.value.errors) == ["request.amount"]
+    assert rule in info.value.errors["request.amount"]
+
+
+def test_the_python_api_still_refuses_a_float_amount() -> None:
+    errors = errors_of({"request": request_data(amount=0.1)})
+    assert errors == {"request.amount": "must be a decimal string or an integer, not a float"}

@@ -9,7 +9,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from invoice_worker.errors import InvalidRequestError
-from invoice_worker.models import Invoice, InvoiceRequest, parse_request
+from invoice_worker.models import (
+    JSON_AMOUNT_LIMIT,
+    Invoice,
+    InvoiceRequest,
+    json_amount,
+    parse_request,
+)
 from tests.conftest import request_data
 
 
@@ -225,3 +231,59 @@ def test_one_mutated_field_is_named_or_accepted(field: str, value: Any) -> None:
     else:
         body = json.loads(request.to_body(), parse_float=Decimal)
         assert Decimal(str(body["amount"])) == request.amount
+
+
+# JSON numbers: only the worker's decoding of a broker message reads them (models.json_amount).
+EIGHT_PLACES = st.builds(
+    lambda units, places: Decimal(units).scaleb(-places),
+    st.integers(1, 10**15 - 1),
+    st.integers(0, 8),
+).filter(lambda d: d < JSON_AMOUNT_LIMIT)
+
+
+@given(EIGHT_PLACES)
+@settings(max_examples=2000, deadline=None)
+def test_every_decimal_of_at_most_8_places_survives_a_json_number(value: Decimal) -> None:
+    # As a JavaScript or PHP producer sends it: a double, printed shortest by the encoder.
+    sent = json.loads(json.dumps({"amount": float(value)}))["amount"]
+    assert Decimal(json_amount(sent)) == value
+
+
+@given(st.floats(allow_nan=True, allow_infinity=True))
+@settings(max_examples=2000, deadline=None)
+def test_a_json_number_is_read_as_its_shortest_form_or_refused(value: float) -> None:
+    try:
+        text = json_amount(value)
+    except ValueError as exc:
+        assert str(exc)
+    else:
+        exponent = Decimal(text).as_tuple().exponent
+        assert isinstance(exponent, int)
+        assert exponent >= -8
+        assert float(text) == value
+        assert abs(value) < JSON_AMOUNT_LIMIT
+
+
+@pytest.mark.parametrize(
+    ("value", "rule"),
+    [
+        (0.1 + 0.2, "at most 8 places in its shortest form"),
+        (1e-9, "at most 8 places in its shortest form"),
+        (0.123456789, "at most 8 places in its shortest form"),
+        (float("nan"), "must be a finite number"),
+        (float("inf"), "must be a finite number"),
+        (1e21, "must be below 10,000,000"),
+        (12_345_678.5, "must be below 10,000,000"),
+    ],
+)
+def test_json_number_refusals_name_the_rule(value: float, rule: str) -> None:
+    with pytest.raises(ValueError, match=rule):
+        json_amount(value)
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [(0.1, "0.1"), (1e-8, "1e-08"), (100.0, "100.0"), (9_999_999.99999999, "9999999.99999999")],
+)
+def test_json_number_accepted_as_its_shortest_form(value: float, text: str) -> None:
+    assert json_amount(value) == text
