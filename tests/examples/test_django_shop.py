@@ -87,6 +87,15 @@ def test_an_order_paid_in_the_browser(
     # And the sandbox made one invoice for it, which the provider's callback reported paid
     [invoice] = shop_stack.sandbox.invoices()
     assert (invoice["foreign_id"], invoice["status"]) == ("order-1", "confirmed")
+    # Given a second order whose every create call the provider fails (as many as the retries)
+    shop_stack.sandbox.script(["503"] * shop_stack.settings.max_attempts, foreign_id="order-2")
+    failing_url = place_order(browser, shop_stack, "A coffee that cannot be paid")
+    # When the payer clicks pay, then the order shows failed, after the waiting page if the
+    # retries outlast the view's wait
+    browser.find_element(By.ID, "pay").click()
+    wait_until(browser, lambda b: b.current_url == failing_url, timeout=15)
+    assert text(browser, "status") == "failed"
+    assert len(shop_stack.sandbox.invoices()) == 1
 
 
 def test_a_slow_invoice_goes_through_the_waiting_page(
@@ -95,7 +104,7 @@ def test_a_slow_invoice_goes_through_the_waiting_page(
     browser = shop_browser
     start_shop(shop_stack, tmp_path)
     # Given a provider slower than the pay view's wait (1 s)
-    shop_stack.slow_provider(3)
+    shop_stack.slow_provider(2)
     order_url = place_order(browser, shop_stack, "A slow coffee")
     # When the payer clicks "Pay with crypto"
     browser.find_element(By.ID, "pay").click()
