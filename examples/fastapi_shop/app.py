@@ -33,7 +33,6 @@ from examples.fastapi_shop.consumer import consume
 from examples.fastapi_shop.orders import Order, Orders
 from invoice_worker.aio import AsyncProducer
 from invoice_worker.config import Settings
-from invoice_worker.connection import async_redis_client
 from invoice_worker.constants import JobState
 from invoice_worker.errors import ConflictError, InvalidRequestError
 from invoice_worker.events import AsyncEventConsumer
@@ -133,10 +132,9 @@ class Shop:
         self.orders = Orders(config.database)
         self.producer = AsyncProducer(settings)
         self.receiver = Receiver(settings)
-        self.consumer = AsyncEventConsumer(
-            async_redis_client(settings), stream=settings.events_stream, group=config.group,
-            consumer=config.consumer,
-        )  # fmt: skip
+        self.consumer = AsyncEventConsumer.from_settings(
+            settings, group=config.group, consumer=config.consumer
+        )
 
     @asynccontextmanager
     async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
