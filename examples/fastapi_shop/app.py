@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import http
 import logging
 import os
 import secrets
@@ -27,6 +28,7 @@ from urllib.parse import parse_qs
 from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from examples.fastapi_shop import pages
 from examples.fastapi_shop.consumer import consume
@@ -114,9 +116,13 @@ async def checked_form(request: Request) -> dict[str, str]:
     Double submit: a page of another site can neither read the cookie nor, SameSite=Lax, make
     the browser send it with a cross-site POST.
     """
-    if int(request.headers.get("content-length") or 0) > _MAX_FORM_BYTES:
-        raise HTTPException(413, "form too large")
-    body = (await request.body())[:_MAX_FORM_BYTES].decode("utf-8", "replace")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > _MAX_FORM_BYTES:
+            raise HTTPException(413, "form too large")
+        chunks.append(chunk)
+    body = b"".join(chunks).decode("utf-8", "replace")
     form = {name: values[0] for name, values in parse_qs(body).items()}
     cookie = request.cookies.get(CSRF_COOKIE, "")
     if not cookie or not hmac.compare_digest(cookie.encode(), form.get("csrf", "").encode()):
@@ -233,6 +239,13 @@ class Shop:
         return Response(answer, status_code=status, media_type="application/json")
 
 
+async def error_page(request: Request, exc: Exception) -> Response:
+    """HTTP errors (404, 403, 413) as pages, not FastAPI's JSON."""
+    assert isinstance(exc, StarletteHTTPException)
+    title = http.HTTPStatus(exc.status_code).phrase
+    return pages.problem(title, str(exc.detail), exc.status_code)
+
+
 def create_app(config: ShopConfig | None = None, settings: Settings | None = None) -> FastAPI:
     """The shop, configured from ``SHOP_*`` and ``INVOICE_*`` unless given (uvicorn's
     ``--factory`` calls it with neither).
@@ -243,6 +256,7 @@ def create_app(config: ShopConfig | None = None, settings: Settings | None = Non
     """
     shop = Shop(config or ShopConfig.from_env(), settings or Settings.load())
     app = FastAPI(title="Coffee shop", lifespan=shop.lifespan, docs_url=None, redoc_url=None)
+    app.add_exception_handler(StarletteHTTPException, error_page)
     app.add_api_route("/", shop.index, methods=["GET"])
     app.add_api_route("/orders", shop.place, methods=["POST"])
     app.add_api_route("/orders/{order_id}", shop.show, methods=["GET"])
