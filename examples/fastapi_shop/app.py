@@ -67,7 +67,7 @@ class ShopConfig:
     #: Where customers come back after paying: ``url_success``/``url_failed`` of each invoice.
     #: The provider requires https and a public domain name, so a local shop keeps the default.
     public_url: str
-    #: The events stream's consumer group: one per shop (each shop sees every event once).
+    #: The events stream's consumer group: one per shop, so that each shop gets every event.
     group: str
     #: This host's name in that group.
     consumer: str
