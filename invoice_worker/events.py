@@ -16,6 +16,7 @@ release, trimmed away while pending) are acknowledged and logged, never handed o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -34,6 +35,20 @@ if TYPE_CHECKING:
     from invoice_worker.config import Settings
 
 log = logging.getLogger(__name__)
+
+#: What ``run`` rides out (Redis restarting, failing over, a network blip): it waits, longer
+#: each time up to ``RETRY_CAP`` seconds, and reads again; whatever was read but not
+#: acknowledged comes back after ``claim_idle``.
+UNREACHABLE = (redis.ConnectionError, redis.TimeoutError)
+RETRY_CAP = 5.0
+
+
+def _next_delay(delay: float, exc: Exception) -> float:
+    delay = min(max(2 * delay, 0.5), RETRY_CAP)
+    log.warning(
+        "events stream unreachable (%s); reading again in %.1f s", type(exc).__name__, delay
+    )
+    return delay
 
 
 @dataclass(frozen=True)
@@ -237,16 +252,23 @@ class EventConsumer:
     ) -> None:
         """Hand each event to ``handle`` and acknowledge it once ``handle`` returns, until
         ``stop`` is set. An event whose handler raises is logged and left pending: it comes
-        back after ``claim_idle``."""
-        stop = stop or threading.Event()
+        back after ``claim_idle``. Redis unreachable: see ``UNREACHABLE``; any other error
+        (a bug, a key of the wrong type) is raised."""
+        stop, delay = stop or threading.Event(), 0.0
         while not stop.is_set():
-            for event in self.read(block_ms=block_ms):
-                try:
-                    handle(event)
-                except Exception:
-                    log.exception("event %s of %s not handled", event.id, event.foreign_id)
-                else:
-                    self.ack(event)
+            try:
+                for event in self.read(block_ms=block_ms):
+                    try:
+                        handle(event)
+                    except Exception:
+                        log.exception("event %s of %s not handled", event.id, event.foreign_id)
+                    else:
+                        self.ack(event)
+            except UNREACHABLE as exc:
+                delay = _next_delay(delay, exc)
+                stop.wait(delay)
+            else:
+                delay = 0.0
 
     def close(self) -> None:
         """Release the Redis connections."""
@@ -304,15 +326,22 @@ class AsyncEventConsumer:
         block_ms: int = 1000,
     ) -> None:
         """As :meth:`EventConsumer.run`, awaiting ``handle``; cancel the task or set ``stop``."""
-        stop = stop or asyncio.Event()
+        stop, delay = stop or asyncio.Event(), 0.0
         while not stop.is_set():
-            for event in await self.read(block_ms=block_ms):
-                try:
-                    await handle(event)
-                except Exception:
-                    log.exception("event %s of %s not handled", event.id, event.foreign_id)
-                else:
-                    await self.ack(event)
+            try:
+                for event in await self.read(block_ms=block_ms):
+                    try:
+                        await handle(event)
+                    except Exception:
+                        log.exception("event %s of %s not handled", event.id, event.foreign_id)
+                    else:
+                        await self.ack(event)
+            except UNREACHABLE as exc:
+                delay = _next_delay(delay, exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+            else:
+                delay = 0.0
 
     async def aclose(self) -> None:
         """Release the Redis connections."""

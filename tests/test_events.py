@@ -14,6 +14,7 @@ import redis.asyncio
 
 from invoice_worker.config import Settings
 from invoice_worker.constants import EventKind, InvoiceStatus, JobState
+from invoice_worker.devstack.embedded import EmbeddedRedis
 from invoice_worker.events import AsyncEventConsumer, Event, EventConsumer
 from tests.conftest import job_kwargs, make_job
 
@@ -180,3 +181,44 @@ def test_the_async_consumer_reads_claims_and_runs_as_the_sync_one(
 
     assert sorted(asyncio.run(main())) == ids
     assert redis_client.xpending(stream, "shop")["pending"] == 0
+
+
+def test_run_rides_out_redis_restarting_and_handles_what_came_before_and_after(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with EmbeddedRedis() as server:
+        r = redis.Redis.from_url(server.url, decode_responses=True)
+        stream = "shop:events"
+        add_jobs(r, stream, 1)
+        handled: list[str] = []
+        stop = threading.Event()
+        c = EventConsumer(
+            redis.Redis.from_url(server.url, decode_responses=True, socket_timeout=2),
+            stream=stream, group="shop", consumer="web-1",
+        )  # fmt: skip
+        thread = threading.Thread(
+            target=c.run, args=(lambda e: handled.append(e.foreign_id),),
+            kwargs={"stop": stop, "block_ms": 50},
+        )  # fmt: skip
+        thread.start()
+        try:
+            deadline = time.monotonic() + 5
+            while handled != ["order-0"] and time.monotonic() < deadline:
+                time.sleep(0.02)
+            # When Redis goes away (a restart without persistence: the group goes too)
+            server.kill()
+            time.sleep(0.8)
+            assert thread.is_alive()
+            server.restart()
+            add_jobs(r, stream, 1, first=1)
+            deadline = time.monotonic() + 10
+            while "order-1" not in handled and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            stop.set()
+            thread.join(10)
+            c.close()
+            r.close()
+    assert not thread.is_alive()
+    assert handled == ["order-0", "order-1"]
+    assert "events stream unreachable (ConnectionError); reading again in" in caplog.text

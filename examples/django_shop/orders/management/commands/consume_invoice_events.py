@@ -7,20 +7,16 @@ minute (or to the same name when it comes back).
 
 from __future__ import annotations
 
-import logging
 import signal
 import socket
 import threading
 from typing import Any
 
-import redis
 from django.core.management.base import BaseCommand, CommandParser
 
 from invoice_worker.config import Settings
 from invoice_worker.events import EventConsumer
 from orders.events import apply
-
-log = logging.getLogger(__name__)
 
 
 class Command(BaseCommand):
@@ -46,12 +42,6 @@ class Command(BaseCommand):
         )
         self.stdout.flush()
         try:
-            while not stop.is_set():
-                try:
-                    consumer.run(apply, stop=stop)
-                except redis.ConnectionError as exc:
-                    # Redis restarting or failing over: what was not acknowledged comes back.
-                    log.warning("events stream unreachable, retrying in 2 s: %s", exc)
-                    stop.wait(2)
+            consumer.run(apply, stop=stop)  # rides out Redis restarting or failing over
         finally:
             consumer.close()
