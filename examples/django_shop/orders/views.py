@@ -24,8 +24,6 @@ from invoice_worker import (
 )
 from orders.models import Order, Status
 
-_FINAL = {JobState.CREATED, JobState.FAILED, JobState.EXPIRED}
-
 
 class OrderForm(forms.ModelForm):
     class Meta:
@@ -90,15 +88,16 @@ def invoice_state(request: HttpRequest, pk: int) -> JsonResponse:
     the pay button was clicked)."""
     order = get_object_or_404(Order, pk=pk)
     record = get_invoice(order.foreign_id)
-    state = record.state if record else None
-    return JsonResponse({"state": state, "final": state in _FINAL})
+    return JsonResponse(
+        {"state": record.state if record else None, "final": bool(record and record.final)}
+    )
 
 
 def _follow(order: Order, record: JobRecord | None) -> HttpResponse | None:
     """Where a final job sends the payer (and the order's status it shows); None if the
     job is not final yet."""
     orders = Order.objects.filter(pk=order.pk)
-    if record is None or record.state not in _FINAL:
+    if record is None or not record.final:
         return None
     if record.state is JobState.CREATED and record.url:
         orders.advance(Status.AWAITING_PAYMENT, invoice_url=record.url)
