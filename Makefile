@@ -54,6 +54,7 @@ run: $(STAMP)
 # INVOICE_REDIS_MIN_REPLICAS=1 on the Redis broker and on RabbitMQ quorum queues; and the
 # control, the same failovers with 0, which must break the promises.
 chaos: $(STAMP)
+	$(BIN)/pytest tests/test_chaos.py -m chaos
 	$(BIN)/python -m chaos.run --jobs 5000
 	$(BIN)/python -m chaos.run --jobs 3000 --topology sentinel --min-replicas 1 --callback-time-scale 0.01
 	$(BIN)/python -m chaos.run --jobs 3000 --topology sentinel --min-replicas 1 --broker quorum --callback-time-scale 0.01

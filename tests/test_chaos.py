@@ -1,4 +1,8 @@
-"""The reduced chaos run (``make chaos`` runs 5,000 jobs): every invariant must hold."""
+"""The reduced chaos runs (``make chaos`` runs 5,000 jobs): every invariant must hold.
+
+The single-Redis run is part of ``make test``; the two failover runs (~75 s each) are marked
+``chaos`` and run first in ``make chaos``, before the full-size runs of the same topologies.
+"""
 
 from __future__ import annotations
 
@@ -46,6 +50,7 @@ needs_sentinel = pytest.mark.skipif(
 
 
 @needs_sentinel
+@pytest.mark.chaos
 @pytest.mark.timeout(300)
 def test_reduced_failover_run_with_one_replica_keeps_every_invariant() -> None:
     """A clean failover and one that loses writes, with INVOICE_REDIS_MIN_REPLICAS=1: nothing
@@ -59,6 +64,7 @@ def test_reduced_failover_run_with_one_replica_keeps_every_invariant() -> None:
 
 
 @needs_sentinel
+@pytest.mark.chaos
 @pytest.mark.timeout(300)
 def test_the_same_failovers_without_a_replica_to_wait_for_break_the_promises() -> None:
     """The control: with INVOICE_REDIS_MIN_REPLICAS=0 the lost writes show, so the run above
