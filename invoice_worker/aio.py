@@ -226,6 +226,7 @@ class AsyncProducer:
         self.app = app or create_app(settings)
         self.store = store or AsyncJobStore.from_settings(settings)
         self.atomic = is_atomic(settings)  # see invoice_worker.enqueue
+        self._tasks: set[asyncio.Future[list[Result]]] = set()  # enqueues still finishing
 
     async def enqueue(
         self,
@@ -267,6 +268,18 @@ class AsyncProducer:
         return await self._enqueue(task_messages(requests, deadline, routes, self.settings))
 
     async def _enqueue(self, messages: list[TaskMessage]) -> list[Result]:
+        # A cancelled caller's records are written anyway: its sends must go too (shielded).
+        task = asyncio.ensure_future(self._write_and_send(messages))
+        self._tasks.add(task)
+        task.add_done_callback(self._finished)
+        return await asyncio.shield(task)
+
+    def _finished(self, task: asyncio.Future[list[Result]]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: a cancelled caller's error is nobody's to raise
+
+    async def _write_and_send(self, messages: list[TaskMessage]) -> list[Result]:
         jobs = [new_job(m, self.settings, self.app, atomic=self.atomic) for m in messages]
         with refused_for_want_of_replicas(jobs):
             outcome = Outcome.of(messages, jobs, await self.store.enqueue(jobs))
@@ -300,7 +313,8 @@ class AsyncProducer:
         return await self.store.wait(foreign_id, timeout, until=status_in(statuses))
 
     async def aclose(self) -> None:
-        """Release Redis and broker connections."""
+        """Release Redis and broker connections (once the enqueues in progress are done)."""
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.store.redis.aclose()
         self.app.close()
 

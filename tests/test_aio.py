@@ -342,6 +342,34 @@ def test_non_atomic_path_publishes_in_a_thread_and_undoes_a_failed_send(
     assert run(fails, broken) is None
 
 
+def test_a_cancelled_enqueue_on_the_non_atomic_path_is_still_sent(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    # Review: the round trip wrote the cancelled caller's record, but its message (sent by
+    # the caller after the reply, through Celery) never went: queued with no message.
+    split = settings.replace(redis_url=settings.broker_url.replace("/0", "/3"))
+    requests = [request_data() for _ in range(5)]
+
+    async def main(p: AsyncProducer) -> JobRecord | None:
+        assert not p.atomic
+        tasks = [asyncio.create_task(p.enqueue(r)) for r in requests]
+        await asyncio.sleep(0)  # each has joined the round trip
+        tasks[2].cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for _ in range(100):  # the cancelled caller's send finishes in the background
+            if len(messages(redis_client, settings)) == len(requests):
+                break
+            await asyncio.sleep(0.02)
+        return await p.get(requests[2]["foreign_id"])
+
+    stored = run(main, split)
+    assert stored is not None
+    assert stored.state is JobState.QUEUED
+    sent = {m["headers"]["id"] for m in messages(redis_client, settings)}
+    assert stored.task_id in sent
+    assert len(sent) == len(requests)
+
+
 # -- the module-level coroutines ---------------------------------------------------------------
 
 
