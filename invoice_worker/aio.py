@@ -148,23 +148,28 @@ class AsyncJobStore(Keys):
             return
         start = 0
         for jobs, answer in batch:
-            if not answer.done():  # a caller that was cancelled meanwhile
-                answer.set_result(replies[start : start + len(jobs)])
-            start += len(jobs)
+            mine, start = replies[start : start + len(jobs)], start + len(jobs)
+            # A script's error (WRONGTYPE, NOREPLICAS) is its own caller's, not the batch's.
+            error = next((r for r in mine if isinstance(r, Exception)), None)
+            if answer.done():  # a caller that was cancelled meanwhile
+                continue
+            answer.set_exception(error) if error else answer.set_result(mine)  # type: ignore[arg-type]
 
-    async def _round_trip(self, jobs: Sequence[NewJob]) -> list[Enqueued]:
+    async def _round_trip(self, jobs: Sequence[NewJob]) -> list[Enqueued | Exception]:
         """The script sent as plain EVALSHA (no SCRIPT EXISTS first; on NOSCRIPT it is loaded
         and the pipeline run again, which the script answers as it did the first time), then
-        the Barrier's wait, in one round trip."""
+        the Barrier's wait, in one round trip; a job's error is its reply."""
         barrier = await self.barrier()
         async with self._turns:
-            try:
-                replies = await self._pipeline(jobs, barrier).execute()
-            except NoScriptError:
+            replies = await self._pipeline(jobs, barrier).execute(raise_on_error=False)
+            if any(isinstance(reply, NoScriptError) for reply in replies):
                 await self.redis.script_load(self._enqueue.script)
-                replies = await self._pipeline(jobs, barrier).execute()
+                replies = await self._pipeline(jobs, barrier).execute(raise_on_error=False)
+        for reply in replies[len(jobs) :]:  # the Barrier's own commands: every caller's
+            if isinstance(reply, Exception):
+                raise reply
         replies, durable = settle(barrier, replies)
-        return [Enqueued.from_reply(reply, durable) for reply in replies]
+        return [r if isinstance(r, Exception) else Enqueued.from_reply(r, durable) for r in replies]
 
     def _pipeline(self, jobs: Sequence[NewJob], barrier: Barrier | None) -> Pipeline:
         pipe = self.redis.pipeline(transaction=False)
@@ -271,13 +276,8 @@ class AsyncProducer:
         # A cancelled caller's records are written anyway: its sends must go too (shielded).
         task = asyncio.ensure_future(self._write_and_send(messages))
         self._tasks.add(task)
-        task.add_done_callback(self._finished)
-        return await asyncio.shield(task)
-
-    def _finished(self, task: asyncio.Future[list[Result]]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled():
-            task.exception()  # retrieved: a cancelled caller's error is nobody's to raise
+        task.add_done_callback(self._tasks.discard)
+        return await asyncio.shield(task)  # (which retrieves the error of a cancelled caller)
 
     async def _write_and_send(self, messages: list[TaskMessage]) -> list[Result]:
         jobs = [new_job(m, self.settings, self.app, atomic=self.atomic) for m in messages]

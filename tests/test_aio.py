@@ -21,6 +21,7 @@ from invoice_worker.constants import InvoiceStatus, JobState
 from invoice_worker.devstack.embedded import EmbeddedRedis, free_port
 from invoice_worker.devstack.sentinel import SentinelCluster
 from invoice_worker.errors import ConflictError, InvalidRequestError, NotDurableError
+from invoice_worker.keys import Keys
 from invoice_worker.producer import Producer
 from invoice_worker.record import JobRecord
 from invoice_worker.sandbox import Sandbox
@@ -217,6 +218,24 @@ def test_a_cancelled_enqueue_is_written_whole_or_not_at_all(
     assert stored is not None
     assert again.task_id == stored.task_id
     assert len(messages(redis_client, settings)) == 10
+
+
+def test_one_job_refused_by_redis_fails_only_its_own_caller(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    # Review: one script's error in the shared round trip was raised to every caller in it,
+    # though their jobs had been written (and their messages pushed).
+    bad, good = request_data(), request_data()
+    redis_client.set(Keys(settings).key(bad["foreign_id"]), "not a hash")  # WRONGTYPE
+
+    async def main(p: AsyncProducer) -> list[Any]:
+        return await asyncio.gather(p.enqueue(bad), p.enqueue(good), return_exceptions=True)
+
+    refused, enqueued = run(main, settings)
+    assert isinstance(refused, redis.ResponseError)
+    assert "WRONGTYPE" in str(refused)
+    assert isinstance(enqueued, JobRecord)
+    assert [m["headers"]["id"] for m in messages(redis_client, settings)] == [enqueued.task_id]
 
 
 def test_sync_and_async_producers_racing_on_the_same_ids_send_once(
