@@ -228,7 +228,7 @@ def test_one_job_refused_by_redis_fails_only_its_own_caller(
     bad, good = request_data(), request_data()
     redis_client.set(Keys(settings).key(bad["foreign_id"]), "not a hash")  # WRONGTYPE
 
-    async def main(p: AsyncProducer) -> list[Any]:
+    async def main(p: AsyncProducer) -> tuple[Any, ...]:
         return await asyncio.gather(p.enqueue(bad), p.enqueue(good), return_exceptions=True)
 
     refused, enqueued = run(main, settings)
