@@ -165,9 +165,8 @@ class AsyncJobStore(Keys):
             if any(isinstance(reply, NoScriptError) for reply in replies):
                 await self.redis.script_load(self._enqueue.script)
                 replies = await self._pipeline(jobs, barrier).execute(raise_on_error=False)
-        for reply in replies[len(jobs) :]:  # the Barrier's own commands: every caller's
-            if isinstance(reply, Exception):
-                raise reply
+        if errors := [r for r in replies[len(jobs) :] if isinstance(r, Exception)]:
+            raise errors[0]  # the Barrier's own commands: every caller's
         replies, durable = settle(barrier, replies)
         return [r if isinstance(r, Exception) else Enqueued.from_reply(r, durable) for r in replies]
 
@@ -273,9 +272,10 @@ class AsyncProducer:
         return await self._enqueue(task_messages(requests, deadline, routes, self.settings))
 
     async def _enqueue(self, messages: list[TaskMessage]) -> list[Result]:
+        if self.atomic:  # each record goes with its message: nothing to finish without us
+            return await self._write_and_send(messages)
         # A cancelled caller's records are written anyway: its sends must go too (shielded).
-        task = asyncio.ensure_future(self._write_and_send(messages))
-        self._tasks.add(task)
+        self._tasks.add(task := asyncio.ensure_future(self._write_and_send(messages)))
         task.add_done_callback(self._tasks.discard)
         return await asyncio.shield(task)  # (which retrieves the error of a cancelled caller)
 
@@ -313,7 +313,7 @@ class AsyncProducer:
         return await self.store.wait(foreign_id, timeout, until=status_in(statuses))
 
     async def aclose(self) -> None:
-        """Release Redis and broker connections (once the enqueues in progress are done)."""
+        """Release Redis and broker connections (after the enqueues in progress)."""
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.store.redis.aclose()
         self.app.close()
