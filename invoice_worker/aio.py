@@ -148,23 +148,27 @@ class AsyncJobStore(Keys):
             return
         start = 0
         for jobs, answer in batch:
-            if not answer.done():  # a caller that was cancelled meanwhile
-                answer.set_result(replies[start : start + len(jobs)])
-            start += len(jobs)
+            mine, start = replies[start : start + len(jobs)], start + len(jobs)
+            # A script's error (WRONGTYPE, NOREPLICAS) is its own caller's, not the batch's.
+            error = next((r for r in mine if isinstance(r, Exception)), None)
+            if answer.done():  # a caller that was cancelled meanwhile
+                continue
+            answer.set_exception(error) if error else answer.set_result(mine)  # type: ignore[arg-type]
 
-    async def _round_trip(self, jobs: Sequence[NewJob]) -> list[Enqueued]:
+    async def _round_trip(self, jobs: Sequence[NewJob]) -> list[Enqueued | Exception]:
         """The script sent as plain EVALSHA (no SCRIPT EXISTS first; on NOSCRIPT it is loaded
         and the pipeline run again, which the script answers as it did the first time), then
-        the Barrier's wait, in one round trip."""
+        the Barrier's wait, in one round trip; a job's error is its reply."""
         barrier = await self.barrier()
         async with self._turns:
-            try:
-                replies = await self._pipeline(jobs, barrier).execute()
-            except NoScriptError:
+            replies = await self._pipeline(jobs, barrier).execute(raise_on_error=False)
+            if any(isinstance(reply, NoScriptError) for reply in replies):
                 await self.redis.script_load(self._enqueue.script)
-                replies = await self._pipeline(jobs, barrier).execute()
+                replies = await self._pipeline(jobs, barrier).execute(raise_on_error=False)
+        if errors := [r for r in replies[len(jobs) :] if isinstance(r, Exception)]:
+            raise errors[0]  # the Barrier's own commands: every caller's
         replies, durable = settle(barrier, replies)
-        return [Enqueued.from_reply(reply, durable) for reply in replies]
+        return [r if isinstance(r, Exception) else Enqueued.from_reply(r, durable) for r in replies]
 
     def _pipeline(self, jobs: Sequence[NewJob], barrier: Barrier | None) -> Pipeline:
         pipe = self.redis.pipeline(transaction=False)
@@ -226,6 +230,7 @@ class AsyncProducer:
         self.app = app or create_app(settings)
         self.store = store or AsyncJobStore.from_settings(settings)
         self.atomic = is_atomic(settings)  # see invoice_worker.enqueue
+        self._tasks: set[asyncio.Future[list[Result]]] = set()  # enqueues still finishing
 
     async def enqueue(
         self,
@@ -267,6 +272,14 @@ class AsyncProducer:
         return await self._enqueue(task_messages(requests, deadline, routes, self.settings))
 
     async def _enqueue(self, messages: list[TaskMessage]) -> list[Result]:
+        if self.atomic:  # each record goes with its message: nothing to finish without us
+            return await self._write_and_send(messages)
+        # A cancelled caller's records are written anyway: its sends must go too (shielded).
+        self._tasks.add(task := asyncio.ensure_future(self._write_and_send(messages)))
+        task.add_done_callback(self._tasks.discard)
+        return await asyncio.shield(task)  # (which retrieves the error of a cancelled caller)
+
+    async def _write_and_send(self, messages: list[TaskMessage]) -> list[Result]:
         jobs = [new_job(m, self.settings, self.app, atomic=self.atomic) for m in messages]
         with refused_for_want_of_replicas(jobs):
             outcome = Outcome.of(messages, jobs, await self.store.enqueue(jobs))
@@ -300,7 +313,8 @@ class AsyncProducer:
         return await self.store.wait(foreign_id, timeout, until=status_in(statuses))
 
     async def aclose(self) -> None:
-        """Release Redis and broker connections."""
+        """Release Redis and broker connections (after the enqueues in progress)."""
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.store.redis.aclose()
         self.app.close()
 

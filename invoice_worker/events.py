@@ -28,6 +28,7 @@ import redis
 
 from invoice_worker.connection import async_redis_client, redis_client
 from invoice_worker.constants import EventKind, InvoiceStatus, JobState
+from invoice_worker.errors import ConfigError
 
 if TYPE_CHECKING:
     import redis.asyncio
@@ -127,6 +128,18 @@ def _stream_entries(reply: Any) -> Any:
     return reply[0][1] if reply else []
 
 
+def _decoding(client: Any) -> Any:
+    """``client``, if it decodes replies to str: from one that returns bytes, every entry
+    would look unreadable and be acknowledged unhandled.
+
+    Raises:
+        ConfigError: a client made without ``decode_responses=True``.
+    """
+    if not client.get_connection_kwargs().get("decode_responses"):
+        raise ConfigError("events consumer: the Redis client needs decode_responses=True")
+    return client
+
+
 @dataclass(frozen=True)
 class Call:
     """One Redis command a :class:`Reader` asks its transport to run."""
@@ -214,7 +227,7 @@ class EventConsumer:
         claim_idle: float = 60.0,
         start: str = "0",
     ) -> None:
-        self.redis = client
+        self.redis = _decoding(client)
         self.reader = Reader(Group(stream, group, consumer, claim_idle, start))
 
     @classmethod
@@ -288,7 +301,7 @@ class AsyncEventConsumer:
         claim_idle: float = 60.0,
         start: str = "0",
     ) -> None:
-        self.redis = client
+        self.redis = _decoding(client)
         self.reader = Reader(Group(stream, group, consumer, claim_idle, start))
 
     @classmethod

@@ -21,6 +21,7 @@ from invoice_worker.constants import InvoiceStatus, JobState
 from invoice_worker.devstack.embedded import EmbeddedRedis, free_port
 from invoice_worker.devstack.sentinel import SentinelCluster
 from invoice_worker.errors import ConflictError, InvalidRequestError, NotDurableError
+from invoice_worker.keys import Keys
 from invoice_worker.producer import Producer
 from invoice_worker.record import JobRecord
 from invoice_worker.sandbox import Sandbox
@@ -219,6 +220,24 @@ def test_a_cancelled_enqueue_is_written_whole_or_not_at_all(
     assert len(messages(redis_client, settings)) == 10
 
 
+def test_one_job_refused_by_redis_fails_only_its_own_caller(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    # Review: one script's error in the shared round trip was raised to every caller in it,
+    # though their jobs had been written (and their messages pushed).
+    bad, good = request_data(), request_data()
+    redis_client.set(Keys(settings).key(bad["foreign_id"]), "not a hash")  # WRONGTYPE
+
+    async def main(p: AsyncProducer) -> tuple[Any, ...]:
+        return await asyncio.gather(p.enqueue(bad), p.enqueue(good), return_exceptions=True)
+
+    refused, enqueued = run(main, settings)
+    assert isinstance(refused, redis.ResponseError)
+    assert "WRONGTYPE" in str(refused)
+    assert isinstance(enqueued, JobRecord)
+    assert [m["headers"]["id"] for m in messages(redis_client, settings)] == [enqueued.task_id]
+
+
 def test_sync_and_async_producers_racing_on_the_same_ids_send_once(
     settings: Settings, redis_client: redis.Redis
 ) -> None:
@@ -340,6 +359,34 @@ def test_non_atomic_path_publishes_in_a_thread_and_undoes_a_failed_send(
         return await p.get(data["foreign_id"])
 
     assert run(fails, broken) is None
+
+
+def test_a_cancelled_enqueue_on_the_non_atomic_path_is_still_sent(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    # Review: the round trip wrote the cancelled caller's record, but its message (sent by
+    # the caller after the reply, through Celery) never went: queued with no message.
+    split = settings.replace(redis_url=settings.broker_url.replace("/0", "/3"))
+    requests = [request_data() for _ in range(5)]
+
+    async def main(p: AsyncProducer) -> JobRecord | None:
+        assert not p.atomic
+        tasks = [asyncio.create_task(p.enqueue(r)) for r in requests]
+        await asyncio.sleep(0)  # each has joined the round trip
+        tasks[2].cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for _ in range(100):  # the cancelled caller's send finishes in the background
+            if len(messages(redis_client, settings)) == len(requests):
+                break
+            await asyncio.sleep(0.02)
+        return await p.get(requests[2]["foreign_id"])
+
+    stored = run(main, split)
+    assert stored is not None
+    assert stored.state is JobState.QUEUED
+    sent = {m["headers"]["id"] for m in messages(redis_client, settings)}
+    assert stored.task_id in sent
+    assert len(sent) == len(requests)
 
 
 # -- the module-level coroutines ---------------------------------------------------------------

@@ -15,6 +15,7 @@ import redis.asyncio
 from invoice_worker.config import Settings
 from invoice_worker.constants import EventKind, InvoiceStatus, JobState
 from invoice_worker.devstack.embedded import EmbeddedRedis
+from invoice_worker.errors import ConfigError
 from invoice_worker.events import AsyncEventConsumer, Event, EventConsumer
 from tests.conftest import job_kwargs, make_job
 
@@ -222,3 +223,21 @@ def test_run_rides_out_redis_restarting_and_handles_what_came_before_and_after(
     assert not thread.is_alive()
     assert handled == ["order-0", "order-1"]
     assert "events stream unreachable (ConnectionError); reading again in" in caplog.text
+
+
+def test_a_client_that_returns_bytes_is_refused_not_left_to_ack_every_event(
+    redis_server: EmbeddedRedis, redis_client: redis.Redis, stream: str
+) -> None:
+    # Review: on a client made without decode_responses=True every entry looked unreadable
+    # (bytes fields, no "foreign_id"), so each was acknowledged and logged, never handled.
+    ids = add_jobs(redis_client, stream, 2)
+    raw = redis.Redis.from_url(redis_server.url)
+    with pytest.raises(ConfigError, match="decode_responses=True"):
+        EventConsumer(raw, stream=stream, group="shop", consumer="web-1")
+    raw.close()
+    with pytest.raises(ConfigError, match="decode_responses=True"):
+        AsyncEventConsumer(
+            redis.asyncio.Redis.from_url(redis_server.url), stream=stream, group="s", consumer="a"
+        )
+    # Nothing was read or acknowledged: a consumer on a decoding client gets both events
+    assert [e.id for e in consumer(redis_client, stream, "web-1").read(block_ms=10)] == ids

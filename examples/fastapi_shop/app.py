@@ -34,6 +34,7 @@ from examples.fastapi_shop import pages
 from examples.fastapi_shop.consumer import consume
 from examples.fastapi_shop.orders import Order, Orders
 from invoice_worker.aio import AsyncProducer
+from invoice_worker.callbacks import MAX_CALLBACK_BYTES
 from invoice_worker.config import Settings
 from invoice_worker.constants import JobState
 from invoice_worker.errors import ConflictError, InvalidRequestError
@@ -110,19 +111,25 @@ def with_token(response: Response, request: Request, token: str) -> Response:
     return response
 
 
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request's body as it arrived, read no further than ``limit`` bytes (413 beyond,
+    whatever its Content-Length says)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(413, "request body too large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def checked_form(request: Request) -> dict[str, str]:
     """The posted form, once its token matches the cookie's (403 otherwise).
 
     Double submit: a page of another site can neither read the cookie nor, SameSite=Lax, make
     the browser send it with a cross-site POST.
     """
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > _MAX_FORM_BYTES:
-            raise HTTPException(413, "form too large")
-        chunks.append(chunk)
-    body = b"".join(chunks).decode("utf-8", "replace")
+    body = (await read_body(request, _MAX_FORM_BYTES)).decode("utf-8", "replace")
     form = {name: values[0] for name, values in parse_qs(body).items()}
     cookie = request.cookies.get(CSRF_COOKIE, "")
     if not cookie or not hmac.compare_digest(cookie.encode(), form.get("csrf", "").encode()):
@@ -234,7 +241,7 @@ class Shop:
     async def callback(self, request: Request) -> Response:
         """The provider's callbacks: no form token, the provider signs them (checked over
         these exact bytes); the receiver blocks on Redis, so it runs in a thread."""
-        body = await request.body()
+        body = await read_body(request, MAX_CALLBACK_BYTES)
         status, answer = await run_in_threadpool(self.receiver.handle, body, request.headers.raw)
         return Response(answer, status_code=status, media_type="application/json")
 

@@ -84,7 +84,8 @@ def run_dev(args: argparse.Namespace, settings: Settings) -> int:
         print(f"           log: {worker.log_path}")
         if args.callback_url and sandbox is not None:
             sandbox.set_callbacks(url=args.callback_url, time_scale=CALLBACK_TIME_SCALE)
-            print(f"callbacks  {args.callback_url} (the sandbox sends here; no receiver started)")
+            shown = redact_url(args.callback_url)
+            print(f"callbacks  {shown} (the sandbox sends here; no receiver started)")
         else:
             _start_receiver(settings, sandbox, stack, log_dir)
         if args.flower and importlib.util.find_spec("flower") is not None:

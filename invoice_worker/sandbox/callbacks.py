@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from invoice_worker.privacy import redact_url
+
 #: Minutes from one attempt to the next: the provider's 12 retries, about 24 h 21 min in all.
 RETRY_MINUTES = (1, 5, 15, 30, 60, 90, 120, 180, 240, 240, 240, 240)
 #: The longest wait between two looks at the clock (the timers of invoices expire on it).
@@ -54,7 +56,7 @@ def check_url(url: str) -> str:
     """
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname or not url.isprintable():
-        raise ValueError(f"not an http(s) callback URL: {url!r}")
+        raise ValueError(f"not an http(s) callback URL: {redact_url(url)!r}")
     parts.port  # noqa: B018 - raises ValueError on a malformed port
     return url
 

@@ -147,6 +147,8 @@ def test_export_lines() -> None:
             "not the sandbox",
         ),
         (["--callback-url", "ftp://shop.example.com/cb"], {}, "not an http(s) callback URL"),
+        # Review: the refusal repeated the URL, password and all
+        (["--callback-url", "ftp://u:cb-pw-never-shown@x.example/cb"], {}, "'ftp://u:***@x"),
         ([], {"INVOICE_API_KEY": "only-the-key"}, "both INVOICE_API_KEY and INVOICE_API_SECRET"),
     ],
 )
@@ -156,6 +158,7 @@ def test_dev_refuses_callback_options_that_cannot_work(
     proc = dev(tmp_path, *argv, "--no-flower", **environ)
     assert proc.returncode == EXIT_CONFIG, proc.stdout + proc.stderr
     assert message in proc.stderr
+    assert "cb-pw-never-shown" not in proc.stderr
     assert proc.stdout == ""  # refused before anything started
 
 
@@ -167,12 +170,15 @@ def test_dev_sends_callbacks_to_the_app_signed_with_its_key(tmp_path: Path) -> N
     with Receiver() as receiver:
         # When the dev stack runs with --callback-url pointing at it
         argv = [sys.executable, "-m", "invoice_worker.cli", "dev", "--no-flower"]
-        stack = ChildProcess("dev", [*argv, "--callback-url", receiver.url], env, tmp_path)
+        # (Review: a password in that URL was printed as given)
+        url = receiver.url.replace("://", "://shop:cb-pw-never-shown@", 1)
+        stack = ChildProcess("dev", [*argv, "--callback-url", url], env, tmp_path)
         stack.start(ready="Ctrl-C stops")
         try:
             out = stack.log()
             # Then it starts no receiver of its own, and shows the key but never the secret
-            assert f"callbacks  {receiver.url} (the sandbox sends here; no receiver" in out
+            shown = receiver.url.replace("://", "://shop:***@", 1)
+            assert f"callbacks  {shown} (the sandbox sends here; no receiver" in out
             assert "callback receiver at" not in out
             assert "key 'shop-key' and its secret from INVOICE_API_KEY" in out
             # And an invoice created through it and paid sends signed callbacks to the app
@@ -205,3 +211,4 @@ def test_dev_sends_callbacks_to_the_app_signed_with_its_key(tmp_path: Path) -> N
         finally:
             stack.stop()
     assert "shop-secret-never-shown" not in stack.log()
+    assert "cb-pw-never-shown" not in stack.log()
