@@ -164,6 +164,7 @@ class Reader:
     def __init__(self, group: Group) -> None:
         self.group = group
         self._claimed_at = float("-inf")
+        self._cursor = "0-0"  # where the pass over the pending list goes on
         self._ready = False
 
     def read(self, count: int, block_ms: int) -> Steps:
@@ -185,13 +186,20 @@ class Reader:
                 if "BUSYGROUP" not in str(exc):
                     raise
             self._ready = True
-        # Claiming costs a scan of the group's pending list: a few times per claim_idle.
-        if time.monotonic() - self._claimed_at >= g.claim_idle / 4:
-            self._claimed_at = time.monotonic()
+        # Claiming scans the group's pending list (XAUTOCLAIM looks at 10 x count entries a
+        # call): a pass a few times per claim_idle, each pass going on from where the last
+        # call stopped until it has seen the whole list, so fresh entries at its front cannot
+        # hide idle ones behind them.
+        if self._cursor != "0-0" or time.monotonic() - self._claimed_at >= g.claim_idle / 4:
+            if self._cursor == "0-0":
+                self._claimed_at = time.monotonic()
             idle_ms = int(g.claim_idle * 1000)
             reply = yield Call(
-                "xautoclaim", (g.stream, g.name, g.consumer, idle_ms), {"count": count}
+                "xautoclaim",
+                (g.stream, g.name, g.consumer, idle_ms, self._cursor),
+                {"count": count},
             )
+            self._cursor = reply[0]
             events = yield from self._readable(reply[1])
             if events:
                 return events

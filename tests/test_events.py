@@ -241,3 +241,18 @@ def test_a_client_that_returns_bytes_is_refused_not_left_to_ack_every_event(
         )
     # Nothing was read or acknowledged: a consumer on a decoding client gets both events
     assert [e.id for e in consumer(redis_client, stream, "web-1").read(block_ms=10)] == ids
+
+
+def test_idle_events_behind_many_fresh_ones_in_the_pending_list_are_claimed(
+    redis_client: redis.Redis, stream: str
+) -> None:
+    # Given 30 pending events a live consumer holds (fresh), then 3 a dead one left idle
+    ids = add_jobs(redis_client, stream, 33)
+    consumer(redis_client, stream, "dead").read(count=33, block_ms=10)
+    time.sleep(0.25)
+    redis_client.xclaim(stream, "shop", "live", 0, ids[:30], idle=0)
+    # When a survivor claims with a small count (each call scans 10 x count entries)
+    survivor = consumer(redis_client, stream, "web-2", claim_idle=0.2)
+    claimed = [e.id for _ in range(3) for e in survivor.read(count=2, block_ms=10)]
+    # Then its scan goes on past the fresh ones, well within claim_idle
+    assert claimed[:3] == ids[30:]
