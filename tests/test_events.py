@@ -250,7 +250,8 @@ def test_idle_events_behind_many_fresh_ones_in_the_pending_list_are_claimed(
     ids = add_jobs(redis_client, stream, 33)
     consumer(redis_client, stream, "dead").read(count=33, block_ms=10)
     time.sleep(0.25)
-    redis_client.xclaim(stream, "shop", "live", 0, ids[:30], idle=0)
+    fresh: list[Any] = ids[:30]  # redis-py types the ids loosely
+    redis_client.xclaim(stream, "shop", "live", 0, fresh, idle=0)
     # When a survivor claims with a small count (each call scans 10 x count entries)
     survivor = consumer(redis_client, stream, "web-2", claim_idle=0.2)
     claimed = [e.id for _ in range(3) for e in survivor.read(count=2, block_ms=10)]
