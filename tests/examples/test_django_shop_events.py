@@ -32,14 +32,17 @@ def event(kind: str, foreign_id: str, **fields: str) -> Event:
 
 @pytest.fixture(scope="module")
 def shop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """Django configured from the shop's settings on a fresh database; the `orders` app's
-    modules (`models`, `events`)."""
+    """Django configured with the shop's settings on a fresh database; the `orders` app's
+    modules (`events`, `models`).
+
+    The settings are given to ``settings.configure`` without their logging: Django would
+    otherwise configure the ``invoice_worker`` logger for the rest of this pytest process.
+    """
     import django
     from django.conf import settings
     from django.core.management import call_command
 
     environ = {
-        "DJANGO_SETTINGS_MODULE": "shop.settings",
         "DJANGO_SECRET_KEY": "test-key-of-the-example-shop-events-test",
         "SHOP_DATABASE": str(tmp_path_factory.mktemp("django-shop") / "shop.sqlite3"),
     }
@@ -47,14 +50,20 @@ def shop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     sys.path.insert(0, str(SHOP))
     try:
         if not settings.configured:
-            # The settings module reads the environment once, when django.setup() imports it.
+            # The settings module reads the environment once, when it is imported.
             os.environ.update(environ)
+            module = importlib.import_module("shop.settings")
+            options = {name: getattr(module, name) for name in dir(module) if name.isupper()}
+            settings.configure(**{**options, "LOGGING_CONFIG": None})
             django.setup()
         call_command("migrate", verbosity=0)
         from orders import events, models
 
         yield events, models
     finally:
+        from django.db import connections
+
+        connections.close_all()  # not left to the garbage collector (a ResourceWarning)
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
