@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from selenium import webdriver
-from selenium.common.exceptions import StaleElementReferenceException
+from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -64,8 +64,19 @@ def wait_until(
 ) -> None:
     """Wait for `condition`, reading past stale elements: a form post or a redirect replaces
     the page under an element read just before it."""
+
+    def check(driver: webdriver.Chrome) -> object:
+        try:
+            return condition(driver)
+        except WebDriverException as exc:
+            # Chromedriver's other word for a stale element, when the page is replaced between
+            # finding an element and reading it: an "unknown error", not a stale reference.
+            if "does not belong to the document" in str(exc.msg):
+                return False
+            raise
+
     wait = WebDriverWait(browser, timeout, ignored_exceptions=(StaleElementReferenceException,))
-    wait.until(condition)
+    wait.until(check)
 
 
 def screenshot(browser: webdriver.Chrome, name: str) -> None:

@@ -201,7 +201,7 @@ class Shop:
             )
         except InvalidRequestError as exc:
             return pages.problem(
-                "Cannot pay this order", "Its invoice breaks a rule:", 422, exc.errors
+                "Cannot pay this order", "Its invoice breaks a rule:", 422, errors=exc.errors
             )
         except ConflictError:
             return pages.problem("Cannot pay this order", "it changed since its invoice", 409)

@@ -8,7 +8,9 @@ invoice page and comes back to see it paid. INVOICE_SCREENSHOTS=1 writes docs/dj
 from __future__ import annotations
 
 import importlib.util
+import sqlite3
 import sys
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -35,6 +37,7 @@ def start_shop(stack: ShopStack, tmp_path: Path) -> None:
         "SHOP_PUBLIC_URL": stack.public_url,
         "SHOP_DATABASE": str(tmp_path / "shop.sqlite3"),
         "SHOP_INVOICE_WAIT": "1",
+        "DJANGO_SECRET_KEY": "test-key-of-the-example-shop-browser-test",
     }
     stack.run([sys.executable, MANAGE, "migrate", "--noinput"], env=env)
     consumer = [sys.executable, MANAGE, "consume_invoice_events", "--consumer", "test-1"]
@@ -52,6 +55,13 @@ def place_order(browser: webdriver.Chrome, stack: ShopStack, description: str) -
     browser.find_element(By.ID, "create").click()
     wait_until(browser, lambda b: text(b, "status") == "new")
     return str(browser.current_url)
+
+
+def foreign_id(tmp_path: Path, order_id: int) -> str:
+    """The invoice foreign_id of an order, from the shop's database (its ref is random)."""
+    with closing(sqlite3.connect(tmp_path / "shop.sqlite3")) as db:
+        [(ref,)] = db.execute("SELECT ref FROM orders_order WHERE id = ?", (order_id,))
+    return f"django-shop-{ref}"
 
 
 def on_invoice_page(browser: webdriver.Chrome, stack: ShopStack) -> bool:
@@ -86,15 +96,20 @@ def test_an_order_paid_in_the_browser(
     screenshot(browser, "django-shop-paid")
     # And the sandbox made one invoice for it, which the provider's callback reported paid
     [invoice] = shop_stack.sandbox.invoices()
-    assert (invoice["foreign_id"], invoice["status"]) == ("order-1", "confirmed")
+    paid_id = foreign_id(tmp_path, 1)
+    assert (invoice["foreign_id"], invoice["status"]) == (paid_id, "confirmed")
     # Given a second order whose every create call the provider fails (as many as the retries)
-    shop_stack.sandbox.script(["503"] * shop_stack.settings.max_attempts, foreign_id="order-2")
     failing_url = place_order(browser, shop_stack, "A coffee that cannot be paid")
+    failing_id = foreign_id(tmp_path, 2)
+    assert failing_id != paid_id
+    shop_stack.sandbox.script(["503"] * shop_stack.settings.max_attempts, foreign_id=failing_id)
     # When the payer clicks pay, then the order shows failed, after the waiting page if the
     # retries outlast the view's wait
     browser.find_element(By.ID, "pay").click()
-    wait_until(browser, lambda b: b.current_url == failing_url, timeout=15)
-    assert text(browser, "status") == "failed"
+    # (the URL alone matches at once: the order page stays until the post is answered)
+    wait_until(
+        browser, lambda b: b.current_url == failing_url and text(b, "status") == "failed", 15
+    )
     assert len(shop_stack.sandbox.invoices()) == 1
 
 

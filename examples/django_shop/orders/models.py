@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
 
 from django.db import models
@@ -27,6 +28,16 @@ _FROM = {
 }
 
 
+#: Every invoice of this shop has a foreign_id starting so; other events on the stream are not
+#: ours (another application's, or another shop's).
+FOREIGN_ID_PREFIX = "django-shop-"
+
+
+def new_ref() -> str:
+    """A new order's random reference (lower-case hex, as the job store folds foreign_ids)."""
+    return secrets.token_hex(8)
+
+
 class OrderQuerySet(models.QuerySet["Order"]):
     def advance(self, status: str, **fields: Any) -> int:
         """Move these orders to `status` (and set `fields`) where that is forward; how many
@@ -37,6 +48,10 @@ class OrderQuerySet(models.QuerySet["Order"]):
 class Order(models.Model):
     Status = Status
 
+    #: Random, so that the invoice's foreign_id is never an earlier database's (after a reset,
+    #: order 1 again: the provider refuses a reused id, or answers with the old invoice) nor
+    #: another application's.
+    ref = models.CharField(max_length=16, unique=True, default=new_ref, editable=False)
     description = models.CharField(max_length=200)
     amount = models.DecimalField("amount (BTC)", max_digits=18, decimal_places=8)
     email = models.EmailField()
@@ -52,7 +67,7 @@ class Order(models.Model):
     def foreign_id(self) -> str:
         """The invoice job's idempotency key: one per order, so a second click finds the
         first click's job."""
-        return f"order-{self.pk}"
+        return f"{FOREIGN_ID_PREFIX}{self.ref}"
 
     @property
     def payable(self) -> bool:

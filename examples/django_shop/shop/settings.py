@@ -9,7 +9,8 @@ secret), as every invoice-worker process does; the shop adds ``SHOP_*``:
     SHOP_INVOICE_WAIT    seconds the pay view waits for the invoice before showing the
                          waiting page (default 3)
     SHOP_DEBUG           1 for Django's debug pages (default 0)
-    DJANGO_SECRET_KEY    Django's signing key (a fixed development key when unset)
+    DJANGO_SECRET_KEY    Django's signing key: required unless SHOP_DEBUG=1 (then a fixed
+                         development key when unset)
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import os
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from django.core.exceptions import ImproperlyConfigured
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 SHOP_PUBLIC_URL = os.environ.get("SHOP_PUBLIC_URL", "https://shop.example.com").rstrip("/")
@@ -25,8 +28,16 @@ SHOP_INVOICE_WAIT = float(os.environ.get("SHOP_INVOICE_WAIT", "3"))
 #: No invoice is created for a click older than this (the payer has left by then).
 SHOP_INVOICE_DEADLINE = 120.0
 
-SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "example-shop-development-key-not-secret")
 DEBUG = os.environ.get("SHOP_DEBUG") == "1"
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "")
+if not SECRET_KEY:
+    if not DEBUG:
+        # A key everyone can read signs nothing: refuse rather than run a shop on it.
+        raise ImproperlyConfigured(
+            "DJANGO_SECRET_KEY is not set: set it to a long random secret "
+            "(or SHOP_DEBUG=1 for development, with a fixed development key)"
+        )
+    SECRET_KEY = "example-shop-development-key-not-secret"  # noqa: S105 (SHOP_DEBUG=1 only)
 ALLOWED_HOSTS = ["127.0.0.1", "localhost", urlsplit(SHOP_PUBLIC_URL).hostname or ""]
 # The pay form is posted on the public origin, which a TLS-terminating proxy serves.
 CSRF_TRUSTED_ORIGINS = [SHOP_PUBLIC_URL]

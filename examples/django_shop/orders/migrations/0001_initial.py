@@ -2,6 +2,8 @@
 
 from django.db import migrations, models
 
+import orders.models
+
 
 class Migration(migrations.Migration):
     initial = True
@@ -16,6 +18,12 @@ class Migration(migrations.Migration):
                     "id",
                     models.BigAutoField(
                         auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "ref",
+                    models.CharField(
+                        default=orders.models.new_ref, editable=False, max_length=16, unique=True
                     ),
                 ),
                 ("description", models.CharField(max_length=200)),
