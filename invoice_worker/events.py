@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar
 
 import redis
 
@@ -218,16 +218,27 @@ class Reader:
         return Call("xack", (self.group.stream, self.group.name, *ids))
 
 
-class EventConsumer:
-    """A consumer of the events stream in a consumer group, on a blocking Redis client.
+def advance(steps: Steps, reply: Any, error: redis.ResponseError | None) -> Call | list[Event]:
+    """Hand ``steps`` the last command's reply (or its error): the next command to run, or
+    the read's events once it is done."""
+    try:
+        return steps.throw(error) if error else steps.send(reply)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
 
-    ``read`` returns up to ``count`` events: first those of dead consumers that waited longer
-    than ``claim_idle``, then new ones; ``ack`` them once handled. ``run`` does both in a loop.
-    """
+
+ClientT = TypeVar("ClientT")
+
+
+class _Member(Generic[ClientT]):
+    """What both consumers are: a member of one group, on a client of their kind."""
+
+    #: How ``from_settings`` connects: the job store's Redis (Sentinel too).
+    _connect: Callable[[Settings], ClientT]
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: ClientT,
         *,
         stream: str,
         group: str,
@@ -235,29 +246,39 @@ class EventConsumer:
         claim_idle: float = 60.0,
         start: str = "0",
     ) -> None:
-        self.redis = _decoding(client)
+        self.redis: ClientT = _decoding(client)
         self.reader = Reader(Group(stream, group, consumer, claim_idle, start))
 
     @classmethod
     def from_settings(
         cls, settings: Settings, *, group: str, consumer: str, **options: Any
-    ) -> EventConsumer:
-        """A consumer of ``settings.events_stream`` on the job store's Redis (Sentinel too)."""
+    ) -> Self:
+        """A consumer of ``settings.events_stream`` on the job store's Redis."""
         stream = settings.events_stream
-        return cls(redis_client(settings), stream=stream, group=group, consumer=consumer, **options)
+        client = cls._connect(settings)
+        return cls(client, stream=stream, group=group, consumer=consumer, **options)
+
+
+class EventConsumer(_Member["redis.Redis"]):
+    """A consumer of the events stream in a consumer group, on a blocking Redis client.
+
+    ``read`` returns up to ``count`` events: first those of dead consumers that waited longer
+    than ``claim_idle``, then new ones; ``ack`` them once handled. ``run`` does both in a loop.
+    """
+
+    _connect = staticmethod(redis_client)
 
     def read(self, count: int = 100, block_ms: int = 5000) -> list[Event]:
         """Events for this consumer, waiting up to ``block_ms`` for new ones."""
-        steps, reply, error = self.reader.read(count, block_ms), None, None
-        while True:
+        steps = self.reader.read(count, block_ms)
+        step = advance(steps, None, None)
+        while isinstance(step, Call):
             try:
-                call = steps.throw(error) if error else steps.send(reply)
-            except StopIteration as done:
-                return done.value  # type: ignore[no-any-return]
-            try:
-                reply, error = call.on(self.redis), None
+                reply, error = step.on(self.redis), None
             except redis.ResponseError as exc:
                 reply, error = None, exc
+            step = advance(steps, reply, error)
+        return step
 
     def ack(self, *events: Event | str) -> None:
         """Acknowledge handled events (or entry ids): they are not delivered again."""
@@ -296,43 +317,22 @@ class EventConsumer:
         self.redis.close()
 
 
-class AsyncEventConsumer:
+class AsyncEventConsumer(_Member["redis.asyncio.Redis"]):
     """:class:`EventConsumer` for asyncio code, on a ``redis.asyncio`` client."""
 
-    def __init__(
-        self,
-        client: redis.asyncio.Redis,
-        *,
-        stream: str,
-        group: str,
-        consumer: str,
-        claim_idle: float = 60.0,
-        start: str = "0",
-    ) -> None:
-        self.redis = _decoding(client)
-        self.reader = Reader(Group(stream, group, consumer, claim_idle, start))
-
-    @classmethod
-    def from_settings(
-        cls, settings: Settings, *, group: str, consumer: str, **options: Any
-    ) -> AsyncEventConsumer:
-        """A consumer of ``settings.events_stream`` on the job store's Redis (Sentinel too)."""
-        client = async_redis_client(settings)
-        stream = settings.events_stream
-        return cls(client, stream=stream, group=group, consumer=consumer, **options)
+    _connect = staticmethod(async_redis_client)
 
     async def read(self, count: int = 100, block_ms: int = 5000) -> list[Event]:
         """Events for this consumer, waiting up to ``block_ms`` for new ones."""
-        steps, reply, error = self.reader.read(count, block_ms), None, None
-        while True:
+        steps = self.reader.read(count, block_ms)
+        step = advance(steps, None, None)
+        while isinstance(step, Call):
             try:
-                call = steps.throw(error) if error else steps.send(reply)
-            except StopIteration as done:
-                return done.value  # type: ignore[no-any-return]
-            try:
-                reply, error = await call.on(self.redis), None
+                reply, error = await step.on(self.redis), None
             except redis.ResponseError as exc:
                 reply, error = None, exc
+            step = advance(steps, reply, error)
+        return step
 
     async def ack(self, *events: Event | str) -> None:
         """Acknowledge handled events (or entry ids): they are not delivered again."""
