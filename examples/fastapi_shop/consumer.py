@@ -18,7 +18,7 @@ from invoice_worker.events import AsyncEventConsumer, Event
 
 log = logging.getLogger(__name__)
 
-#: After the consumer lost Redis, it tries again after this long.
+#: After an error the consumer could not ride out, it starts again after this long.
 RESTART_SECONDS = 1.0
 
 
@@ -48,7 +48,9 @@ async def apply(orders: Orders, event: Event) -> None:
 
 
 async def consume(orders: Orders, consumer: AsyncEventConsumer, stop: asyncio.Event) -> None:
-    """Run the consumer until ``stop`` is set, starting it again whenever Redis fails it."""
+    """Run the consumer until ``stop`` is set. ``run`` itself rides out Redis being
+    unreachable; anything else it raises (a bug, a key of the wrong type) is logged and the
+    consumer started again, so the lifespan's background task never ends unnoticed."""
 
     async def handle(event: Event) -> None:
         await apply(orders, event)
