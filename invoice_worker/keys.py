@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from invoice_worker import constants as c
 from invoice_worker.config import Settings
-from invoice_worker.scripts import EnqueueArgs, NewJob, argv, flatten
+from invoice_worker.scripts import EnqueueArgs, NewJob, argv, fields_json
 
 
 class Keys:
@@ -47,7 +47,7 @@ class Keys:
         """KEYS and ARGV of enqueue.lua for ``job``."""
         args = EnqueueArgs(
             job.fingerprint, job.task_id, job.message, job.kwargs, self.member(job.foreign_id),
-            flatten(job.fields),
+            fields_json(job.fields),
         )  # fmt: skip
         keys = [self.key(job.foreign_id), job.queue, self.stats, self.due]
         return [*keys, self.copy(job.foreign_id)], argv(args)

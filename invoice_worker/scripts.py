@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from functools import cache
 from importlib import resources
 from typing import Any
 
 from invoice_worker import constants as c
 from invoice_worker.config import Settings
-from invoice_worker.constants import CallReport, Circuit, ClaimStatus, EventKind, JobState
+from invoice_worker.constants import CallReport, Circuit, ClaimStatus, EventKind
 from invoice_worker.record import JobRecord
 
 #: Record fields a claimed attempt reads (the claim returns only these, not the whole record).
@@ -54,6 +55,8 @@ def load(name: str, conf: Mapping[str, str | float]) -> str:
         f"local FINAL = {{{finals}}}\n"
         f"local JOB_KEY, COPY_KEY = '{c.JOB_KEY}', '{c.COPY_KEY}'\n"
         f"local ATTEMPT_FIELDS = {_lua_list(ATTEMPT_FIELDS)}\n"
+        f"local EVENT_FIELDS = {_lua_list(EVENT_FIELDS)}\n"
+        f"local JOB_EVENT = {lua_value(EventKind.JOB)}\n"
         f"local INVOICE_RANK = {{{ranks}}}\n"
         f"local CONF = {{{settings}}}\n"
     )
@@ -86,10 +89,15 @@ def script_conf(settings: Settings) -> dict[str, str | float]:
 def argv(args: Any) -> list[Any]:
     """A script's ARGV from its dataclass: fields in order, a trailing tuple spread out."""
     out: list[Any] = []
-    for f in fields(args):
-        value = getattr(args, f.name)
+    for name in _names(type(args)):
+        value = getattr(args, name)
         out.extend(value) if isinstance(value, tuple) else out.append(value)
     return out
+
+
+@cache
+def _names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(cls))
 
 
 @dataclass(frozen=True)
@@ -101,7 +109,7 @@ class EnqueueArgs:
     broker_message: str
     task_kwargs: str
     due_member: str
-    new_fields: tuple[str, ...]
+    new_fields: str  # fields_json()
 
 
 @dataclass(frozen=True)
@@ -113,7 +121,7 @@ class ClaimArgs:
     gated: int
     due_member: str
     task_kwargs: str
-    new_fields: tuple[str, ...]
+    new_fields: str  # fields_json(), written only with a record created here
 
 
 @dataclass(frozen=True)
@@ -132,8 +140,8 @@ class TransitionArgs:
     latency_ms: float
     due_member: str
     cleanup_in_ms: int
-    n_fields: int
-    fields_and_event: tuple[str, ...]
+    foreign_id: str  # as the job's event names it
+    fields: str  # fields_json(); a final's event takes EVENT_FIELDS from them
 
 
 @dataclass(frozen=True)
@@ -167,15 +175,10 @@ class ReissueArgs:
     deadline: str  # '' for none
 
 
-#: What a job's event carries besides ``kind``, ``foreign_id`` and ``state`` (the stream
-#: schema; the README documents it, status events included).
+#: What a job's event carries besides ``kind``, ``foreign_id`` and ``state``, in this order
+#: when the final transition sets them (the stream schema; the README documents it, status
+#: events included). transition.lua builds the event from the final's own fields.
 EVENT_FIELDS = ("url", "invoice_id", "error_code", "error", "task_id", "attempts", "orphan")
-
-
-def job_event(foreign_id: str, state: JobState, fields: Mapping[str, Any]) -> tuple[str, ...]:
-    """The stream entry of a job's final state, as transition.lua appends it."""
-    kept = {k: fields.get(k) for k in EVENT_FIELDS}
-    return flatten({"kind": EventKind.JOB, "foreign_id": foreign_id, "state": state, **kept})
 
 
 def pairs(fields: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -195,6 +198,12 @@ def pairs(fields: Mapping[str, Any]) -> list[tuple[str, str]]:
 def flatten(fields: Mapping[str, Any]) -> tuple[str, ...]:
     """``pairs`` spread into one argument tuple."""
     return tuple(item for pair in pairs(fields) for item in pair)
+
+
+def fields_json(fields: Mapping[str, Any]) -> str:
+    """``pairs`` as one JSON object of strings: a single script argument (field_list() in
+    _lib.lua spreads it), far cheaper to send than one argument per field and value."""
+    return json.dumps(dict(pairs(fields)), ensure_ascii=False, separators=(",", ":"))
 
 
 def latency_bucket(latency: float) -> str:

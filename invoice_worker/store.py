@@ -36,8 +36,8 @@ from invoice_worker.scripts import (
     Report,
     TransitionArgs,
     argv,
+    fields_json,
     flatten,
-    job_event,
     latency_bucket,
     load,
     record_of,
@@ -176,7 +176,7 @@ class JobStore(Keys):
             int(gated),
             self.member(foreign_id),
             kwargs,
-            flatten({"foreign_id": foreign_id, **fields}),
+            fields_json({"foreign_id": foreign_id, **fields}),
         )
         keys = [self.key(foreign_id), self.provider, self.stats, self.due, self.copy(foreign_id)]
         if self.barrier is None:
@@ -289,9 +289,6 @@ class JobStore(Keys):
         durable: bool = False,
     ) -> Moved | None:
         report = report or Report()
-        values = {k: v for k, v in (fields or {}).items() if v is not None}
-        pairs = flatten(values)
-        event = job_event(foreign_id, state, values) if state and state.final else ()
         latency = report.latency
         args = TransitionArgs(
             owner, self.token(), str(state or ""), mode,
@@ -299,7 +296,7 @@ class JobStore(Keys):
             str(report.outcome), int(report.pause * 1000),
             "" if latency is None else latency_bucket(latency), (latency or 0) * 1000,
             self.member(foreign_id), -1 if cleanup_in is None else int(cleanup_in * 1000),
-            len(pairs) // 2, (*pairs, *event),
+            foreign_id, fields_json(fields or {}),
         )  # fmt: skip
         keys = [self.key(foreign_id), self.stream, self.provider, self.stats, self.due]
         keys += [self.copy(foreign_id), self.cleanups]

@@ -26,6 +26,16 @@ local function tail(first, last)
   return out
 end
 
+-- A decoded fields_json() argument (field -> value, strings) as a field/value list.
+local function field_list(values)
+  local out = {}
+  for name, value in pairs(values) do
+    out[#out + 1] = name
+    out[#out + 1] = value
+  end
+  return out
+end
+
 -- A script's answer kept under batch_key for ttl_ms, so a re-run after a lost reply (redis-py
 -- re-sends the script) answers the same: replayed() gives it back, or nil on a first run.
 local function replayed(batch_key)

@@ -13,7 +13,7 @@ local fingerprint = ARGV[2]
 local gated = ARGV[3] == '1'  -- 0: no provider call will follow (an invalid message)
 local due_member = ARGV[4]
 local task_kwargs = ARGV[5]  -- kept only with a record created here; '' for none
-local new_fields = tail(6)
+local new_fields = field_list(cjson.decode(ARGV[6]))  -- fields_json()
 local lease_ms = CONF.lease_ms
 local max_crashes = CONF.max_crashes
 local ttl_s = CONF.ttl_s

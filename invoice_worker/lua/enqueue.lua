@@ -12,7 +12,7 @@ local task_id = ARGV[2]
 local broker_message = ARGV[3]
 local task_kwargs = ARGV[4]
 local due_member = ARGV[5]
-local new_fields = tail(6)
+local new_fields = field_list(cjson.decode(ARGV[6]))  -- fields_json()
 local ttl_s = CONF.ttl_s
 local due_after_ms = CONF.due_after_ms
 

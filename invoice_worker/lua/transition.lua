@@ -29,9 +29,19 @@ local latency_bucket = ARGV[9]  -- '' when no call was made
 local latency_ms = tonumber(ARGV[10])
 local due_member = ARGV[11]
 local cleanup_in_ms = tonumber(ARGV[12])  -- -1: none; else retry a cancel after this long
-local n_fields = tonumber(ARGV[13])
-local fields = tail(14, 13 + n_fields * 2)
-local event = tail(14 + n_fields * 2)
+local foreign_id = ARGV[13]  -- as the job's event names it
+local values = cjson.decode(ARGV[14])  -- fields_json(): field -> value, strings
+local fields = field_list(values)
+local event = {}  -- a final's one stream entry: its state and its own EVENT_FIELDS, in order
+if FINAL[new_state] then
+  event = {'kind', JOB_EVENT, 'foreign_id', foreign_id, 'state', new_state}
+  for _, name in ipairs(EVENT_FIELDS) do
+    if values[name] then
+      event[#event + 1] = name
+      event[#event + 1] = values[name]
+    end
+  end
+end
 local lease_ms = CONF.lease_ms
 local ttl_s = CONF.ttl_s
 local stream_maxlen = CONF.stream_maxlen
