@@ -212,7 +212,7 @@ class AsyncJobStore(Keys):
                     record = await self.get(foreign_id)
             return record
         finally:
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
 
 
 class AsyncProducer:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from functools import cache
 from importlib import resources
 from typing import Any
 
@@ -89,15 +88,16 @@ def script_conf(settings: Settings) -> dict[str, str | float]:
 def argv(args: Any) -> list[Any]:
     """A script's ARGV from its dataclass: fields in order, a trailing tuple spread out."""
     out: list[Any] = []
-    for name in _names(type(args)):
+    names = _NAMES.get(type(args))
+    if names is None:  # dataclasses.fields() on every call cost more than the rest of argv
+        names = _NAMES[type(args)] = tuple(f.name for f in fields(args))
+    for name in names:
         value = getattr(args, name)
         out.extend(value) if isinstance(value, tuple) else out.append(value)
     return out
 
 
-@cache
-def _names(cls: type) -> tuple[str, ...]:
-    return tuple(f.name for f in fields(cls))
+_NAMES: dict[type, tuple[str, ...]] = {}
 
 
 @dataclass(frozen=True)

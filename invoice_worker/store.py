@@ -339,7 +339,7 @@ class JobStore(Keys):
         the record, or None if no job with that id exists by then. Final states and invoice
         status changes are announced on one channel."""
         deadline = time.monotonic() + timeout
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call, unused-ignore]
         try:
             # Subscribe before reading, so a final state set in between is not missed.
             pubsub.subscribe(self.channel(foreign_id))

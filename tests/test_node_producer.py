@@ -56,7 +56,7 @@ class Stack:
         self.worker = worker
         self.store = JobStore.from_settings(settings)
         self.events: list[dict[str, Any]] = []
-        self._pubsub = redis.Redis.from_url(settings.broker_url).pubsub()  # type: ignore[no-untyped-call]
+        self._pubsub = redis.Redis.from_url(settings.broker_url).pubsub()  # type: ignore[no-untyped-call, unused-ignore]
         # kombu's Redis transport carries Celery's event exchange on pub/sub channels.
         self._pubsub.psubscribe(**{"*celeryev*": self._on_event})
         self._thread = self._pubsub.run_in_thread(sleep_time=0.05, daemon=True)
