@@ -54,7 +54,7 @@ from kombu.utils.url import as_url
 
 from invoice_worker import constants as c
 from invoice_worker.config import Settings
-from invoice_worker.connection import is_sentinel, parse_sentinel_url, sentinel_options
+from invoice_worker.connection import PACKER, is_sentinel, parse_sentinel_url, sentinel_options
 from invoice_worker.envelope import read_envelope, read_unacked
 
 log = logging.getLogger(__name__)
@@ -168,6 +168,11 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
     dead_letter_key = "invoice:" + c.DEAD_LETTER_KEY
     dead_letter_stats_key = "invoice:" + c.STATS_KEY
     dead_letter_ttl = 7 * 86400
+
+    def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
+        params: dict[str, Any] = super()._connparams(asynchronous)
+        params["command_packer"] = PACKER  # as the job store's clients (connection.py)
+        return params
 
     def set_aside(self, raw: bytes | str, queue: str, reason: str, pipe: Any = None) -> None:
         """Keep ``raw`` in the dead-letter list, count it, and log it without its content.

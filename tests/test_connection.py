@@ -8,6 +8,7 @@ rebuilt.
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,10 @@ from redis.sentinel import SentinelConnectionPool
 import invoice_worker
 from invoice_worker import cli
 from invoice_worker import producer as producer_module
+from invoice_worker.app import create_app
 from invoice_worker.config import Settings
 from invoice_worker.connection import (
+    PACKER,
     SentinelURL,
     client_from_url,
     parse_sentinel_url,
@@ -96,6 +99,50 @@ def test_plain_urls_get_the_store_policy(redis_server: EmbeddedRedis) -> None:
         assert kwargs["health_check_interval"] == 30
         assert kwargs["retry"].get_retries() == 5
         assert client.ping()
+
+
+PACKED = [
+    ("EVALSHA", "a" * 40, 2, "k:1", "k:2", "", "é ü ✓", b"\x00raw", 0, -7, 2**70),
+    ("SET", "k", 0.1, 1e-05, 1e20, float("inf"), -0.0, 1 / 3, 12345678.9),
+    ("SCRIPT LOAD", "return 1"),
+    (b"CLIENT SETNAME", b"name"),
+    ("SET", "k", bytearray(b"ab"), memoryview(b"cd")),
+    ("HSET", "k", "f", "line\nbreak\r\n", "\x00"),
+]
+
+
+@pytest.mark.parametrize("args", PACKED)
+def test_the_packer_writes_what_redis_py_writes(args: tuple[Any, ...]) -> None:
+    # The store's clients skip redis-py's per-argument pass in Python (connection.py): the
+    # bytes on the wire must not change.
+    assert b"".join(PACKER.pack(*args)) == _redis_py_pack(*args)
+
+
+@pytest.mark.parametrize("bad", [True, None, 1j, [1], {"a": 1}])
+def test_the_packer_refuses_what_redis_py_refuses(bad: Any) -> None:
+    with pytest.raises(redis.DataError, match="Invalid input of type"):
+        PACKER.pack("SET", "k", bad)
+    with pytest.raises(redis.DataError, match="Invalid input of type"):
+        _redis_py_pack("SET", "k", bad)
+
+
+def _redis_py_pack(*args: Any) -> bytes:
+    """What redis-py's own packer (hiredis, after its pass in Python) writes."""
+    connection: Any = redis.Connection()  # type: ignore[no-untyped-call, unused-ignore]
+    return b"".join(bytes(chunk) for chunk in connection.pack_command(*args))
+
+
+def test_store_and_broker_connections_use_the_packer(redis_server: EmbeddedRedis) -> None:
+    with client_from_url(redis_server.url) as client:
+        assert client.connection_pool.connection_kwargs["command_packer"] is PACKER
+        key = f"packer-{uuid.uuid4().hex}"
+        assert client.set(key, "é ✓", ex=60)
+        assert client.get(key) == "é ✓"
+    app = create_app(make_settings(redis_server.url, "http://127.0.0.1:9/api/v2"))
+    with app.connection_for_write() as conn:
+        pool = conn.default_channel.client.connection_pool
+        assert pool.connection_kwargs["command_packer"] is PACKER
+        assert conn.default_channel.client.ping()
 
 
 def test_a_sentinel_url_needs_a_master_name() -> None:
