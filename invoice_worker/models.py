@@ -217,7 +217,10 @@ class InvoiceRequest(BaseModel):
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     def with_foreign_id(self, foreign_id: str) -> InvoiceRequest:
-        """Return a copy sent under another provider foreign_id (the orphan recreate path)."""
+        """Return a copy sent under another provider foreign_id (the orphan recreate path);
+        the request itself under its own (every first attempt: no copy)."""
+        if foreign_id == self.foreign_id:
+            return self
         return self.model_copy(update={"foreign_id": foreign_id})
 
 
