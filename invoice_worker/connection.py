@@ -178,7 +178,9 @@ def client_from_url(
         ValueError: a ``sentinel://`` URL without ``master_name``, or a malformed one.
     """
     flavour = _Flavour(redis, Retry, Sentinel, _SentinelPool)
-    options = {"command_packer": PACKER, **overrides}
+    options = dict(overrides)
+    if not {"encoding", "encoding_errors"} & options.keys():  # PACKER writes strict UTF-8
+        options.setdefault("command_packer", PACKER)
     client: redis.Redis = _connect(url, flavour, master_name, sentinel_password, **options)
     return client
 
@@ -189,30 +191,37 @@ class HiredisPacker:
     redis-py encodes each argument in Python before handing them to ``hiredis.pack_command``,
     which takes str (as UTF-8), bytes, int and float itself and writes them as that pass does
     (floats by ``repr``). For the twenty-odd arguments of a store script the pass cost more
-    CPU than the rest of the call's packing and sending. Any other argument goes through the
-    same checks as in redis-py (``DataError`` for a bool, None or another type).
+    CPU than the rest of the call's packing and sending. Anything else goes through the same
+    conversions and checks as in redis-py (``DataError`` for a bool, None or another type);
+    clients given another ``encoding`` keep redis-py's packer (see ``client_from_url``).
     """
 
     def pack(self, *args: Any) -> list[bytes]:
         name = args[0]
         if (isinstance(name, str) and " " in name) or (isinstance(name, bytes) and b" " in name):
             args = (*name.split(), *args[1:])  # "SCRIPT LOAD" is two words on the wire
-        try:
-            return [hiredis.pack_command(args)]
-        except TypeError:
-            checked: tuple[Any, ...] = tuple(_packable(arg) for arg in args)
-            return [hiredis.pack_command(checked)]
+        if memoryview not in map(type, args):  # hiredis ignores a view's strides
+            try:
+                return [hiredis.pack_command(args)]
+            except TypeError:  # an int subclass, a bool, None, ...: redis-py's rules below
+                pass
+        checked: tuple[Any, ...] = tuple(_packable(arg) for arg in args)
+        return [hiredis.pack_command(checked)]
 
 
-def _packable(arg: Any) -> str | bytes | int | float:
+def _packable(arg: object) -> object:
+    """One argument as redis-py's ``Encoder.encode`` takes it (str, bytes and exact int and
+    float pass as they are: hiredis writes them the same)."""
+    if isinstance(arg, str | bytes) or type(arg) in (int, float):
+        return arg
     if isinstance(arg, bytearray | memoryview):
         return bytes(arg)
-    if isinstance(arg, bool) or not isinstance(arg, str | bytes | int | float):
-        raise redis.DataError(
-            f"Invalid input of type: '{type(arg).__name__}'. "
-            "Convert to a bytes, string, int or float first."
-        )
-    return arg
+    if isinstance(arg, int | float) and not isinstance(arg, bool):
+        return repr(arg).encode()  # an IntEnum writes as redis-py writes it
+    raise redis.DataError(
+        f"Invalid input of type: '{type(arg).__name__}'. "
+        "Convert to a bytes, string, int or float first."
+    )
 
 
 PACKER = HiredisPacker()  # stateless: one for every connection of the sync clients

@@ -7,8 +7,11 @@ rebuilt.
 
 from __future__ import annotations
 
+import enum
 import os
 import uuid
+from decimal import Decimal
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +31,7 @@ from invoice_worker.connection import (
     parse_sentinel_url,
     redis_client,
 )
-from invoice_worker.constants import JobState
+from invoice_worker.constants import ClaimStatus, JobState
 from invoice_worker.devstack.embedded import EmbeddedRedis, free_port
 from invoice_worker.devstack.sentinel import SentinelCluster
 from invoice_worker.metrics import serve
@@ -101,6 +104,14 @@ def test_plain_urls_get_the_store_policy(redis_server: EmbeddedRedis) -> None:
         assert client.ping()
 
 
+class Flag(enum.IntFlag):
+    ON = 4
+
+
+class Money(float):
+    pass
+
+
 PACKED = [
     ("EVALSHA", "a" * 40, 2, "k:1", "k:2", "", "é ü ✓", b"\x00raw", 0, -7, 2**70),
     ("SET", "k", 0.1, 1e-05, 1e20, float("inf"), -0.0, 1 / 3, 12345678.9),
@@ -108,6 +119,10 @@ PACKED = [
     (b"CLIENT SETNAME", b"name"),
     ("SET", "k", bytearray(b"ab"), memoryview(b"cd")),
     ("HSET", "k", "f", "line\nbreak\r\n", "\x00"),
+    ("HSET", "k", JobState.CREATED, ClaimStatus.CLAIMED),  # StrEnum members: their values
+    ("SET", "k", memoryview(b"abcd")[::-1]),  # strided views: hiredis alone reads them wrong
+    ("SET", "k", memoryview(b"abcdef")[::2], bytearray(b"xy")),
+    ("SET", "k", HTTPStatus.OK, Flag.ON, Money(2.5)),  # int and float subclasses: by repr
 ]
 
 
@@ -118,7 +133,7 @@ def test_the_packer_writes_what_redis_py_writes(args: tuple[Any, ...]) -> None:
     assert b"".join(PACKER.pack(*args)) == _redis_py_pack(*args)
 
 
-@pytest.mark.parametrize("bad", [True, None, 1j, [1], {"a": 1}])
+@pytest.mark.parametrize("bad", [True, None, 1j, [1], {"a": 1}, Decimal("1.5")])
 def test_the_packer_refuses_what_redis_py_refuses(bad: Any) -> None:
     with pytest.raises(redis.DataError, match="Invalid input of type"):
         PACKER.pack("SET", "k", bad)
@@ -143,6 +158,14 @@ def test_store_and_broker_connections_use_the_packer(redis_server: EmbeddedRedis
         pool = conn.default_channel.client.connection_pool
         assert pool.connection_kwargs["command_packer"] is PACKER
         assert conn.default_channel.client.ping()
+
+
+def test_another_encoding_keeps_redis_pys_packer(redis_server: EmbeddedRedis) -> None:
+    with client_from_url(redis_server.url, encoding="latin-1") as client:
+        assert "command_packer" not in client.connection_pool.connection_kwargs
+        key = f"packer-{uuid.uuid4().hex}"
+        assert client.set(key, "é", ex=60)
+        assert client.strlen(key) == 1  # latin-1 on the wire, as asked
 
 
 def test_a_sentinel_url_needs_a_master_name() -> None:
