@@ -28,7 +28,7 @@ from invoice_worker.errors import InvalidCallbackError
 from invoice_worker.models import validation_messages
 from invoice_worker.privacy import redact
 from invoice_worker.record import JobRecord
-from invoice_worker.scripts import CallbackArgs, argv, flatten, load, script_conf
+from invoice_worker.scripts import CallbackArgs, Lua, argv, flatten, load, script_conf
 from invoice_worker.store import JobStore
 
 #: Largest callback body read (the provider's are about 1-2 KiB; one per instalment).
@@ -219,7 +219,7 @@ class CallbackStore:
         self.settings = store.settings
         self.unknown = f"{store.prefix}{c.CALLBACK_UNKNOWN_KEY}"
         self.dead_letters = f"{store.prefix}{c.CALLBACK_DEAD_LETTER_KEY}"
-        self._apply = store.redis.register_script(load("callback", script_conf(store.settings)))
+        self._apply = Lua(store.redis, load("callback", script_conf(store.settings)))
 
     def key(self, invoice_id: int) -> str:
         """The key of an invoice's raw bodies and seen identities."""

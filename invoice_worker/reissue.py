@@ -29,7 +29,7 @@ from invoice_worker.message import TaskMessage, redis_envelope, unix_deadline
 from invoice_worker.models import InvoiceRequest, parse_request
 from invoice_worker.privacy import kwargs_repr
 from invoice_worker.record import JobRecord
-from invoice_worker.scripts import ReissueArgs, argv, load, script_conf
+from invoice_worker.scripts import Lua, ReissueArgs, argv, load, script_conf
 from invoice_worker.store import JobStore
 
 if TYPE_CHECKING:
@@ -48,7 +48,7 @@ class Reissuer:
         self.app = app
         self.settings = settings
         self.atomic = atomic
-        self._script = store.redis.register_script(load("reissue", script_conf(settings)))
+        self._script = Lua(store.redis, load("reissue", script_conf(settings)))
 
     def reissue(
         self,

@@ -31,6 +31,7 @@ from invoice_worker.scripts import (
     Claim,
     ClaimArgs,
     Enqueued,
+    Lua,
     Moved,
     NewJob,
     Report,
@@ -59,13 +60,13 @@ class JobStore(Keys):
         self._token_prefix = uuid.uuid4().hex[:12]
         self._tokens = itertools.count()
         self._barrier: Barrier | bool | None = False  # False: not looked up yet
-        self._enqueue = client.register_script(load("enqueue", conf))
-        self._claim = client.register_script(load("claim", conf))
-        self._transition = client.register_script(load("transition", conf))
-        self._discard = client.register_script(load("discard", conf))
-        self._sweep = client.register_script(load("sweep", conf))
-        self._cleanup = client.register_script(load("cleanup", conf))
-        self._mark = client.register_script(load("mark", conf))
+        self._enqueue = Lua(client, load("enqueue", conf))
+        self._claim = Lua(client, load("claim", conf))
+        self._transition = Lua(client, load("transition", conf))
+        self._discard = Lua(client, load("discard", conf))
+        self._sweep = Lua(client, load("sweep", conf))
+        self._cleanup = Lua(client, load("cleanup", conf))
+        self._mark = Lua(client, load("mark", conf))
 
     @classmethod
     def from_settings(cls, settings: Settings) -> JobStore:

@@ -204,6 +204,21 @@ def test_final_transition_writes_one_event_and_is_terminal(store: JobStore) -> N
     assert record.invoice_id == 7
 
 
+def test_scripts_are_loaded_again_where_redis_lost_them(
+    store: JobStore, redis_client: redis.Redis
+) -> None:
+    """A restarted Redis (or a newly promoted replica) answers NOSCRIPT: the store loads the
+    script and sends it again, once, within the same call."""
+    fid = new_id()
+    redis_client.script_flush()
+    assert claim(store, fid, "w1").status == "claimed"
+    redis_client.script_flush()
+    moved = store.finish(fid, "w1", JobState.FAILED, {"error_code": "x", "attempts": 1})
+    assert moved is not None
+    assert moved.record is not None
+    assert moved.record.state is JobState.FAILED
+
+
 def test_renew_keeps_lease(store: JobStore) -> None:
     fid = new_id()
     claim(store, fid, "w1", lease=0.2)
