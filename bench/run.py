@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only", nargs="+", metavar="POOL:C",
         help="e.g. threads:16 gevent:64, or durability, or enqueue-aio (sync vs asyncio enqueue"
-        " rate, alone)",
+        " rate, alone), or instructions (CPU per job as instructions, alone; needs valgrind)",
     )  # fmt: skip
     parser.add_argument("--producers-only", action="store_true", help="skip worker scenarios")
     parser.add_argument("--strict", action="store_true", help="exit 2 when a target is missed")
@@ -280,6 +280,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import enqueue_aio
 
         return enqueue_aio.main(args.scale)
+    if args.only and "instructions" in args.only:
+        from bench import instructions
+
+        return instructions.main()
     return run(args)
 
 
