@@ -214,7 +214,7 @@ def pairs(fields: Mapping[str, Any]) -> list[tuple[str, str]]:
     for key, value in fields.items():
         if value is None:
             continue
-        if type(value) is str:  # the most of them
+        if type(value) is str:  # most of them: no conversion
             out.append((key, value))
             continue
         if isinstance(value, dict | list):
