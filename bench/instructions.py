@@ -1,6 +1,6 @@
 """CPU per job as instructions: ``python -m bench.run --only instructions`` (needs valgrind).
 
-Worker CPU per job, measured in seconds, moves by 20 % between identical runs on a shared
+Worker CPU per job, measured in seconds, moves by up to 30 % between identical runs on a shared
 2-core machine (scheduling, the GIL handed among 16 threads), more than the changes it should
 judge. Instructions do not: ``valgrind --tool=callgrind`` counts what a process executes,
 whatever else the machine does. Against a private redis-server and the sandbox (0 ms), two
