@@ -55,13 +55,14 @@ def child(kind: str, jobs: int, tag: str, redis_url: str, api_url: str) -> None:
         events_stream=f"{tag}:events",
     )  # fmt: skip
     ids = [f"{tag}-{i}" for i in range(jobs + 1)]  # one more, to warm up (scripts loaded)
-    client = ProviderClient.from_settings(settings)
     if kind == "enqueue":
         producer = Producer(settings)
         for foreign_id in ids:
             producer.enqueue(request_data(foreign_id))
         producer.close()
-    elif kind == "ours":
+        return
+    client = ProviderClient.from_settings(settings)
+    if kind == "ours":
         job = InvoiceJob(JobStore.from_settings(settings), client, settings)
         for i, foreign_id in enumerate(ids):
             owner = f"bench:1:{job.store.token()}"
@@ -83,13 +84,8 @@ def count(kind: str, jobs: int, stack: Stack) -> int:
         subprocess.run([*me, "enqueue", *args[1:]], env=env, check=True)  # noqa: S603
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "callgrind.out"
-        valgrind = shutil.which("valgrind") or "valgrind"
-        command = [valgrind, "--tool=callgrind", f"--callgrind-out-file={out}", *me, *args]
-        subprocess.run(command, env=env, check=True, capture_output=True)  # noqa: S603
-        for line in out.read_text().splitlines():
-            if line.startswith(("summary:", "totals:")):
-                return int(line.split()[1])
-    raise RuntimeError("callgrind wrote no total")
+        subprocess.run([*_callgrind(out), *me, *args], env=env, check=True, capture_output=True)  # noqa: S603
+        return _total(out)
 
 
 def worker_count(kind: str, stack: Stack, logs: Path) -> int:
@@ -102,8 +98,7 @@ def worker_count(kind: str, stack: Stack, logs: Path) -> int:
     if kind == "bare":
         worker.argv[worker.argv.index("-A") + 1] = "bench.bare_app"
     worker.env = bench_env(settings)
-    valgrind = shutil.which("valgrind") or "valgrind"
-    worker.argv = [valgrind, "--tool=callgrind", f"--callgrind-out-file={out}", *worker.argv]
+    worker.argv = [*_callgrind(out), *worker.argv]
     worker.start(ready="ready.", timeout=900)
     send = _sender(kind, settings)
     try:
@@ -116,10 +111,24 @@ def worker_count(kind: str, stack: Stack, logs: Path) -> int:
     finally:
         worker.stop(timeout=60)
     dumps = sorted(logs.glob(f"callgrind-{tag}.out.*"))  # the -d dump: <file>.<n>
-    for line in dumps[0].read_text().splitlines():
+    return _total(dumps[0]) // WORKER_JOBS
+
+
+def _callgrind(out: Path) -> list[str]:
+    """The command prefix that runs a process under callgrind, its counts written to ``out``."""
+    return [
+        shutil.which("valgrind") or "valgrind",
+        "--tool=callgrind",
+        f"--callgrind-out-file={out}",
+    ]
+
+
+def _total(dump: Path) -> int:
+    """The instruction total of a callgrind output file."""
+    for line in dump.read_text().splitlines():
         if line.startswith(("summary:", "totals:")):
-            return int(line.split()[1]) // WORKER_JOBS
-    raise RuntimeError("callgrind wrote no total")
+            return int(line.split()[1])
+    raise RuntimeError(f"callgrind wrote no total in {dump.name}")
 
 
 def _sender(kind: str, settings: Settings) -> Callable[[str], object]:
@@ -142,11 +151,7 @@ def _run_jobs(
     if kind == "ours":
         stack.wait(lambda: stack.client.xlen(settings.events_stream) >= last, 900)
     else:
-        stack.wait(lambda: _answered(stack) >= last, 900)
-
-
-def _answered(stack: Stack) -> int:
-    return int(stack.admin("GET", "/stats")["responses"].get("200", 0))
+        stack.wait(lambda: stack.answered() >= last, 900)
 
 
 def main() -> int:

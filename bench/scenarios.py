@@ -169,12 +169,8 @@ def _wait_done(stack: Stack, settings: Settings, case: WorkerCase, timeout: floa
     """Wall time at which the last job was seen done: a final event, or for bare Celery an
     answered create (the sandbox counts a call when it arrives, an answer when it is sent)."""
     if case.kind == "bare":
-        return stack.wait(lambda: _answered(stack) >= case.jobs, timeout)
+        return stack.wait(lambda: stack.answered() >= case.jobs, timeout)
     return stack.wait(lambda: stack.client.xlen(settings.events_stream) >= case.jobs, timeout)
-
-
-def _answered(stack: Stack) -> int:
-    return int(stack.admin("GET", "/stats")["responses"].get("200", 0))
 
 
 def _worker_row(

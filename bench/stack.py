@@ -168,6 +168,11 @@ class Stack:
         with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 - loopback only
             return json.loads(response.read())
 
+    def answered(self) -> int:
+        """Create calls the sandbox has answered with 200 since its last reset (bare Celery's
+        jobs leave no other trace)."""
+        return int(self.admin("GET", "/stats")["responses"].get("200", 0))
+
     def reset(self, latency_ms: float) -> None:
         """Empty Redis and the sandbox, then set the provider latency (reset forgets it)."""
         self.client.flushall()

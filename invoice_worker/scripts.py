@@ -116,15 +116,16 @@ class Lua:
     def __call__(
         self, keys: Sequence[str], args: Sequence[Any], client: Pipeline | None = None
     ) -> Any:
+        command = ("EVALSHA", self.sha, len(keys), *keys, *args)
         if client is not None:
             pipe: Any = client
             pipe.scripts.add(self)
-            return pipe.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
+            return pipe.execute_command(*command)
         try:
-            return self.client.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
+            return self.client.execute_command(*command)
         except NoScriptError:
             self.client.script_load(self.script)
-            return self.client.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
+            return self.client.execute_command(*command)
 
 
 @dataclass(frozen=True)
