@@ -204,6 +204,25 @@ def test_final_transition_writes_one_event_and_is_terminal(store: JobStore) -> N
     assert record.invoice_id == 7
 
 
+def test_any_field_value_reaches_record_and_event_unchanged(store: JobStore) -> None:
+    """Fields travel to the scripts as one JSON argument: quotes, backslashes, control
+    characters, NUL, non-ASCII and JSON-looking text must arrive byte for byte."""
+    fid = new_id()
+    claim(store, fid, "w1")
+    hostile = 'q"uo\\te\n\r\x00 é ✓ 🧾 {"a": [1]} \u2028 ' + "x" * 10_000
+    fields = {"error_code": "provider_error", "error": hostile, "attempts": 2, "orphan": None}
+    moved = store.finish(fid, "w1", JobState.FAILED, fields)
+    assert moved is not None
+    assert moved.record is not None
+    assert moved.record.error == hostile
+    assert moved.record.orphan is None
+    events = [f for _, f in store.events() if f["foreign_id"] == fid]
+    assert events == [
+        {"kind": "job", "foreign_id": fid, "state": "failed", "error_code": "provider_error",
+         "error": hostile, "attempts": "2"}
+    ]  # fmt: skip
+
+
 def test_scripts_are_loaded_again_where_redis_lost_them(
     store: JobStore, redis_client: redis.Redis
 ) -> None:
