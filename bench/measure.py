@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Sequence
@@ -44,6 +45,18 @@ def cpu_seconds(pid: int, *, group: bool = False) -> float:
         if member == pid:
             total += int(fields[13]) + int(fields[14])  # cutime, cstime: reaped children
     return total / TICK
+
+
+def pin(pids: list[int], cpus: set[int]) -> None:
+    """Run every thread of ``pids`` (and threads they start later) on ``cpus`` only."""
+    for pid in pids:
+        try:
+            threads = [int(t.name) for t in (PROC / str(pid) / "task").iterdir()]
+        except FileNotFoundError:
+            continue
+        for tid in threads:
+            with contextlib.suppress(ProcessLookupError):  # a thread that just ended
+                os.sched_setaffinity(tid, cpus)
 
 
 def peak_rss_mb(pid: int, *, group: bool = False) -> float:

@@ -23,7 +23,7 @@ from typing import Any
 from bench import report
 from bench.durability import DurabilityCase, run_durability
 from bench.measure import machine_ticks
-from bench.scenarios import ProducerCase, Row, WorkerCase, run_producer, run_workers
+from bench.scenarios import CORES, ProducerCase, Row, WorkerCase, run_producer, run_workers
 from bench.source import from_commit, source
 from bench.stack import ROOT, Stack
 
@@ -52,6 +52,11 @@ MULTI = {
 }
 #: Scenarios also run with task events off (the bare-Celery orientation numbers had both).
 EVENTS_OFF = {"quick": [("prefork", 2)], "full": [("prefork", 2), ("threads", 16)]}
+#: Scenarios (0 ms, one worker process) also run pinned: the worker alone on one core, Redis,
+#: the sandbox and the producers on the others (bench.scenarios.pin_apart), ours and bare in
+#: turns (ours, bare / bare, ours / ...) for PIN_ROUNDS rounds; targets take the medians.
+PINNED = {"quick": [("threads", 16)], "full": [("threads", 16), ("threads", 64)]}
+PIN_ROUNDS = {"quick": 3, "full": 5}
 #: Scenarios also run at half of c/latency, for the latency of a fleet that is not saturated.
 HALF_LOAD = {
     "quick": [("threads", 16)],
@@ -96,6 +101,10 @@ def worker_cases(plan: str, args: argparse.Namespace) -> list[WorkerCase]:
             off = not latency and (pool, c) in EVENTS_OFF[plan] and procs == args.workers
             for events in (True, False) if off else (True,):
                 cases += [WorkerCase(kind, events=events, **one) for kind in KINDS]
+            if not latency and (pool, c) in PINNED[plan] and procs == 1 and len(CORES) > 1:
+                for n in range(PIN_ROUNDS[plan]):
+                    turn = ("ours", "bare") if n % 2 == 0 else ("bare", "ours")
+                    cases += [WorkerCase(kind, pinned=True, round=n, **one) for kind in turn]
             if latency and (pool, c) in HALF_LOAD[plan] and procs == args.workers:
                 cases.append(WorkerCase("ours", load=0.5, **one | {"jobs": jobs // 2}))
     return cases
@@ -212,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nwall time {meta['wall_seconds']} s; results in {args.out}, plot {args.plot}")
     if any(row.kind != "bare" for row, _ in problems):
         return 1
-    missed = [t for t in report.targets(res) if not t[1]]
+    missed = [t for t in report.targets(res) if t[1] is False]
     return 2 if args.strict and missed else 0
 
 
@@ -228,6 +237,7 @@ def _failed(case: WorkerCase | ProducerCase | DurabilityCase, problem: str) -> R
 
 def _progress(n: int, total: int, row: Row, started: float) -> str:
     what = f"{row.kind} {row.pool} -c {row.concurrency} {row.latency_ms:g}ms"
+    what += f" pinned, round {row.round + 1}" if row.pinned else ""
     if row.group == "producer":
         what = f"producer {row.kind} {row.pool or 'celery'} events={'on' if row.events else 'off'}"
     elif row.group == "durability":
@@ -242,7 +252,8 @@ def _progress(n: int, total: int, row: Row, started: float) -> str:
 def _print_targets(res: report.Results) -> None:
     print("\ntargets:")
     for target, held, measured in report.targets(res):
-        print(f"  {'held' if held else 'MISSED':6}  {target}: {measured}")
+        verdict = "shown" if held is None else "held" if held else "MISSED"
+        print(f"  {verdict:6}  {target}: {measured}")
     for pool, info in report.knees(res).items():
         print(
             f"  knee    {pool} at {SLOW_MS:g} ms: c/latency up to -c {info['linear_up_to']}, "

@@ -3,18 +3,21 @@ loop, and producers alone. Every run checks exactly-once and returns one result 
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from bench.load import foreign_ids
-from bench.measure import CpuWindow, peak_rss_mb, per_job_ms, percentile, stream_ms
+from bench.measure import CpuWindow, group_pids, peak_rss_mb, per_job_ms, percentile, pin, stream_ms
 from bench.stack import Stack
 from invoice_worker.config import Settings
 from invoice_worker.store import JobStore
 
 READY_TIMEOUT = 60.0
+#: The cores this benchmark may use (taken before any case pins anything).
+CORES = sorted(os.sched_getaffinity(0))
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,8 @@ class WorkerCase:
     producers: int = 1
     events: bool = True
     load: float = 0.0  # offer this share of c/latency (ours only); 0 saturates the workers
+    pinned: bool = False  # the worker alone on one core, the rest of the stack on the others
+    round: int = 0  # of a case run several times in turns (pinned cases)
 
     @property
     def slots(self) -> int:
@@ -80,6 +85,8 @@ class Row:
     enqueue_p50_ms: float | None = None
     enqueue_p99_ms: float | None = None
     unconfirmed: int = 0  # writes Redis did not confirm in time: enqueues redone, jobs deferred
+    pinned: bool = False  # the worker had a core of its own (WorkerCase.pinned)
+    round: int = 0  # WorkerCase.round
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -96,6 +103,7 @@ def run_workers(stack: Stack, case: WorkerCase, tag: str) -> Row:
         tag, task_events=case.events, http_pool_size=max(64, case.concurrency)
     )
     prefork = case.pool == "prefork"
+    shared: list[int] = []  # pinned to the other cores while a pinned case runs
     try:
         if case.kind == "ceiling":
             procs = case.workers * (case.concurrency if prefork else 1)
@@ -133,6 +141,9 @@ def run_workers(stack: Stack, case: WorkerCase, tag: str) -> Row:
             group = [(w.process.pid, True) for w in workers if w.process is not None]
         for child in children:
             child.wait_ready(READY_TIMEOUT)
+        if case.pinned:
+            shared = [stack.redis_pid, stack.sandbox_pid, os.getpid(), *(c.pid for c in children)]
+            pin_apart([m for pid, _ in group for m in group_pids(pid)], shared)
         window = CpuWindow(
             {"worker": group, "redis": [(stack.redis_pid, False)]}
             | {"sandbox": [(stack.sandbox_pid, False)]}
@@ -148,9 +159,11 @@ def run_workers(stack: Stack, case: WorkerCase, tag: str) -> Row:
         rss = [peak_rss_mb(pid, group=True) for pid, _ in group]
         rss += [r["rss_mb"] for r in results if "rss_mb" in r]
     finally:
+        pin(shared, set(CORES))  # the stack outlives the case: give it every core again
         stack.stop_children()
     fids = [fid for i, n in enumerate(counts) for fid in foreign_ids(tag, i, n)]
     row = _worker_row(case, window, results, rss)
+    row.pinned, row.round = case.pinned, case.round
     check_provider(stack, fids, row, bare=case.kind == "bare")
     if case.kind == "bare":
         row.seconds = end - min(r["first"] for r in results)
@@ -158,6 +171,16 @@ def run_workers(stack: Stack, case: WorkerCase, tag: str) -> Row:
         check_events(stack, settings, fids, row, results if case.kind == "ceiling" else None)
     row.jobs_per_s = case.jobs / row.seconds if row.seconds > 0 else 0.0
     return row
+
+
+def pin_apart(workers: list[int], shared: list[int]) -> None:
+    """Put ``workers`` on the last core and ``shared`` (Redis, the sandbox, producers, this
+    process) on the others: a worker host of its own, as in production, instead of 16 threads
+    scheduled across both cores of a small machine among the very processes they wait on."""
+    if len(CORES) < 2:
+        raise RuntimeError("a pinned case needs two cores")
+    pin(workers, {CORES[-1]})
+    pin(shared, set(CORES[:-1]))
 
 
 def job_args(tag: str, index: int, count: int, *extra: object) -> list[str]:
