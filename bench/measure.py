@@ -6,7 +6,7 @@ import contextlib
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -48,15 +48,41 @@ def cpu_seconds(pid: int, *, group: bool = False) -> float:
 
 
 def pin(pids: list[int], cpus: set[int]) -> None:
-    """Run every thread of ``pids`` (and threads they start later) on ``cpus`` only."""
-    for pid in pids:
-        try:
-            threads = [int(t.name) for t in (PROC / str(pid) / "task").iterdir()]
-        except FileNotFoundError:
-            continue
-        for tid in threads:
+    """Run every thread of ``pids`` on ``cpus`` only. Threads a pinned thread starts later
+    inherit it; the threads are listed again until a pass finds no new one, so one started by
+    a thread not yet pinned during a pass is caught by the next."""
+    done: set[int] = set()
+    while True:
+        found = {tid for pid in pids for tid in _threads(pid)} - done
+        if not found:
+            return
+        for tid in found:
             with contextlib.suppress(ProcessLookupError):  # a thread that just ended
                 os.sched_setaffinity(tid, cpus)
+        done |= found
+
+
+def _threads(pid: int) -> list[int]:
+    try:
+        return [int(t.name) for t in (PROC / str(pid) / "task").iterdir()]
+    except FileNotFoundError:
+        return []
+
+
+def voluntary_switches(pid: int, *, group: bool = False) -> int:
+    """Voluntary context switches so far of every live thread of ``pid`` (with ``group``: of
+    its process group): a thread's sleeps on I/O, locks and the GIL."""
+    total = 0
+    for member in group_pids(pid) if group else [pid]:
+        for tid in _threads(member):
+            try:
+                status = (PROC / str(member) / "task" / str(tid) / "status").read_text()
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            for line in status.splitlines():
+                if line.startswith("voluntary_ctxt_switches:"):
+                    total += int(line.split()[1])
+    return total
 
 
 def peak_rss_mb(pid: int, *, group: bool = False) -> float:
@@ -83,9 +109,13 @@ def machine_ticks() -> tuple[int, int]:
 
 @dataclass
 class CpuWindow:
-    """CPU seconds of named processes and machine busy share between start() and stop()."""
+    """CPU seconds and voluntary context switches of named processes, and the machine's busy
+    share, between start() and stop() (switches of threads that end meanwhile are lost: fine
+    for workers, whose pool threads live as long as they do)."""
 
     pids: dict[str, list[tuple[int, bool]]]  # name -> [(pid, whole group?)]
+    start_switches: dict[str, int] = field(default_factory=dict)
+    switches: dict[str, int] = field(default_factory=dict)
     start_cpu: dict[str, float] | None = None
     start_machine: tuple[int, int] | None = None
     cpu: dict[str, float] | None = None
@@ -99,7 +129,14 @@ class CpuWindow:
             for name, members in self.pids.items()
         }
 
+    def _switches(self) -> dict[str, int]:
+        return {
+            name: sum(voluntary_switches(pid, group=group) for pid, group in members)
+            for name, members in self.pids.items()
+        }
+
     def start(self) -> None:
+        self.start_switches = self._switches()
         self.start_cpu, self.start_machine = self._read(), machine_ticks()
         self.start_cpu["bench"] = cpu_seconds(os.getpid())
 
@@ -108,6 +145,8 @@ class CpuWindow:
         assert self.start_machine is not None
         end = self._read()
         self.cpu = {name: end[name] - self.start_cpu[name] for name in end}
+        switches = self._switches()
+        self.switches = {name: switches[name] - self.start_switches[name] for name in switches}
         busy, total = machine_ticks()
         span = total - self.start_machine[1]
         self.machine_busy = (busy - self.start_machine[0]) / span if span else 0.0

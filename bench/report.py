@@ -33,6 +33,11 @@ def _pool(row: Row) -> str:
     return f"{pool} pinned" if row.pinned else pool
 
 
+def _pool_cell(row: Row) -> str:
+    """The table's pool column: which round, for a pinned case run in rounds."""
+    return f"{_pool(row)} #{row.round + 1}" if row.pinned else _pool(row)
+
+
 def _num(value: float | None, digits: int = 0) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
@@ -84,7 +89,8 @@ class Results:
 
 WORKER_COLUMNS = (
     "provider", "pool", "c", "events", "kind", "jobs", "jobs/s", "ideal", "/bare", "/ceil",
-    "p50 ms", "p95 ms", "p99 ms", "worker CPU", "/bare", "redis CPU", "prod CPU", "sandbox CPU",
+    "p50 ms", "p95 ms", "p99 ms", "worker CPU", "/bare", "switches", "redis CPU", "prod CPU",
+    "sandbox CPU",
     "machine", "other", "RSS MB", "calls/job", "ok",
 )  # fmt: skip
 PRODUCER_COLUMNS = (
@@ -98,13 +104,15 @@ def worker_cells(res: Results, row: Row) -> list[str]:
     ideal = _ideal(row)
     mine = row.kind == "ours"
     return [
-        f"{row.latency_ms:g} ms", _pool(row), str(row.concurrency), "on" if row.events else "off",
+        f"{row.latency_ms:g} ms", _pool_cell(row), str(row.concurrency),
+        "on" if row.events else "off",
         row.kind, str(row.jobs), _num(row.jobs_per_s), _num(ideal),
         _ratio(row.jobs_per_s, bare.jobs_per_s) if mine and bare else "",
         _ratio(row.jobs_per_s, ceil.jobs_per_s) if mine and ceil else "",
         _num(row.p50_ms), _num(row.p95_ms), _num(row.p99_ms), _num(row.worker_cpu_ms, 2),
         _ratio(row.worker_cpu_ms, bare.worker_cpu_ms) if mine and bare else "",
-        _num(row.redis_cpu_ms, 2), _num(row.producer_cpu_ms, 2), _num(row.sandbox_cpu_ms, 2),
+        _num(row.switches_per_job, 1), _num(row.redis_cpu_ms, 2), _num(row.producer_cpu_ms, 2),
+        _num(row.sandbox_cpu_ms, 2),
         f"{row.machine_busy:.0%}", _num(row.other_cores, 2), _num(row.worker_rss_mb),
         _num(row.calls_per_job, 3),
         "ok" if not row.problems else "FAIL",
@@ -226,7 +234,11 @@ def targets(res: Results) -> list[tuple[str, bool | None, str]]:
     """
     out: list[tuple[str, bool | None, str]] = []
     rounds: dict[str, list[tuple[float, float | None]]] = {}  # pinned: name -> per round
-    pinned = {_key(replace(r, pinned=False, round=0)) for r in res.workers() if r.pinned}
+    pinned = {  # unpinned twins of the pinned cases with at least one round measured
+        _key(replace(r, pinned=False, round=0))
+        for r in res.workers()
+        if r.pinned and r.kind == "ours" and not r.problems and res.ref(r, "bare")
+    }
     for row in res.workers():
         bare = res.ref(row, "bare")
         if row.kind != "ours" or bare is None:

@@ -54,9 +54,10 @@ MULTI = {
 EVENTS_OFF = {"quick": [("prefork", 2)], "full": [("prefork", 2), ("threads", 16)]}
 #: Scenarios (0 ms, one worker process) also run pinned: the worker alone on one core, Redis,
 #: the sandbox and the producers on the others (bench.scenarios.pin_apart), ours and bare in
-#: turns (ours, bare / bare, ours / ...) for PIN_ROUNDS rounds; targets take the medians.
-PINNED = {"quick": [("threads", 16)], "full": [("threads", 16), ("threads", 64)]}
-PIN_ROUNDS = {"quick": 3, "full": 5}
+#: turns (ours, bare / bare, ours / ...) for PIN_ROUNDS rounds; targets take the medians of
+#: the rounds' ratios.
+PINNED = {"quick": [("threads", 16)], "full": [("threads", 16)]}
+PIN_ROUNDS = {"quick": 4, "full": 6}  # even: each kind runs first as often
 #: Scenarios also run at half of c/latency, for the latency of a fleet that is not saturated.
 HALF_LOAD = {
     "quick": [("threads", 16)],
@@ -228,7 +229,8 @@ def run(args: argparse.Namespace) -> int:
 def _failed(case: WorkerCase | ProducerCase | DurabilityCase, problem: str) -> Row:
     if isinstance(case, WorkerCase):
         return Row("workers", case.kind, case.pool, case.concurrency, case.workers,
-                   case.latency_ms, case.events, case.jobs, problems=[problem])  # fmt: skip
+                   case.latency_ms, case.events, case.jobs, problems=[problem],
+                   pinned=case.pinned, round=case.round)  # fmt: skip
     if isinstance(case, DurabilityCase):
         return Row("durability", "ours", case.pool, case.concurrency, jobs=case.jobs,
                    replicas=case.replicas, rate=case.rate, problems=[problem])  # fmt: skip

@@ -87,6 +87,7 @@ class Row:
     unconfirmed: int = 0  # writes Redis did not confirm in time: enqueues redone, jobs deferred
     pinned: bool = False  # the worker had a core of its own (WorkerCase.pinned)
     round: int = 0  # WorkerCase.round
+    switches_per_job: float | None = None  # the workers' voluntary context switches
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -159,11 +160,15 @@ def run_workers(stack: Stack, case: WorkerCase, tag: str) -> Row:
         rss = [peak_rss_mb(pid, group=True) for pid, _ in group]
         rss += [r["rss_mb"] for r in results if "rss_mb" in r]
     finally:
-        pin(shared, set(CORES))  # the stack outlives the case: give it every core again
-        stack.stop_children()
+        try:
+            pin(shared, set(CORES))  # the stack outlives the case: give it every core again
+        finally:
+            stack.stop_children()
     fids = [fid for i, n in enumerate(counts) for fid in foreign_ids(tag, i, n)]
     row = _worker_row(case, window, results, rss)
     row.pinned, row.round = case.pinned, case.round
+    if group:  # ceiling children are not watched (they exit before the window ends)
+        row.switches_per_job = window.switches["worker"] / case.jobs
     check_provider(stack, fids, row, bare=case.kind == "bare")
     if case.kind == "bare":
         row.seconds = end - min(r["first"] for r in results)
