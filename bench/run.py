@@ -58,6 +58,7 @@ EVENTS_OFF = {"quick": [("prefork", 2)], "full": [("prefork", 2), ("threads", 16
 #: the rounds' ratios.
 PINNED = {"quick": [("threads", 16)], "full": [("threads", 16)]}
 PIN_ROUNDS = {"quick": 4, "full": 6}  # even: each kind runs first as often
+PIN_SCALE = 3  # jobs per pinned run, times the scenario's: these runs decide a target
 #: Scenarios also run at half of c/latency, for the latency of a fleet that is not saturated.
 HALF_LOAD = {
     "quick": [("threads", 16)],
@@ -105,7 +106,8 @@ def worker_cases(plan: str, args: argparse.Namespace) -> list[WorkerCase]:
             if not latency and (pool, c) in PINNED[plan] and procs == 1 and len(CORES) > 1:
                 for n in range(PIN_ROUNDS[plan]):
                     turn = ("ours", "bare") if n % 2 == 0 else ("bare", "ours")
-                    cases += [WorkerCase(kind, pinned=True, round=n, **one) for kind in turn]
+                    pinned = one | {"jobs": jobs * PIN_SCALE, "pinned": True, "round": n}
+                    cases += [WorkerCase(kind, **pinned) for kind in turn]
             if latency and (pool, c) in HALF_LOAD[plan] and procs == args.workers:
                 cases.append(WorkerCase("ours", load=0.5, **one | {"jobs": jobs // 2}))
     return cases
