@@ -224,21 +224,15 @@ def knees(res: Results) -> dict[str, dict[str, Any]]:
     return out
 
 
-def targets(res: Results) -> list[tuple[str, bool | None, str]]:
+def targets(res: Results) -> list[tuple[str, bool, str]]:
     """(target, held, measured) for every target of the issue that this run measured.
 
-    A 0 ms case that also ran pinned is judged pinned (the worker on a core of its own, as on
-    a worker host), on the medians of its rounds' ratios (each ours run against the bare run of
-    its round). Its unpinned run (16 threads sharing two cores with Redis, the sandbox and the
-    producers) is shown with ``held`` None: measured, not judged.
+    A 0 ms case run pinned in rounds (the worker on a core of its own) is judged on the
+    medians of its rounds' ratios, each ours run against the bare run of its round, besides
+    its unpinned run (16 threads sharing the cores with Redis, the sandbox and the producers).
     """
-    out: list[tuple[str, bool | None, str]] = []
+    out: list[tuple[str, bool, str]] = []
     rounds: dict[str, list[tuple[float, float | None]]] = {}  # pinned: name -> per round
-    pinned = {  # unpinned twins of the pinned cases with at least one round measured
-        _key(replace(r, pinned=False, round=0))
-        for r in res.workers()
-        if r.pinned and r.kind == "ours" and not r.problems and res.ref(r, "bare")
-    }
     for row in res.workers():
         bare = res.ref(row, "bare")
         if row.kind != "ours" or bare is None:
@@ -249,7 +243,7 @@ def targets(res: Results) -> list[tuple[str, bool | None, str]]:
             if row.pinned:
                 rounds.setdefault(name, []).append(ratios)
             else:
-                out += _cost_targets(f"0 ms {name}", [ratios], judged=_key(row) not in pinned)
+                out += _cost_targets(f"0 ms {name}", [ratios])
         elif row.pool == "threads":
             ideal = _ideal(row) or 1.0
             if bare.jobs_per_s >= 0.9 * ideal:
@@ -257,7 +251,7 @@ def targets(res: Results) -> list[tuple[str, bool | None, str]]:
                 label = f"{row.latency_ms:g} ms {name}: jobs/s >= 0.9 x c/latency"
                 out.append((label, eff >= 0.9, f"{eff:.2f} (bare {bare.jobs_per_s / ideal:.2f})"))
     for name, runs in rounds.items():
-        out += _cost_targets(f"0 ms {name}, median of {len(runs)} rounds", runs, judged=True)
+        out += _cost_targets(f"0 ms {name}, median of {len(runs)} rounds", runs)
     for events in (False, True):
         mine, base = (
             res.producer("enqueue", events, "atomic"),
@@ -283,12 +277,10 @@ def _cpu_ratio(row: Row, bare: Row) -> float | None:
     return row.worker_cpu_ms / bare.worker_cpu_ms
 
 
-def _cost_targets(
-    name: str, runs: list[tuple[float, float | None]], *, judged: bool
-) -> list[tuple[str, bool | None, str]]:
+def _cost_targets(name: str, runs: list[tuple[float, float | None]]) -> list[tuple[str, bool, str]]:
     """The two 0 ms targets over ``runs`` of (throughput, CPU per job) ratios to bare Celery:
     their medians, and the range when there are several."""
-    out: list[tuple[str, bool | None, str]] = []
+    out: list[tuple[str, bool, str]] = []
     tput, cpu = [t for t, _ in runs], [c for _, c in runs if c is not None]
     for label, values, limit, at_least in (
         ("jobs/s >= 0.8 x bare", tput, 0.8, True),
@@ -297,8 +289,7 @@ def _cost_targets(
         if values:
             median = statistics.median(values)
             spread = f" ({min(values):.2f}-{max(values):.2f})" if len(values) > 1 else ""
-            ok = median >= limit if at_least else median <= limit
-            held = ok if judged else None
+            held = median >= limit if at_least else median <= limit
             out.append((f"{name}: {label}", held, f"{median:.2f}{spread}"))
     return out
 

@@ -54,8 +54,8 @@ MULTI = {
 EVENTS_OFF = {"quick": [("prefork", 2)], "full": [("prefork", 2), ("threads", 16)]}
 #: Scenarios (0 ms, one worker process) also run pinned: the worker alone on one core, Redis,
 #: the sandbox and the producers on the others (bench.scenarios.pin_apart), ours and bare in
-#: turns (ours, bare / bare, ours / ...) for PIN_ROUNDS rounds; targets take the medians of
-#: the rounds' ratios.
+#: turns (ours, bare / bare, ours / ...) for PIN_ROUNDS rounds; their targets are judged on the
+#: medians of the rounds' ratios (the unpinned run is judged too).
 PINNED = {"quick": [("threads", 16)], "full": [("threads", 16)]}
 PIN_ROUNDS = {"quick": 4, "full": 6}  # even: each kind runs first as often
 PIN_SCALE = 3  # jobs per pinned run, times the scenario's: these runs decide a target
@@ -224,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nwall time {meta['wall_seconds']} s; results in {args.out}, plot {args.plot}")
     if any(row.kind != "bare" for row, _ in problems):
         return 1
-    missed = [t for t in report.targets(res) if t[1] is False]
+    missed = [t for t in report.targets(res) if not t[1]]
     return 2 if args.strict and missed else 0
 
 
@@ -256,8 +256,7 @@ def _progress(n: int, total: int, row: Row, started: float) -> str:
 def _print_targets(res: report.Results) -> None:
     print("\ntargets:")
     for target, held, measured in report.targets(res):
-        verdict = "shown" if held is None else "held" if held else "MISSED"
-        print(f"  {verdict:6}  {target}: {measured}")
+        print(f"  {'held' if held else 'MISSED':6}  {target}: {measured}")
     for pool, info in report.knees(res).items():
         print(
             f"  knee    {pool} at {SLOW_MS:g} ms: c/latency up to -c {info['linear_up_to']}, "
