@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,11 +33,16 @@ def group_pids(pgid: int) -> list[int]:
     return pids
 
 
+def _members(pid: int, group: bool) -> list[int]:
+    """``pid`` alone, or every live process of its process group."""
+    return group_pids(pid) if group else [pid]
+
+
 def cpu_seconds(pid: int, *, group: bool = False) -> float:
     """User + system CPU of ``pid`` (with ``group``: of its whole process group, including
     children that already exited and were reaped by the leader)."""
     total = 0
-    for member in group_pids(pid) if group else [pid]:
+    for member in _members(pid, group):
         fields = _stat_fields(member)
         if fields is None:
             continue
@@ -73,7 +78,7 @@ def voluntary_switches(pid: int, *, group: bool = False) -> int:
     """Voluntary context switches so far of every live thread of ``pid`` (with ``group``: of
     its process group): a thread's sleeps on I/O, locks and the GIL."""
     total = 0
-    for member in group_pids(pid) if group else [pid]:
+    for member in _members(pid, group):
         for tid in _threads(member):
             try:
                 status = (PROC / str(member) / "task" / str(tid) / "status").read_text()
@@ -88,7 +93,7 @@ def voluntary_switches(pid: int, *, group: bool = False) -> int:
 def peak_rss_mb(pid: int, *, group: bool = False) -> float:
     """Sum of VmHWM (peak resident set) over ``pid`` or its process group, in MiB."""
     total_kb = 0
-    for member in group_pids(pid) if group else [pid]:
+    for member in _members(pid, group):
         try:
             status = (PROC / str(member) / "status").read_text()
         except (FileNotFoundError, ProcessLookupError):
@@ -114,8 +119,8 @@ class CpuWindow:
     for workers, whose pool threads live as long as they do)."""
 
     pids: dict[str, list[tuple[int, bool]]]  # name -> [(pid, whole group?)]
-    start_switches: dict[str, int] = field(default_factory=dict)
-    switches: dict[str, int] = field(default_factory=dict)
+    start_switches: dict[str, float] = field(default_factory=dict)
+    switches: dict[str, float] = field(default_factory=dict)
     start_cpu: dict[str, float] | None = None
     start_machine: tuple[int, int] | None = None
     cpu: dict[str, float] | None = None
@@ -123,29 +128,24 @@ class CpuWindow:
     busy_seconds: float = 0.0  # CPU seconds used on the whole machine
     wall_seconds: float = 0.0
 
-    def _read(self) -> dict[str, float]:
+    def _sum(self, reading: Callable[..., float]) -> dict[str, float]:
+        """``reading(pid, group=...)`` summed over each name's processes."""
         return {
-            name: sum(cpu_seconds(pid, group=group) for pid, group in members)
-            for name, members in self.pids.items()
-        }
-
-    def _switches(self) -> dict[str, int]:
-        return {
-            name: sum(voluntary_switches(pid, group=group) for pid, group in members)
+            name: sum(reading(pid, group=group) for pid, group in members)
             for name, members in self.pids.items()
         }
 
     def start(self) -> None:
-        self.start_switches = self._switches()
-        self.start_cpu, self.start_machine = self._read(), machine_ticks()
+        self.start_switches = self._sum(voluntary_switches)
+        self.start_cpu, self.start_machine = self._sum(cpu_seconds), machine_ticks()
         self.start_cpu["bench"] = cpu_seconds(os.getpid())
 
     def stop(self) -> None:
         assert self.start_cpu is not None
         assert self.start_machine is not None
-        end = self._read()
+        end = self._sum(cpu_seconds)
         self.cpu = {name: end[name] - self.start_cpu[name] for name in end}
-        switches = self._switches()
+        switches = self._sum(voluntary_switches)
         self.switches = {name: switches[name] - self.start_switches[name] for name in switches}
         busy, total = machine_ticks()
         span = total - self.start_machine[1]

@@ -44,8 +44,13 @@ def _num(value: float | None, digits: int = 0) -> str:
     return f"{value:,.{digits}f}"
 
 
+def _quotient(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
 def _ratio(a: float | None, b: float | None) -> str:
-    return f"{a / b:.2f}" if a and b else "-"
+    q = _quotient(a, b)
+    return "-" if q is None else f"{q:.2f}"
 
 
 class Results:
@@ -239,7 +244,10 @@ def targets(res: Results) -> list[tuple[str, bool, str]]:
             continue
         name = f"{_pool(row)} -c {row.concurrency}, events {'on' if row.events else 'off'}"
         if not row.latency_ms:
-            ratios = (row.jobs_per_s / bare.jobs_per_s, _cpu_ratio(row, bare))
+            ratios = (
+                row.jobs_per_s / bare.jobs_per_s,
+                _quotient(row.worker_cpu_ms, bare.worker_cpu_ms),
+            )
             if row.pinned:
                 rounds.setdefault(name, []).append(ratios)
             else:
@@ -269,12 +277,6 @@ def targets(res: Results) -> list[tuple[str, bool, str]]:
                 ("enqueue_many >= 10,000 jobs/s", row.jobs_per_s >= 10_000, _num(row.jobs_per_s))
             )
     return out
-
-
-def _cpu_ratio(row: Row, bare: Row) -> float | None:
-    if not row.worker_cpu_ms or not bare.worker_cpu_ms:
-        return None
-    return row.worker_cpu_ms / bare.worker_cpu_ms
 
 
 def _cost_targets(name: str, runs: list[tuple[float, float | None]]) -> list[tuple[str, bool, str]]:
@@ -335,17 +337,16 @@ POOL_COLOUR = {"prefork": "tab:green", "threads": "tab:blue", "gevent": "tab:ora
 
 
 def _bars(ax: Any, rows: list[Row]) -> None:
-    configs = sorted(
-        {(r.pool, r.concurrency, r.processes, r.events, r.pinned) for r in rows},
-        key=lambda k: (k[2], k[0], k[1], k[4], not k[3]),
-    )
+    def config(r: Row) -> tuple[str, int, int, bool, bool]:
+        return (r.pool, r.concurrency, r.processes, r.events, r.pinned)
+
+    configs = sorted({config(r) for r in rows}, key=lambda k: (k[2], k[0], k[1], k[4], not k[3]))
     width = 0.8 / len(KIND_STYLE)
     for i, kind in enumerate(KIND_STYLE):
         by: dict[tuple[str, int, int, bool, bool], list[float]] = {}
         for r in rows:
             if r.kind == kind:
-                key = (r.pool, r.concurrency, r.processes, r.events, r.pinned)
-                by.setdefault(key, []).append(r.jobs_per_s)
+                by.setdefault(config(r), []).append(r.jobs_per_s)
         heights = [statistics.median(by[k]) if k in by else 0 for k in configs]  # pinned: rounds
         xs = [n + (i - 1) * width for n in range(len(configs))]
         ax.bar(xs, heights, width, label=kind, color=KIND_COLOUR[kind])
