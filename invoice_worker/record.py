@@ -4,7 +4,7 @@ report, parsed from the Redis hash in one place."""
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -12,14 +12,20 @@ from typing import Any
 from invoice_worker.constants import Cleanup, InvoiceStatus, JobState
 
 
-def _opt_int(raw: Mapping[str, str], key: str) -> int | None:
-    value = raw.get(key)
-    return int(value) if value not in (None, "") else None
+def _opt_int(value: str) -> int | None:
+    return int(value) if value else None
 
 
-def _opt_float(raw: Mapping[str, str], key: str) -> float | None:
-    value = raw.get(key)
-    return float(value) if value not in (None, "") else None
+def _opt_float(value: str) -> float | None:
+    return float(value) if value else None
+
+
+def _count(value: str) -> int:
+    return int(value or 0)
+
+
+def _flag(value: str) -> bool:
+    return value == "1"
 
 
 def _status(value: str | None) -> InvoiceStatus | None:
@@ -126,54 +132,21 @@ class JobRecord:
 
     @classmethod
     def from_redis(cls, raw: Mapping[str, str]) -> JobRecord:
-        """Build the record from a Redis hash (strings); unknown fields are ignored."""
-        errors = raw.get("errors")
-        transactions = _by_number(raw.get("transactions"))
-        return cls(
-            foreign_id=raw.get("foreign_id", ""),
-            state=JobState(raw["state"]),
-            task_id=raw.get("task_id", ""),
-            attempts=int(raw.get("attempts") or 0),
-            created_at=_opt_float(raw, "created_at"),
-            updated_at=_opt_float(raw, "updated_at"),
-            deadline=_opt_float(raw, "deadline"),
-            callback_task=raw.get("callback_task"),
-            callback_queue=raw.get("callback_queue"),
-            status_task=raw.get("status_task"),
-            status_queue=raw.get("status_queue"),
-            provider_foreign_id=raw.get("provider_foreign_id"),
-            generation=int(raw.get("generation") or 0),
-            invoice_id=_opt_int(raw, "invoice_id"),
-            url=raw.get("url"),
-            address=raw.get("address"),
-            status=raw.get("status"),
-            amount=raw.get("amount"),
-            currency=raw.get("currency"),
-            fixed_at=_opt_int(raw, "fixed_at"),
-            release_at=_opt_int(raw, "release_at"),
-            invoice_status=_status(raw.get("invoice_status") or raw.get("status")),
-            invoice_error=raw.get("invoice_error") or None,
-            status_at=_opt_float(raw, "status_at"),
-            sent_amount=raw.get("sent_amount"),
-            sent_currency=raw.get("sent_currency"),
-            received_amount=raw.get("received_amount"),
-            received_currency=raw.get("received_currency"),
-            transactions=transactions,
-            paid=paid_amount(transactions),
-            history=_by_number(raw.get("history")),
-            error_code=raw.get("error_code"),
-            error=raw.get("error"),
-            http_status=_opt_int(raw, "http_status"),
-            errors=json.loads(errors) if errors else {},
-            last_error=raw.get("last_error"),
-            last_error_code=raw.get("last_error_code"),
-            next_attempt_at=_opt_float(raw, "next_attempt_at"),
-            deferred=raw.get("deferred"),
-            ambiguous=raw.get("ambiguous") == "1",
-            orphan=Cleanup(raw["orphan"]) if raw.get("orphan") else None,
-            crashes=int(raw.get("crashes") or 0),
-            callback_sent=raw.get("callback_sent") == "1",
-        )
+        """Build the record from a Redis hash (strings); unknown fields are ignored.
+
+        Only the fields present are converted (``_PARSE``), the rest keep their defaults: a
+        claim's reply holds eight fields, a whole record about thirty of fifty.
+        """
+        values: dict[str, Any] = {"foreign_id": ""}
+        for key, value in raw.items():
+            if key in _PARSE:
+                parse = _PARSE[key]
+                values[key] = value if parse is None else parse(value)
+        values["state"] = JobState(raw["state"])
+        values["invoice_status"] = _status(raw.get("invoice_status") or raw.get("status"))
+        if "transactions" in values:
+            values["paid"] = paid_amount(values["transactions"])
+        return cls(**values)
 
     @property
     def final(self) -> bool:
@@ -185,3 +158,34 @@ class JobRecord:
         return {
             k: v for k, v in asdict(self).items() if v is not None and v != {} and v != []
         }  # fmt: skip
+
+
+def _errors(value: str) -> dict[str, str]:
+    return json.loads(value) if value else {}
+
+
+def _orphan(value: str) -> Cleanup | None:
+    return Cleanup(value) if value else None
+
+
+#: How each field of the hash becomes the record's (None: the text as it is). ``state``,
+#: ``invoice_status`` and ``paid`` are built from the others in ``from_redis``.
+_PARSE: dict[str, Callable[[str], Any] | None] = {
+    **dict.fromkeys((
+        "foreign_id", "task_id", "callback_task", "callback_queue", "status_task",
+        "status_queue", "provider_foreign_id", "url", "address", "status", "amount", "currency",
+        "sent_amount", "sent_currency", "received_amount", "received_currency", "error_code",
+        "error", "last_error", "last_error_code", "deferred",
+    )),
+    **dict.fromkeys(("attempts", "generation", "crashes"), _count),
+    **dict.fromkeys(
+        ("created_at", "updated_at", "deadline", "status_at", "next_attempt_at"), _opt_float
+    ),
+    **dict.fromkeys(("invoice_id", "fixed_at", "release_at", "http_status"), _opt_int),
+    **dict.fromkeys(("ambiguous", "callback_sent"), _flag),
+    "invoice_error": lambda value: value or None,
+    "transactions": _by_number,
+    "history": _by_number,
+    "errors": _errors,
+    "orphan": _orphan,
+}  # fmt: skip

@@ -170,15 +170,13 @@ class JobStore(Keys):
         """Try to take the job for a lease (creating the record if none exists), through the
         fleet gate unless ``gated`` is False (no provider call will follow): a 429 pause, an
         open circuit or the rate limit then defer it without using an attempt. ``kwargs``
-        (JSON) is kept to send the job again should its message be lost."""
-        args = ClaimArgs(
-            owner,
-            fingerprint,
-            int(gated),
-            self.member(foreign_id),
-            kwargs,
-            fields_json({"foreign_id": foreign_id, **fields}),
-        )
+        (JSON) is kept to send the job again should its message be lost. ``fields`` are
+        written only with a record created here, which a gated claim without ``kwargs`` never
+        does (it answers ``missing``): nearly every claim, so those skip their JSON."""
+        creates = bool(kwargs) or not gated
+        new_fields = fields_json({"foreign_id": foreign_id, **fields}) if creates else "{}"
+        member = self.member(foreign_id)
+        args = ClaimArgs(owner, fingerprint, int(gated), member, kwargs, new_fields)
         keys = [self.key(foreign_id), self.provider, self.stats, self.due, self.copy(foreign_id)]
         if self.barrier is None:
             reply, durable = self._claim(keys=keys, args=argv(args)), True

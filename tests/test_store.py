@@ -238,6 +238,29 @@ def test_scripts_are_loaded_again_where_redis_lost_them(
     assert moved.record.state is JobState.FAILED
 
 
+def test_a_store_on_a_single_connection_client_uses_that_connection(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """scripts.Lua takes pooled connections itself; a client that holds one connection
+    (``single_connection_client``) keeps redis-py's own path: that connection, and its lock."""
+    name = f"single-{new_id()}"
+    client = redis.Redis.from_url(
+        settings.state_url, single_connection_client=True, decode_responses=True,
+        client_name=name,
+    )  # fmt: skip
+    try:
+        store = JobStore(client, settings)
+        fid = new_id()
+        assert claim(store, fid, "w1").status == "claimed"
+        moved = store.finish(fid, "w1", JobState.FAILED, {"error_code": "x", "attempts": 1})
+        assert moved is not None
+        assert moved.record is not None
+        assert moved.record.state is JobState.FAILED
+        assert [c["name"] for c in redis_client.client_list()].count(name) == 1
+    finally:
+        client.close()
+
+
 def test_renew_keeps_lease(store: JobStore) -> None:
     fid = new_id()
     claim(store, fid, "w1", lease=0.2)
