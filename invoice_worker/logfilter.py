@@ -31,6 +31,8 @@ from celery.worker.consumer.consumer import (
     UNKNOWN_TASK_ERROR,
 )
 
+from invoice_worker.privacy import escape_controls
+
 #: Loggers whose lines carry message data (celery 5.7.0, kombu 5.7.0).
 LOGGERS = (
     "celery.worker.consumer.consumer",
@@ -48,21 +50,11 @@ DUMPS = frozenset({UNKNOWN_TASK_ERROR, INVALID_TASK_ERROR, MESSAGE_DECODE_ERROR,
 ETA_ERROR = "Couldn't convert ETA %r to timestamp: %r. Task: %r"
 RESTORE_ERROR = "Could not restore message: %r"
 
-# C0, DEL, C1 and the Unicode line breaks: everything a terminal or a log shipper may treat as
-# the end of a line or as a command.
-_CONTROL = [*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029]
-_ESCAPES = {code: f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" for code in _CONTROL}
-
-
-def escape(text: str) -> str:
-    """Return ``text`` with control characters written as ``\\xNN`` (one line, always)."""
-    return text.translate(_ESCAPES)
-
 
 def field(value: Any) -> str:
     """A value taken from a message, as one bounded, escaped piece of a line."""
     text = value if isinstance(value, str) else repr(value)
-    return escape(text[:FIELD_LIMIT] + ("..." if len(text) > FIELD_LIMIT else ""))
+    return escape_controls(text[:FIELD_LIMIT] + ("..." if len(text) > FIELD_LIMIT else ""))
 
 
 class CeleryLogFilter(logging.Filter):
@@ -120,10 +112,10 @@ class _Escaped:
         self.value = value
 
     def __str__(self) -> str:
-        return escape(str(self.value))
+        return escape_controls(str(self.value))
 
     def __repr__(self) -> str:
-        return escape(repr(self.value))
+        return escape_controls(repr(self.value))
 
 
 def _escaped(args: Any) -> Any:
@@ -135,8 +127,12 @@ def _escaped(args: Any) -> Any:
 
 
 def _wrap(value: object) -> object:
-    # Numbers stay numbers: a template may format them with %d or %.2f.
+    # Numbers stay numbers: a template may format them with %d or %.2f. A printable str has
+    # no control character (they are all Unicode "Other" or "Separator", which isprintable
+    # refuses), nor has its repr: most of Celery's arguments, left as they are.
     if value is None or isinstance(value, int | float | _Escaped):
+        return value
+    if type(value) is str and value.isprintable():
         return value
     return _Escaped(value)
 
@@ -163,7 +159,7 @@ def _traceback(exc_info: _ExcInfo) -> str:
             message = str(exc)
         except Exception:  # a broken __str__ is printed by traceback as <exception str() failed>
             message = ""
-        if message and escape(message) != message:
-            text = text.replace(message, escape(message))
+        if message and escape_controls(message) != message:
+            text = text.replace(message, escape_controls(message))
         exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
     return text

@@ -15,7 +15,8 @@ from celery.worker.consumer.consumer import (
 )
 
 from invoice_worker import logfilter
-from invoice_worker.logfilter import HIDDEN, LOGGERS, CeleryLogFilter, escape
+from invoice_worker.logfilter import HIDDEN, LOGGERS, CeleryLogFilter
+from invoice_worker.privacy import escape_controls as escape
 
 BUYER = "buyer@example.com"
 FORGED = "[2030-01-01 00:00:00,000: INFO/MainProcess] forged"
@@ -53,6 +54,34 @@ def test_escape() -> None:
     assert (
         escape("a\nb\r\x00\x1b[31m\x7f\x85\u2028é")
         == "a\\x0ab\\x0d\\x00\\x1b[31m\\x7f\\x85\\u2028é"
+    )
+
+
+CONTROLS = [*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029]
+
+
+@pytest.mark.parametrize("template", ["%s", "%r"])
+def test_every_control_character_in_an_argument_is_escaped(
+    filtered: pytest.LogCaptureFixture, template: str
+) -> None:
+    # Printable text is left unwrapped (str.isprintable): none of these may pass as printable,
+    # in a tuple argument or in a context dict, formatted with %s or with %r.
+    log = logging.getLogger("celery.app.trace")
+    for code in CONTROLS:
+        value = f"t-{chr(code)}x"
+        log.info(f"Task {template} done", value)
+        log.info(f"Task %(id){template[1]} done", {"id": value})
+    for record in filtered.records:
+        message = record.getMessage()
+        assert not any(chr(code) in message for code in CONTROLS), repr(message)
+    assert len(filtered.records) == 2 * len(CONTROLS)
+
+
+def test_printable_text_is_formatted_as_is(filtered: pytest.LogCaptureFixture) -> None:
+    log = logging.getLogger("celery.app.trace")
+    log.info("Task %s[%s] succeeded: %r", "invoices.create", "t-1 é ✓", "created https://x/é")
+    assert filtered.records[0].getMessage() == (
+        "Task invoices.create[t-1 é ✓] succeeded: 'created https://x/é'"
     )
 
 
