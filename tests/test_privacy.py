@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from invoice_worker import privacy
 from invoice_worker.privacy import (
     MASK,
     REPR_LIMIT,
@@ -95,6 +96,15 @@ def test_escape_controls_c0_del_c1_and_unicode_line_breaks() -> None:
         )
     assert escape_controls("line\r\nFORGED") == "line\\x0d\\x0aFORGED"
     assert escape_controls("\x1b[31mred") == "\\x1b[31mred"
+
+
+def test_escape_controls_agrees_with_the_table_on_every_code_point() -> None:
+    # The fast path (printable text returned as is) must never skip a character the table
+    # escapes: checked on all of Unicode, alone and inside text.
+    for cp in range(0x110000):
+        ch = chr(cp)
+        assert escape_controls(ch) == ch.translate(privacy._CONTROLS), hex(cp)
+        assert escape_controls(f"ok {ch}") == f"ok {ch}".translate(privacy._CONTROLS), hex(cp)
 
 
 def test_escape_controls_keeps_printable_text() -> None:
