@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import traceback
+from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
@@ -121,7 +122,7 @@ class _Escaped:
 def _escaped(args: Any) -> Any:
     if isinstance(args, tuple):
         return tuple(_wrap(a) for a in args)
-    if isinstance(args, dict):
+    if isinstance(args, Mapping):  # logging takes a lone mapping argument as the args
         return {k: HIDDEN if k in ("args", "kwargs") else _wrap(v) for k, v in args.items()}
     return args
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from types import MappingProxyType
 
 import pytest
 from celery.app.trace import LOG_FAILURE, LOG_RECEIVED
@@ -73,16 +74,29 @@ def test_every_control_character_in_an_argument_is_escaped(
         log.info(f"Task %(id){template[1]} done", {"id": value})
     for record in filtered.records:
         message = record.getMessage()
+        assert message.startswith(("Task t-\\", "Task 't-\\")), message  # escaped, not withheld
         assert not any(chr(code) in message for code in CONTROLS), repr(message)
     assert len(filtered.records) == 2 * len(CONTROLS)
 
 
+def test_a_mapping_argument_that_is_not_a_dict_is_escaped(
+    filtered: pytest.LogCaptureFixture,
+) -> None:
+    # logging takes a lone Mapping argument as the format's mapping, whatever its type
+    context = MappingProxyType({"id": f"t-1\n{FORGED}", "kwargs": BUYER})
+    logging.getLogger("celery.app.trace").info("Task %(id)s done %(kwargs)s", context)
+    assert filtered.records[0].getMessage() == f"Task t-1\\x0a{FORGED} done {HIDDEN}"
+    assert_one_line_each(filtered)
+
+
 def test_printable_text_is_formatted_as_is(filtered: pytest.LogCaptureFixture) -> None:
     log = logging.getLogger("celery.app.trace")
-    log.info("Task %s[%s] succeeded: %r", "invoices.create", "t-1 é ✓", "created https://x/é")
-    assert filtered.records[0].getMessage() == (
-        "Task invoices.create[t-1 é ✓] succeeded: 'created https://x/é'"
-    )
+    args = ("invoices.create", "t-1 é ✓", "created https://x/é")
+    log.info("Task %s[%s] succeeded: %r", *args)
+    [record] = filtered.records
+    assert record.getMessage() == "Task invoices.create[t-1 é ✓] succeeded: 'created https://x/é'"
+    assert isinstance(record.args, tuple)
+    assert all(a is b for a, b in zip(record.args, args, strict=True))  # left unwrapped
 
 
 def test_celery_body_dumps_dropped(filtered: pytest.LogCaptureFixture) -> None:
