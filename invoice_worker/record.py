@@ -28,6 +28,14 @@ def _flag(value: str) -> bool:
     return value == "1"
 
 
+def _errors(value: str) -> dict[str, str]:
+    return json.loads(value) if value else {}
+
+
+def _orphan(value: str) -> Cleanup | None:
+    return Cleanup(value) if value else None
+
+
 def _status(value: str | None) -> InvoiceStatus | None:
     # The create answer's status is the provider's text: one we do not know is no status.
     try:
@@ -158,14 +166,6 @@ class JobRecord:
         return {
             k: v for k, v in asdict(self).items() if v is not None and v != {} and v != []
         }  # fmt: skip
-
-
-def _errors(value: str) -> dict[str, str]:
-    return json.loads(value) if value else {}
-
-
-def _orphan(value: str) -> Cleanup | None:
-    return Cleanup(value) if value else None
 
 
 #: How each field of the hash becomes the record's (None: the text as it is). ``state``,
