@@ -74,34 +74,32 @@ def _threads(pid: int) -> list[int]:
         return []
 
 
+def _status_number(status: Path, key: str) -> int:
+    """The number after ``key:`` in a /proc ``status`` file (0 when it or the process is gone)."""
+    try:
+        text = status.read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0
+    for line in text.splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1])
+    return 0
+
+
 def voluntary_switches(pid: int, *, group: bool = False) -> int:
     """Voluntary context switches so far of every live thread of ``pid`` (with ``group``: of
     its process group): a thread's sleeps on I/O, locks and the GIL."""
-    total = 0
-    for member in _members(pid, group):
-        for tid in _threads(member):
-            try:
-                status = (PROC / str(member) / "task" / str(tid) / "status").read_text()
-            except (FileNotFoundError, ProcessLookupError):
-                continue
-            for line in status.splitlines():
-                if line.startswith("voluntary_ctxt_switches:"):
-                    total += int(line.split()[1])
-    return total
+    return sum(
+        _status_number(PROC / str(member) / "task" / str(tid) / "status", "voluntary_ctxt_switches")
+        for member in _members(pid, group)
+        for tid in _threads(member)
+    )
 
 
 def peak_rss_mb(pid: int, *, group: bool = False) -> float:
     """Sum of VmHWM (peak resident set) over ``pid`` or its process group, in MiB."""
-    total_kb = 0
-    for member in _members(pid, group):
-        try:
-            status = (PROC / str(member) / "status").read_text()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        for line in status.splitlines():
-            if line.startswith("VmHWM:"):
-                total_kb += int(line.split()[1])
-    return total_kb / 1024
+    kb = sum(_status_number(PROC / str(m) / "status", "VmHWM") for m in _members(pid, group))
+    return kb / 1024
 
 
 def machine_ticks() -> tuple[int, int]:
