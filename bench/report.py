@@ -10,16 +10,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from bench import plot
 from bench.scenarios import Row
 
 Key = tuple[str, int, int, float, bool, bool, int]
 
 
 def _key(row: Row) -> Key:
-    return (
-        row.pool, row.concurrency, row.processes, row.latency_ms, row.events, row.pinned,
-        row.round,
-    )  # fmt: skip
+    return (*row.config, row.round)
 
 
 def _ideal(row: Row) -> float | None:
@@ -33,9 +31,9 @@ def _pool(row: Row) -> str:
     return f"{pool} pinned" if row.pinned else pool
 
 
-def _pool_cell(row: Row) -> str:
-    """The table's pool column: which round, for a pinned case run in rounds."""
-    return f"{_pool(row)} #{row.round + 1}" if row.pinned else _pool(row)
+def _pool_cell(res: Results, row: Row) -> str:
+    """The table's pool column: which round, for a case run in rounds."""
+    return f"{_pool(row)} #{row.round + 1}" if row.config in res.in_rounds else _pool(row)
 
 
 def _num(value: float | None, digits: int = 0) -> str:
@@ -61,6 +59,7 @@ class Results:
         self.by: dict[tuple[str, Key], Row] = {
             (r.kind, _key(r)): r for r in rows if r.group == "workers"
         }
+        self.in_rounds = {r.config for r in rows if r.group == "workers" and r.round}
 
     def ref(self, row: Row, kind: str) -> Row | None:
         """The reference run of ``kind`` for ``row``'s configuration, if it finished."""
@@ -109,7 +108,7 @@ def worker_cells(res: Results, row: Row) -> list[str]:
     ideal = _ideal(row)
     mine = row.kind == "ours"
     return [
-        f"{row.latency_ms:g} ms", _pool_cell(row), str(row.concurrency),
+        f"{row.latency_ms:g} ms", _pool_cell(res, row), str(row.concurrency),
         "on" if row.events else "off",
         row.kind, str(row.jobs), _num(row.jobs_per_s), _num(ideal),
         _ratio(row.jobs_per_s, bare.jobs_per_s) if mine and bare else "",
@@ -232,12 +231,12 @@ def knees(res: Results) -> dict[str, dict[str, Any]]:
 def targets(res: Results) -> list[tuple[str, bool, str]]:
     """(target, held, measured) for every target of the issue that this run measured.
 
-    A 0 ms case run pinned in rounds (the worker on a core of its own) is judged on the
-    medians of its rounds' ratios, each ours run against the bare run of its round, besides
-    its unpinned run (16 threads sharing the cores with Redis, the sandbox and the producers).
+    A 0 ms case run in rounds (``bench.run.IN_ROUNDS``) is judged on the medians of its
+    rounds' ratios, each ours run against the bare run of its round.
     """
     out: list[tuple[str, bool, str]] = []
-    rounds: dict[str, list[tuple[float, float | None]]] = {}  # pinned: name -> per round
+    slow: list[tuple[str, bool, str]] = []
+    rounds: dict[str, list[tuple[float, float | None]]] = {}  # 0 ms: name -> ratios per round
     for row in res.workers():
         bare = res.ref(row, "bare")
         if row.kind != "ours" or bare is None:
@@ -248,18 +247,17 @@ def targets(res: Results) -> list[tuple[str, bool, str]]:
                 row.jobs_per_s / bare.jobs_per_s,
                 _quotient(row.worker_cpu_ms, bare.worker_cpu_ms),
             )
-            if row.pinned:
-                rounds.setdefault(name, []).append(ratios)
-            else:
-                out += _cost_targets(f"0 ms {name}", [ratios])
+            rounds.setdefault(name, []).append(ratios)
         elif row.pool == "threads":
             ideal = _ideal(row) or 1.0
             if bare.jobs_per_s >= 0.9 * ideal:
                 eff = row.jobs_per_s / ideal
                 label = f"{row.latency_ms:g} ms {name}: jobs/s >= 0.9 x c/latency"
-                out.append((label, eff >= 0.9, f"{eff:.2f} (bare {bare.jobs_per_s / ideal:.2f})"))
+                slow.append((label, eff >= 0.9, f"{eff:.2f} (bare {bare.jobs_per_s / ideal:.2f})"))
     for name, runs in rounds.items():
-        out += _cost_targets(f"0 ms {name}, median of {len(runs)} rounds", runs)
+        of = f", median of {len(runs)} rounds" if len(runs) > 1 else ""
+        out += _cost_targets(f"0 ms {name}{of}", runs)
+    out += slow
     for events in (False, True):
         mine, base = (
             res.producer("enqueue", events, "atomic"),
@@ -308,89 +306,6 @@ def write_json(path: Path, meta: dict[str, Any], res: Results) -> None:
     path.write_text(json.dumps(data, indent=1) + "\n")
 
 
-def plot(path: Path, res: Results, title: str) -> None:
-    """Left: jobs/s at a 0 ms provider per configuration (ours, bare Celery, ceiling).
-    Right: jobs/s vs concurrency at the slow provider per pool, with the c/latency line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in res.workers() if not r.problems]  # a failed run has no throughput
-    if not rows:
-        return
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5), width_ratios=(1, 1.3))
-    _bars(left, [r for r in rows if not r.latency_ms])
-    slow = [r for r in rows if r.latency_ms]
-    if slow:
-        _lines(right, slow, slow[0].latency_ms)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-KIND_STYLE = {"ours": "-o", "bare": "--s", "ceiling": ":^"}
-KIND_COLOUR = {"ours": "tab:blue", "bare": "tab:gray", "ceiling": "tab:green"}
-POOL_COLOUR = {"prefork": "tab:green", "threads": "tab:blue", "gevent": "tab:orange"}
-
-
-def _bars(ax: Any, rows: list[Row]) -> None:
-    def config(r: Row) -> tuple[str, int, int, bool, bool]:
-        return (r.pool, r.concurrency, r.processes, r.events, r.pinned)
-
-    configs = sorted({config(r) for r in rows}, key=lambda k: (k[2], k[0], k[1], k[4], not k[3]))
-    width = 0.8 / len(KIND_STYLE)
-    for i, kind in enumerate(KIND_STYLE):
-        by: dict[tuple[str, int, int, bool, bool], list[float]] = {}
-        for r in rows:
-            if r.kind == kind:
-                by.setdefault(config(r), []).append(r.jobs_per_s)
-        heights = [statistics.median(by[k]) if k in by else 0 for k in configs]  # pinned: rounds
-        xs = [n + (i - 1) * width for n in range(len(configs))]
-        ax.bar(xs, heights, width, label=kind, color=KIND_COLOUR[kind])
-    labels = [
-        f"{p}{f' x{n}' if n > 1 else ''} -c {c}{'' if ev else ', events off'}"
-        f"{', pinned' if pin else ''}"
-        for p, c, n, ev, pin in configs
-    ]
-    ax.set_xticks(range(len(configs)), labels, fontsize=7, rotation=35, ha="right")
-    ax.set_ylabel("jobs/s")
-    ax.set_title("provider latency 0 ms: cost per job (CPU-bound)")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
-
-
-def _lines(ax: Any, rows: list[Row], latency: float) -> None:
-    series = sorted({(r.pool, r.processes) for r in rows}, key=lambda s: (s[1], s[0]))
-    for pool, procs in series:
-        colour = POOL_COLOUR[pool] if procs == 1 else "tab:purple"
-        for kind, style in KIND_STYLE.items():
-            points = sorted(
-                (r.concurrency, r.jobs_per_s)
-                for r in rows
-                if (r.pool, r.processes, r.kind, r.events) == (pool, procs, kind, True)
-            )
-            if points:
-                xs, ys = zip(*points, strict=True)
-                name = pool if procs == 1 else f"{pool} x{procs} processes"
-                ax.plot(xs, ys, style, color=colour, label=f"{name} {kind}", alpha=0.9)
-    cs = sorted({r.concurrency for r in rows})
-    ax.plot(cs, [c / (latency / 1000) for c in cs], "k-", lw=0.8, label="c / latency (1 process)")
-    multi = sorted({(r.concurrency, r.processes) for r in rows if r.processes > 1})
-    if multi:
-        ideal = [c * n / (latency / 1000) for c, n in multi]
-        ax.plot([c for c, _ in multi], ideal, "kx", label="c x processes / latency")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(cs, [str(c) for c in cs])
-    ax.set_xlabel("concurrency per worker process (prefork: pool processes)")
-    ax.set_ylabel("jobs/s")
-    ax.set_title(f"provider latency {latency:g} ms: concurrency (I/O-bound)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-
-
 def load(path: Path) -> tuple[dict[str, Any], Results]:
     """Read a results file written by write_json."""
     data = json.loads(path.read_text())
@@ -409,18 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     meta, res = load(args.results)
     print(tables(res, markdown_table if args.markdown else text_table))
     if args.plot:
-        plot(args.plot, res, title(meta))
+        plot.draw(args.plot, res.workers(), plot.title(meta))
     return 0
-
-
-def title(meta: dict[str, Any]) -> str:
-    """The plot's title: what ran, where."""
-    commit = f" @ {meta['commit'][:7]}" if meta.get("commit") else ""
-    commit += "+dirty" if meta.get("dirty") else ""
-    return (
-        f"invoice-worker{commit}, {meta['cores']} cores, Python {meta['python']}, "
-        f"Celery {meta['celery_version']} ({meta['plan']} plan)"
-    )
 
 
 if __name__ == "__main__":

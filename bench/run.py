@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import report
+from bench import plot, report
 from bench.durability import DurabilityCase, run_durability
 from bench.measure import machine_ticks
 from bench.scenarios import CORES, ProducerCase, Row, WorkerCase, run_producer, run_workers
@@ -52,13 +52,15 @@ MULTI = {
 }
 #: Scenarios also run with task events off (the bare-Celery orientation numbers had both).
 EVENTS_OFF = {"quick": [("prefork", 2)], "full": [("prefork", 2), ("threads", 16)]}
-#: Scenarios (0 ms, one worker process) also run pinned: the worker alone on one core, Redis,
-#: the sandbox and the producers on the others (bench.scenarios.pin_apart), ours and bare in
-#: turns (ours, bare / bare, ours / ...) for PIN_ROUNDS rounds; their targets are judged on the
-#: medians of the rounds' ratios (the unpinned run is judged too).
-PINNED = {"quick": [("threads", 16)], "full": [("threads", 16)]}
-PIN_ROUNDS = {"quick": 4, "full": 6}  # even: each kind runs first as often
-PIN_SCALE = 3  # jobs per pinned run, times the scenario's: these runs decide a target
+#: Scenarios (0 ms, one worker process) that decide a target, so they run in ROUNDS rounds,
+#: ours and bare in turns (ours, bare / bare, ours / ...), and are judged on the medians of the
+#: rounds' ratios, each ours run against the bare run of its round: one run of a few seconds
+#: moves by several percent with the host. They run twice so: as configured (the worker's 16
+#: threads sharing both cores with Redis, the sandbox and the producers), and pinned: the worker
+#: alone on one core, the rest on the others (bench.scenarios.pin_apart).
+IN_ROUNDS = {"quick": [("threads", 16)], "full": [("threads", 16)]}
+ROUNDS = {"quick": 4, "full": 6}  # even: each kind runs first as often
+PIN_SCALE = 3  # jobs per pinned run, times the scenario's
 #: Scenarios also run at half of c/latency, for the latency of a fleet that is not saturated.
 HALF_LOAD = {
     "quick": [("threads", 16)],
@@ -103,14 +105,20 @@ def worker_cases(plan: str, args: argparse.Namespace) -> list[WorkerCase]:
             off = not latency and (pool, c) in EVENTS_OFF[plan] and procs == args.workers
             for events in (True, False) if off else (True,):
                 cases += [WorkerCase(kind, events=events, **one) for kind in KINDS]
-            if not latency and (pool, c) in PINNED[plan] and procs == 1 and len(CORES) > 1:
-                for n in range(PIN_ROUNDS[plan]):
-                    turn = ("ours", "bare") if n % 2 == 0 else ("bare", "ours")
-                    pinned = one | {"jobs": jobs * PIN_SCALE, "pinned": True, "round": n}
-                    cases += [WorkerCase(kind, **pinned) for kind in turn]
+            if not latency and (pool, c) in IN_ROUNDS[plan] and procs == 1:
+                cases += _rounds(ROUNDS[plan], one, first=1)  # round 1: the three runs above
+                if len(CORES) > 1:
+                    pinned = one | {"jobs": jobs * PIN_SCALE, "pinned": True}
+                    cases += _rounds(ROUNDS[plan], pinned)
             if latency and (pool, c) in HALF_LOAD[plan] and procs == args.workers:
                 cases.append(WorkerCase("ours", load=0.5, **one | {"jobs": jobs // 2}))
     return cases
+
+
+def _rounds(rounds: int, case: dict[str, Any], first: int = 0) -> list[WorkerCase]:
+    """Ours and bare in turns, rounds ``first`` to ``rounds - 1``."""
+    turns = [("ours", "bare") if n % 2 == 0 else ("bare", "ours") for n in range(rounds)]
+    return [WorkerCase(k, **case, round=n) for n in range(first, rounds) for k in turns[n]]
 
 
 def producer_cases(plan: str, scale: float) -> list[ProducerCase]:
@@ -208,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
     (args.out / f"{plan}.md").write_text(report.tables(res, report.markdown_table) + "\n")
     print("\n" + report.tables(res, report.text_table))
     _print_targets(res)
-    report.plot(args.plot, res, report.title(meta))
+    plot.draw(args.plot, res.workers(), plot.title(meta))
     problems = [(r, p) for r in rows for p in r.problems]
     for row, problem in problems:
         # Bare Celery has no claim: its lost or repeated deliveries are findings, not our bugs.
@@ -241,7 +249,8 @@ def _failed(case: WorkerCase | ProducerCase | DurabilityCase, problem: str) -> R
 
 def _progress(n: int, total: int, row: Row, started: float) -> str:
     what = f"{row.kind} {row.pool} -c {row.concurrency} {row.latency_ms:g}ms"
-    what += f" pinned, round {row.round + 1}" if row.pinned else ""
+    what += " pinned" if row.pinned else ""
+    what += f", round {row.round + 1}" if row.round or row.pinned else ""
     if row.group == "producer":
         what = f"producer {row.kind} {row.pool or 'celery'} events={'on' if row.events else 'off'}"
     elif row.group == "durability":

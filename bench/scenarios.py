@@ -34,7 +34,7 @@ class WorkerCase:
     events: bool = True
     load: float = 0.0  # offer this share of c/latency (ours only); 0 saturates the workers
     pinned: bool = False  # the worker alone on one core, the rest of the stack on the others
-    round: int = 0  # of a case run several times in turns (pinned cases)
+    round: int = 0  # of a case run several times in turns (bench.run.IN_ROUNDS)
 
     @property
     def slots(self) -> int:
@@ -91,6 +91,12 @@ class Row:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def config(self) -> tuple[str, int, int, float, bool, bool]:
+        """What a worker run measured, whichever round it was."""
+        return (self.pool, self.concurrency, self.processes, self.latency_ms, self.events,
+                self.pinned)  # fmt: skip
 
 
 def _split(total: int, parts: int) -> list[int]:

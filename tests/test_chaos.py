@@ -10,7 +10,8 @@ import re
 
 import pytest
 
-from chaos.run import Config, run
+from chaos.plan import Config
+from chaos.run import run
 from invoice_worker.devstack.sentinel import SentinelCluster
 
 pytestmark = pytest.mark.slow
