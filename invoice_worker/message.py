@@ -122,14 +122,14 @@ class TaskMessage(BaseModel):
         errors = {
             str(name): "is not an argument of invoices.create"
             for name in kwargs
-            if name not in cls.model_fields
+            if name not in _FIELDS
         }
         request = kwargs.get("request")
         if not isinstance(request, dict | InvoiceRequest):
             errors["request"] = "is required: an object with the create-invoice fields"
         try:
             message = cls.model_validate(
-                {k: v for k, v in kwargs.items() if k in cls.model_fields},
+                {k: v for k, v in kwargs.items() if k in _FIELDS},
                 context={"queue": queue, JSON_NUMBERS: wire},
             )
         except ValidationError as exc:
@@ -153,6 +153,11 @@ class TaskMessage(BaseModel):
     def fingerprint(self) -> str:
         """Hash of the request alone: options like the deadline do not make a conflict."""
         return self.request.fingerprint()
+
+
+#: TaskMessage's field names. pydantic 2.11+ computes ``TaskMessage.model_fields`` on every
+#: access (a descriptor that calls a classmethod), about 0.7 us; parse asks twice per key.
+_FIELDS = frozenset(TaskMessage.model_fields)
 
 
 def unix_deadline(deadline: datetime | float | None) -> float | None:
