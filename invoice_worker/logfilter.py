@@ -160,7 +160,8 @@ def _traceback(exc_info: _ExcInfo) -> str:
             message = str(exc)
         except Exception:  # a broken __str__ is printed by traceback as <exception str() failed>
             message = ""
-        if message and escape_controls(message) != message:
-            text = text.replace(message, escape_controls(message))
+        escaped = escape_controls(message)
+        if message and escaped != message:
+            text = text.replace(message, escaped)
         exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
     return text
